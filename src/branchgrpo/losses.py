@@ -1,0 +1,70 @@
+"""Policy losses over edges, with the statistics worth logging (ALGORITHMS.md 1.4, 3.3, 9).
+
+All inputs are per edge [E]; log-probs and means in fp32. Each function is pure.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def clipped_surrogate(log_ratio: Tensor, adv: Tensor, clip_eps: float) -> Tensor:
+    """PPO-clip per edge: max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = exp(log_ratio) [E]."""
+    if clip_eps <= 0:
+        raise ValueError(f"clip_eps must be > 0, got {clip_eps}")
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    return torch.maximum(unclipped, clipped)
+
+
+def guard_log_ratio(log_prob: Tensor, old_log_prob: Tensor, mean: Tensor, old_mean: Tensor,
+                    std: Tensor) -> Tensor:
+    """GRPO-Guard's normalised log-ratio (Flow-Factory's form, ALGORITHMS.md 3.3):
+    log r' = s (l_new - l_old) + mean((mu_new - mu_old)^2) / (2 s), s the step std [E]. For a
+    per-dim-mean Gaussian log-prob this equals mean(xi * (mu_new - mu_old)): the negative
+    bias -|dmu|^2 / (2 s^2) is removed and every step is put on the same scale."""
+    s = std.float()
+    dmu2 = (mean.float() - old_mean.float()).pow(2).flatten(1).mean(1)
+    return s * (log_prob - old_log_prob) + dmu2 / (2.0 * s)
+
+
+def kl_x(mean: Tensor, ref_mean: Tensor) -> Tensor:
+    """x-based KL surrogate mean((mu_theta - mu_ref)^2) per edge [E] (Flow-Factory, no 1/std^2)."""
+    return (mean.float() - ref_mean.float()).pow(2).flatten(1).mean(1)
+
+
+def kl_v(v: Tensor, ref_v: Tensor) -> Tensor:
+    """v-based KL surrogate mean((v_theta - v_ref)^2) per edge [E]."""
+    return (v.float() - ref_v.float()).pow(2).flatten(1).mean(1)
+
+
+def policy_loss(
+    log_prob: Tensor, old_log_prob: Tensor, adv: Tensor, clip_eps: float, *,
+    step: Tensor | None = None, log_ratio: Tensor | None = None, kl: Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> tuple[Tensor, dict[str, float]]:
+    """Mean clipped-surrogate loss over E edges (+ kl_coef * mean KL) and its statistics.
+
+    ``log_ratio`` overrides log_prob - old_log_prob (GRPO-Guard). Stats: clip fraction
+    (|r - 1| > eps), approx-KL 0.5 mean(dl^2), mean ratio, and mean ratio per step."""
+    lr = log_prob - old_log_prob if log_ratio is None else log_ratio
+    per_edge = clipped_surrogate(lr, adv, clip_eps)
+    loss = per_edge.mean()
+    stats: dict[str, float] = {"loss/policy": float(loss.detach())}
+    if kl is not None:
+        kl_mean = kl.mean()
+        loss = loss + kl_coef * kl_mean
+        stats["loss/kl"] = float(kl_mean.detach())
+    with torch.no_grad():
+        dl = log_prob.detach() - old_log_prob
+        ratio = torch.exp(lr.detach())
+        stats["ratio/mean"] = float(ratio.mean())
+        stats["ratio/clip_frac"] = float(((ratio - 1).abs() > clip_eps).float().mean())
+        stats["ratio/approx_kl"] = float(0.5 * (dl**2).mean())
+        if step is not None:
+            for s in step.unique().tolist():
+                stats[f"ratio/step_{int(s):02d}"] = float(ratio[step == s].mean())
+    stats["loss/total"] = float(loss.detach())
+    return loss, stats

@@ -1,0 +1,1 @@
+"""Policies: the generators we train (see `base.Policy`)."""

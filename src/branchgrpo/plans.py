@@ -1,0 +1,229 @@
+"""The rollout plan of every method (DESIGN.md 1; ALGORITHMS.md 2-6, 10).
+
+Each builder is a registered function of keyword parameters, defaulting to the published
+FLUX.1-dev setting, that returns a `RolloutPlan`. Plans that change over training (MixGRPO's
+sliding window) take ``iteration``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .registry import Registry
+from .schedule import make_sigmas, shift_sigmas
+from .tree import Fork, Lane, RolloutPlan, chain_plan
+
+PlanBuilder = Callable[..., RolloutPlan]
+PLANS: Registry[PlanBuilder] = Registry("rollout plan")
+
+
+def _sigmas(num_steps: int, schedule: str, shift: float, image_seq_len: int):
+    return make_sigmas(schedule, num_steps, shift, image_seq_len)
+
+
+def _check_group(group_size: int) -> None:
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 for a group advantage, got {group_size}")
+
+
+@PLANS.register("dance")
+def dance(
+    num_steps: int = 16, group_size: int = 12, kernel: str = "dance", level: float = 0.3,
+    shift: float = 3.0, schedule: str = "shifted", image_seq_len: int = 256,
+    shared_noise: bool = True, iteration: int = 0,
+) -> RolloutPlan:
+    """DanceGRPO: one shared x_T per tree, split into G at step 0, SDE at every step (ALG 2.1).
+    NFE per tree = 1 + G (T - 1) (the root is evaluated once)."""
+    _check_group(group_size)
+    t = num_steps
+    return chain_plan("dance", _sigmas(t, schedule, shift, image_seq_len),
+                      [group_size] + [1] * (t - 1), ["sde"] * t, kernel=kernel, level=level,
+                      shared_noise=shared_noise, info={"group_size": group_size})
+
+
+@PLANS.register("flow_grpo")
+def flow_grpo(
+    num_steps: int = 16, group_size: int = 12, kernel: str = "flow", level: float = 0.7,
+    shift: float = 3.0, schedule: str = "shifted", image_seq_len: int = 256,
+    shared_noise: bool = False, iteration: int = 0,
+) -> RolloutPlan:
+    """Flow-GRPO: G independent roots (own x_T each), SDE at every step (ALG 3.1). Defaults
+    follow the FLUX comparisons (T = 16, G = 12); the SD3.5 recipe sets T = 10, G = 24."""
+    _check_group(group_size)
+    t = num_steps
+    return chain_plan("flow_grpo", _sigmas(t, schedule, shift, image_seq_len), [1] * t,
+                      ["sde"] * t, roots=group_size, kernel=kernel, level=level,
+                      shared_noise=shared_noise, info={"group_size": group_size})
+
+
+def mix_window_start(iteration: int, num_steps: int, iters_per_shift: int, stride: int) -> int:
+    """MixGRPO's sliding window start l (ALG 4.1): advances by ``stride`` every
+    ``iters_per_shift`` iterations and rolls back to 0 once past T - 2. stride 0 freezes it."""
+    if stride == 0:
+        return 0
+    positions = (num_steps - 2) // stride + 1
+    return stride * ((iteration // iters_per_shift) % positions)
+
+
+def _mix_window(iteration, num_steps, window, iters_per_shift, stride) -> range:
+    """W(l) = {l, ..., min(l + w, T - 2) - 1} (ALG 4.1)."""
+    lo = mix_window_start(iteration, num_steps, iters_per_shift, stride)
+    return range(lo, max(min(lo + window, num_steps - 2), lo + 1))
+
+
+@PLANS.register("mix")
+def mix(
+    num_steps: int = 25, group_size: int = 12, kernel: str = "flow", level: float = 0.7,
+    window: int = 4, iters_per_shift: int = 25, stride: int = 1, shift: float = 3.0,
+    schedule: str = "shifted", image_seq_len: int = 256, shared_noise: bool = True,
+    iteration: int = 0,
+) -> RolloutPlan:
+    """MixGRPO: Euler ODE before the window, computed once per tree; split into G at the window
+    start; Flow-SDE inside the window only; ODE after it (ALG 4.1)."""
+    _check_group(group_size)
+    t = num_steps
+    w = _mix_window(iteration, t, window, iters_per_shift, stride)
+    branch = [group_size if i == w.start else 1 for i in range(t)]
+    solver = ["sde" if i in w else "ode" for i in range(t)]
+    return chain_plan("mix", _sigmas(t, schedule, shift, image_seq_len), branch, solver,
+                      kernel=kernel, level=level, shared_noise=shared_noise,
+                      info={"group_size": group_size, "window": list(w)})
+
+
+@PLANS.register("mix_flash")
+def mix_flash(
+    num_steps: int = 25, group_size: int = 12, kernel: str = "flow", level: float = 0.7,
+    window: int = 4, iters_per_shift: int = 20, stride: int = 1, compression: float = 0.4,
+    shift: float = 3.0, schedule: str = "shifted", image_seq_len: int = 256,
+    shared_noise: bool = True, iteration: int = 0,
+) -> RolloutPlan:
+    """MixGRPO-Flash: as `mix`, but after the window a DPM-Solver++(2M) ODE on a compressed
+    schedule of n_post = int(max((T - e) r, 1)) points from the unshifted time 1 - (e+1)/T to 0
+    (ALG 4.1; Flash* is stride 0, compression 0.2, NFE 7 at T = 25). Needs the 'shifted'
+    schedule, whose unshifted times the compression is defined on."""
+    _check_group(group_size)
+    if schedule != "shifted":
+        raise ValueError("mix_flash compresses the 'shifted' schedule; set schedule: shifted")
+    t = num_steps
+    w = _mix_window(iteration, t, window, iters_per_shift, stride)
+    e = w[-1]
+    n_post = int(max((t - e) * compression, 1))
+    base = make_sigmas("shifted", t, shift)[: e + 2]
+    u = torch.linspace(1.0 - (e + 1) / t, 0.0, max(n_post, 2), dtype=torch.float64)
+    post = shift_sigmas(u, shift).float()[1:]
+    sig = torch.cat([base, post])
+    steps = len(sig) - 1
+    branch = [group_size if i == w.start else 1 for i in range(steps)]
+    solver = ["ode" if i < w.start else "sde" if i in w else "dpm2" for i in range(steps)]
+    return chain_plan("mix_flash", sig, branch, solver, kernel=kernel, level=level,
+                      shared_noise=shared_noise,
+                      info={"group_size": group_size, "window": list(w), "n_post": n_post})
+
+
+@PLANS.register("g2rpo")
+def g2rpo(
+    num_steps: int = 16, group_size: int = 12, kernel: str = "flow", level: float = 0.7,
+    split_steps: Sequence[int] = tuple(range(8)), granularities: Sequence[int] = (1, 2, 3),
+    shift: float = 3.0, schedule: str = "shifted", image_seq_len: int = 256,
+    shared_noise: bool = True, iteration: int = 0,
+) -> RolloutPlan:
+    """G2RPO: an ODE anchor from a shared x_T; at each k in M one SDE step into G children of
+    the anchor state; from each child an ODE tail over sigma[k+1], sigma[k+2], then
+    sigma[k+2::g] for every granularity g, each tail ending in a rewarded leaf (ALG 6.1-6.2).
+
+    Lanes: 0 is the anchor; lane 1 + a * |G| + b is the tail of split M[a] at granularity
+    G[b]. The first tail step and the forward at sigma[k+2] are shared by all granularities,
+    which the published code recomputes per granularity."""
+    _check_group(group_size)
+    t = num_steps
+    ks, gs = sorted(set(split_steps)), list(dict.fromkeys(granularities))
+    if not ks or ks[0] < 0 or ks[-1] > t - 2:
+        raise ValueError(f"g2rpo split_steps must lie in [0, {t - 2}] (T - 2), got {ks}")
+    if not gs or min(gs) < 1:
+        raise ValueError(f"g2rpo granularities must be >= 1, got {gs}")
+    lanes: list[Lane] = []
+    anchor = []
+    for i in range(t):
+        forks = [Fork(1, "ode", 0)]
+        if i in ks:
+            forks.append(Fork(group_size, "sde", 1 + ks.index(i) * len(gs)))
+        anchor.append(tuple(forks))
+    lanes.append(Lane(tuple(range(t + 1)), tuple(anchor)))
+    for a, k in enumerate(ks):
+        for b, g in enumerate(gs):
+            track = (k + 1, *range(k + 2, t + 1, g)) if k + 2 <= t else (k + 1,)
+            own = 1 + a * len(gs) + b
+            forks = []
+            for pos in range(len(track) - 1):
+                if pos == 1 and b == 0:  # the fine first step reached sigma[k+2]: fan out
+                    forks.append(tuple(Fork(1, "ode", 1 + a * len(gs) + j)
+                                       for j in range(len(gs))))
+                else:
+                    forks.append((Fork(1, "ode", own),))
+            lanes.append(Lane(track, tuple(forks)))
+    sig = tuple(float(s) for s in _sigmas(t, schedule, shift, image_seq_len))
+    return RolloutPlan("g2rpo", sig, tuple(lanes), kernel=kernel, level=level,
+                       shared_noise=shared_noise,
+                       info={"group_size": group_size, "split_steps": ks, "granularities": gs})
+
+
+def _check_splits(split_steps: Sequence[int], num_steps: int, branch_factor: int) -> list[int]:
+    s = sorted(set(split_steps))
+    if not s:
+        raise ValueError("branch plan needs at least one split step")
+    if s[0] < 0 or s[-1] > num_steps - 1:
+        raise ValueError(f"split steps must lie in [0, {num_steps - 1}] (T - 1), got {s}")
+    if branch_factor < 1:
+        raise ValueError(f"branch_factor must be >= 1, got {branch_factor}")
+    return s
+
+
+@PLANS.register("branch")
+def branch(
+    num_steps: int = 20, split_steps: Sequence[int] = (0, 3, 6, 9), branch_factor: int = 2,
+    split_noise_scale: float = 1.0, kernel: str = "dance", level: float = 0.3,
+    shift: float = 3.0, schedule: str = "shifted", image_seq_len: int = 256,
+    shared_noise: bool = True, mix_window: int = 0, mix_stride: int = 30, iteration: int = 0,
+) -> RolloutPlan:
+    """BranchGRPO: one shared x_T per tree; at each split step every frontier node gets K
+    children (split noise lambda, default 1 so leaf marginals are preserved, ALG 13.2).
+
+    ``mix_window`` > 0 gives BranchGRPO-Mix: step i is SDE iff i mod q < w or i is a split
+    step (q = ``mix_stride``), else Euler ODE (ALG 5.6)."""
+    s = _check_splits(split_steps, num_steps, branch_factor)
+    t = num_steps
+    branch_ = [branch_factor if i in s else 1 for i in range(t)]
+    if mix_window > 0:
+        solver = ["sde" if (i % mix_stride < mix_window or i in s) else "ode" for i in range(t)]
+    else:
+        solver = ["sde"] * t
+    lam = [split_noise_scale if i in s else 1.0 for i in range(t)]
+    name = "branch_mix" if mix_window > 0 else "branch"
+    return chain_plan(name, _sigmas(t, schedule, shift, image_seq_len), branch_, solver, lam,
+                      kernel=kernel, level=level, shared_noise=shared_noise,
+                      info={"split_steps": s, "branch_factor": branch_factor,
+                            "group_size": branch_factor ** len(s)})
+
+
+@PLANS.register("branch_mix")
+def branch_mix(mix_window: int = 4, mix_stride: int = 30, **kw) -> RolloutPlan:
+    """BranchGRPO-Mix with the published window (w = 4, q = 30: SDE at {0,1,2,3} and the
+    split steps, 34 trained edges per tree at the default splits)."""
+    if mix_window < 1:
+        raise ValueError("branch_mix needs mix_window >= 1")
+    return branch(mix_window=mix_window, mix_stride=mix_stride, **kw)
+
+
+def build_plan(method: str, **params) -> RolloutPlan:
+    """The plan of ``method`` with keyword overrides (unknown keys are an error)."""
+    fn = PLANS.get(method)
+    valid = set(inspect.signature(fn).parameters)
+    if method == "branch_mix":
+        valid |= set(inspect.signature(branch).parameters)
+    bad = sorted(set(params) - valid)
+    if bad:
+        raise ValueError(f"plan {method!r} has no parameter(s) {bad}; valid: {sorted(valid)}")
+    return fn(**params)
