@@ -1,0 +1,199 @@
+"""Reward server in a real subprocess + the remote client (rewards/server.py, client.py)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from branchgrpo.rewards import AsyncScorer, RewardError, RewardSet, build_reward
+from branchgrpo.rewards.client import RemoteClient
+
+HERE = Path(__file__).parent
+TOKEN = "s3cret"
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "branchgrpo.rewards.server", *args, "--port", "0"]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    line = proc.stdout.readline()  # "serving [...] on http://127.0.0.1:PORT"
+    if "http://" not in line:
+        proc.kill()
+        raise RuntimeError(f"server did not start: {line}{proc.stdout.read()}")
+    return proc, line.strip().rsplit(" ", 1)[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    proc, url = start_server(
+        "jpeg_compressibility",
+        "mean=rewards_testlib:mean_pixel",
+        "--token",
+        TOKEN,
+        "--max-bytes",
+        "200000",
+        "--batch-size",
+        "3",
+    )
+    yield proc, url
+    proc.kill()
+    proc.wait()
+
+
+def post(url: str, body: bytes, token: str | None = TOKEN) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url + "/score", body, headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def health(url: str) -> dict:
+    with urllib.request.urlopen(url + "/health", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def test_roundtrip_matches_in_process(server):
+    _, url = server
+    assert health(url) == {"status": "ok", "rewards": ["jpeg_compressibility", "mean"]}
+    torch.manual_seed(0)
+    media = (torch.rand(5, 3, 16, 16) * 255).round() / 255  # exactly representable in uint8
+    prompts = ["a", "bb", "ccc", "", "eeeee"]
+    local = RewardSet(
+        {"jpeg_compressibility": 1.0, "mean": 1.0},
+        {"mean": {"source": "rewards_testlib:mean_pixel"}},
+    ).score(media, prompts)
+    for fmt, dtype in [("array", "uint8"), ("array", "float32"), ("png", "uint8")]:
+        client = RemoteClient(url, TOKEN, timeout=10, retries=0, fmt=fmt, dtype=dtype)
+        remote = client.score(media, prompts)
+        assert set(remote) == {"jpeg_compressibility", "mean"}
+        assert torch.equal(remote["jpeg_compressibility"], local["jpeg_compressibility"])
+        assert torch.allclose(remote["mean"], local["mean"], atol=1e-6)
+    # remote rewards inside a RewardSet behave like local ones; one request for both names
+    spec = {"source": "remote", "url": url, "token": TOKEN, "retries": 0}
+    rs = RewardSet(
+        {"jpeg_compressibility": 1.0, "mean": 2.0},
+        {"jpeg_compressibility": dict(spec), "mean": dict(spec)},
+        batch_size=8,
+    )
+    s = rs.score(media, prompts)
+    assert torch.equal(s["jpeg_compressibility"], local["jpeg_compressibility"])
+    assert torch.allclose(rs.weighted(s), rs.weighted(local), atol=1e-5)
+    video = media.reshape(1, 5, 3, 16, 16)
+    v = RemoteClient(url, TOKEN, retries=0, fmt="png").score(video, ["v"], ["jpeg_compressibility"])
+    assert torch.allclose(v["jpeg_compressibility"], local["jpeg_compressibility"].mean().view(1))
+
+
+def test_async_scorer_equals_sync(server):
+    _, url = server
+    rs = RewardSet(
+        {"mean": 1.0, "jpeg_compressibility": 1.0},
+        {
+            "mean": {"source": "remote", "url": url, "token": TOKEN, "retries": 0},
+            "jpeg_compressibility": {},
+        },
+    )
+    torch.manual_seed(1)
+    batches = [torch.rand(4, 3, 8, 8) for _ in range(3)]
+    sync = [rs.score(b, ["p"] * 4) for b in batches]
+    with AsyncScorer(rs) as scorer:
+        futs = [scorer.submit(b, ["p"] * 4) for b in batches]
+        for b in batches:
+            b.zero_()  # the caller may reuse its buffers right after submit
+        results = [f.result(timeout=30) for f in futs]
+    for a, b in zip(sync, results, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_requests_get_4xx_and_server_survives(server):
+    _, url = server
+    good = {
+        "media": {
+            "format": "array",
+            "data": {
+                "dtype": "uint8",
+                "shape": [1, 3, 2, 2],
+                "b64": base64.b64encode(bytes(12)).decode(),
+            },
+        },
+        "prompts": ["x"],
+    }
+    assert post(url, json.dumps(good).encode())[0] == 200
+    cases = {
+        "not json": (b"{nope", 400),
+        "not an object": (b"[1, 2]", 400),
+        "no prompts": (json.dumps({"media": good["media"]}).encode(), 400),
+        "wrong byte count": (
+            json.dumps(
+                {
+                    **good,
+                    "media": {
+                        "format": "array",
+                        "data": {**good["media"]["data"], "shape": [1, 3, 4, 4]},
+                    },
+                }
+            ).encode(),
+            400,
+        ),
+        "prompt count": (json.dumps({**good, "prompts": ["a", "b"]}).encode(), 400),
+        "unknown reward": (json.dumps({**good, "rewards": ["hps"]}).encode(), 400),
+        "bad png": (
+            json.dumps({**good, "media": {"format": "png", "data": ["aGVsbG8="]}}).encode(),
+            400,
+        ),
+        "oversized": (b" " * 300_000, 413),
+    }
+    for what, (body, code) in cases.items():
+        status, obj = post(url, body)
+        assert status == code, (what, obj)
+        assert isinstance(obj.get("error"), str) and obj["error"], what
+    assert post(url, json.dumps(good).encode(), token=None)[0] == 401
+    assert post(url, json.dumps(good).encode(), token="wrong")[0] == 401
+    assert health(url)["status"] == "ok"
+    assert post(url, json.dumps(good).encode())[0] == 200
+    with pytest.raises(RewardError, match="rejected the request: HTTP 401"):
+        RemoteClient(url, "wrong", retries=3).score(torch.zeros(1, 3, 2, 2), ["x"])
+
+
+def test_server_nan_is_500_and_client_fails_loud():
+    proc, url = start_server("bad=rewards_testlib:nan_reward")
+    try:
+        client = RemoteClient(url, retries=1, backoff=0.01)
+        with pytest.raises(RewardError, match=r"2 tries.*HTTP 500.*'bad' returned 1 non-finite"):
+            client.score(torch.zeros(2, 3, 4, 4), ["a", "b"])
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_client_raises_after_retries_when_server_is_dead():
+    proc, url = start_server("jpeg_compressibility")
+    r = build_reward(
+        "remote", url=url, names=["jpeg_compressibility"], retries=2, backoff=0.05, timeout=1.0
+    )
+    assert r(torch.zeros(1, 3, 4, 4), ["x"]).shape == (1,)
+    proc.kill()
+    proc.wait()
+    t0 = time.monotonic()
+    with pytest.raises(
+        RewardError, match=rf"{url}/score failed after 3 tries; last error: URLError"
+    ):
+        r(torch.ones(1, 3, 4, 4), ["x"])
+    assert time.monotonic() - t0 < 2.0  # backoff 0.05 + 0.1
