@@ -192,12 +192,13 @@ class Tree:
     def edges(self, select: Tensor | None = None, adv: Tensor | None = None) -> EdgeBatch:
         """The edges into the nodes where ``select`` [N] is True (default: every SDE edge), with
         per-node advantages ``adv`` [N] (the child's, ALGORITHMS.md 5.3) or zeros."""
-        mask = self.edge_mask & (self.sde if select is None else select)
+        mask = self.edge_mask & (self.sde if select is None else select.to(self.parent.device))
         if bool((mask & ~self.sde).any()):
             raise ValueError("selected a deterministic (ODE) edge: it has no density to train")
         child = mask.nonzero().squeeze(1)
         par = self.parent[child]
-        a = torch.zeros(self.num_nodes) if adv is None else adv.float()
+        dev = self.parent.device
+        a = torch.zeros(self.num_nodes, device=dev) if adv is None else adv.float().to(dev)
         return EdgeBatch(
             child=child,
             x=self.latents[par],

@@ -1,0 +1,67 @@
+"""Criterion 4: loading a real checkpoint id without network fails fast with a message saying
+what to do; a local diffusers folder loads through the same code path."""
+
+import time
+
+import pytest
+import torch
+from models_testlib import FAMILIES, build, ode_tree, run_pipeline
+
+from branchgrpo.models import hub
+from branchgrpo.models.flux import FluxPolicy
+from branchgrpo.models.hub import ModelNotAvailableError
+from branchgrpo.models.sd3 import SD3Policy
+from branchgrpo.models.wan import WanPolicy
+
+
+@pytest.mark.parametrize("cls,repo", [(FluxPolicy, "black-forest-labs/FLUX.1-dev"),
+                                      (SD3Policy, "stabilityai/stable-diffusion-3.5-medium"),
+                                      (WanPolicy, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")])
+def test_offline_hub_id_fails_fast(cls, repo, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    start = time.monotonic()
+    with pytest.raises(ModelNotAvailableError) as err:
+        cls.from_pretrained(repo, cache_dir=tmp_path / "hub", device="cpu")
+    assert time.monotonic() - start < 10
+    msg = str(err.value)
+    assert repo in msg and "download" in msg and "local folder" in msg
+    assert "HF_HUB_OFFLINE" in msg
+
+
+def test_unreachable_hub_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(ModelNotAvailableError, match="cannot be reached"):
+        hub.resolve_checkpoint("black-forest-labs/FLUX.1-dev", ("transformer",),
+                               cache_dir=tmp_path)
+    assert time.monotonic() - start < 10
+
+
+def test_bad_local_paths(tmp_path):
+    with pytest.raises(ModelNotAvailableError, match="lacks the subfolder"):
+        hub.resolve_checkpoint(tmp_path, ("transformer", "vae"))
+    with pytest.raises(ModelNotAvailableError, match="local folder"):
+        hub.resolve_checkpoint("./not/here/at/all", ("transformer",))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_from_pretrained_local_folder(family, tmp_path):
+    """The real loading code on a diffusers folder (save_pretrained of the tiny pipeline)."""
+    policy, pipe = build(family)
+    pipe.save_pretrained(tmp_path)
+    cls = {"flux": FluxPolicy, "sd3": SD3Policy, "wan": WanPolicy}[family]
+    extra = {"num_frames": policy.num_frames} if family == "wan" else {}
+    loaded = cls.from_pretrained(tmp_path, dtype=torch.float32, device="cpu", height=16,
+                                 width=16, max_sequence_length=8, shift=policy.shift,
+                                 guidance_scale=policy.guidance_scale, **extra)
+    assert loaded.latent_shape == policy.latent_shape
+    tree, sig = ode_tree(loaded)
+    ref = run_pipeline(family, pipe, policy, tree.latents[tree.parent < 0], sig)
+    torch.testing.assert_close(tree.leaf_x0, ref, atol=1e-5, rtol=0)
+    loaded.drop_encoders()
+    loaded.encode(["a red cat"])  # cached
+    with pytest.raises(ValueError, match="drop_encoders"):
+        loaded.encode(["never seen"])
