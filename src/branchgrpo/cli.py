@@ -5,12 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 DESCRIPTION = """\
 branchgrpo: online RL for flow-matching generators (BranchGRPO, DanceGRPO, Flow-GRPO,
 MixGRPO, G2RPO) with one batched tree-rollout engine.
 
 commands:
+  train [CONFIG] [key=value ...]   train (no arguments: the embedded shapes default)
+  train --resume RUN_DIR           continue a stopped run from its newest checkpoint
+  sample CHECKPOINT --prompt P     write images from a checkpoint
+  eval RUN_DIR|CHECKPOINT          held-out prompts, every configured reward, a table
+  serve-reward NAME ...            serve rewards over HTTP (see docs/rewards.md)
   bench nfe       forward evaluations, edges and trained edges per method (measured)
   bench rollout   batched tree engine vs per-node and sequential evaluation (wall time)
 """
@@ -53,10 +59,88 @@ def _bench_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .config import ConfigError, describe, load_config
+    from .train import TrainingStopped, train
+
+    if args.help_config:
+        print(describe())
+        return 0
+    try:
+        if args.resume:
+            run = Path(args.resume)
+            if not (run / "config.yaml").is_file():
+                raise ConfigError(f"{run} is not a run directory (no config.yaml)")
+            cfg = load_config(run / "config.yaml", args.overrides)
+            out = train(cfg, resume=run)
+        else:
+            cfg = load_config(args.config, args.overrides)
+            out = train(cfg)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except TrainingStopped as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 1
+    print(f"done: report at {out / 'report.md'}")
+    return 0
+
+
+def _split_config_args(args: argparse.Namespace) -> None:
+    """``train a.yaml k=v`` and ``train k=v``: the one argument without '=' is the config."""
+    files = [a for a in args.rest if "=" not in a]
+    if len(files) > 1:
+        raise SystemExit(f"config error: give one config file, got {files}")
+    args.config = files[0] if files else None
+    args.overrides = [a for a in args.rest if "=" in a]
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from .inference import sample_command
+
+    return sample_command(args.checkpoint, args.prompt, args.out, args.n, args.seed)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .inference import eval_command
+
+    return eval_command(args.target, args.samples, args.json)
+
+
+def _serve_reward(args: argparse.Namespace) -> int:
+    from .rewards.server import main as serve_main
+
+    return int(serve_main(args.rest) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="branchgrpo", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train a policy (default: the embedded shapes task)",
+                        description="Train with a config: schema defaults <- CONFIG (YAML "
+                        "overrides) <- key.sub=value arguments. See --help-config for keys.")
+    tr.add_argument("rest", nargs="*", metavar="[CONFIG] [key=value ...]",
+                    help="optional YAML file, then overrides like train.iterations=10")
+    tr.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest "
+                    "checkpoint (overrides still apply, e.g. train.iterations=100)")
+    tr.add_argument("--help-config", action="store_true", help="list every config key")
+    tr.set_defaults(fn=_train)
+    sa = sub.add_parser("sample", help="write images from a checkpoint")
+    sa.add_argument("checkpoint", help="a checkpoint file or a run directory (newest one)")
+    sa.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
+    sa.add_argument("--n", type=int, default=4, help="images per prompt")
+    sa.add_argument("--out", default="samples", help="output folder")
+    sa.add_argument("--seed", type=int, default=0, help="noise seed")
+    sa.set_defaults(fn=_sample)
+    ev = sub.add_parser("eval", help="score held-out prompts with every configured reward")
+    ev.add_argument("target", help="a run directory or a checkpoint file")
+    ev.add_argument("--samples", type=int, default=0, help="images (0: the config's)")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ev.set_defaults(fn=_eval)
+    se = sub.add_parser("serve-reward", help="serve rewards over HTTP", add_help=False)
+    se.add_argument("rest", nargs=argparse.REMAINDER)
+    se.set_defaults(fn=_serve_reward)
     bench = sub.add_parser("bench", help="benchmarks of the rollout engine and the methods")
     bsub = bench.add_subparsers(dest="bench", required=True)
     nfe = bsub.add_parser("nfe", help="forwards, edges and trained edges per tree, per method")
@@ -78,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        _split_config_args(args)
     return int(args.fn(args) or 0)
 
 

@@ -29,6 +29,7 @@ from branchgrpo.rewards.base import (
 )
 from branchgrpo.rewards.client import RemoteClient, RemoteReward
 from branchgrpo.rewards.scorer import AsyncScorer
+from branchgrpo.tasks import shapes_reward  # noqa: F401,E402  (registers "shapes", "judge")
 
 __all__ = [
     "REWARDS",

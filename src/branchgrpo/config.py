@@ -1,0 +1,358 @@
+"""The one config schema: nested dataclasses (OmegaConf structured configs).
+
+Every field has a default and a one-line doc (``metadata["doc"]``, shown by ``branchgrpo train
+--help-config``). YAML files hold only overrides; ``key.sub=value`` arguments override them.
+Unknown keys and wrong types are rejected with the key's name and the nearest valid key;
+derived values are checked in `validate`, with errors that say what to change.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config problem, with what to change."""
+
+
+def f(default: Any, doc: str) -> Any:
+    """A dataclass field with a default and a one-line doc."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class ModelConfig:
+    kind: str = f("tiny", "policy family: tiny (embedded default), flux, sd3 or wan")
+    path: str = f("", "Hugging Face id or local folder of the real model (flux/sd3/wan)")
+    dtype: str = f("fp32", "transformer compute dtype: fp32, bf16 or fp16 (step math is fp32)")
+    storage_dtype: str = f("fp32", "dtype rollout latents are stored (and round-tripped) in")
+    finetune: str = f("full", "full fine-tuning or lora")
+    lora_rank: int = f(32, "LoRA rank (finetune=lora)")
+    lora_alpha: float = f(64.0, "LoRA alpha (finetune=lora)")
+    gradient_checkpointing: bool = f(False, "recompute transformer activations in backward")
+    height: int = f(512, "image height in pixels (real models)")
+    width: int = f(512, "image width in pixels (real models)")
+    num_frames: int = f(33, "video frames (wan)")
+    guidance: float = f(3.5, "FLUX guidance embedding, or CFG scale for sd3/wan")
+    pretrain_steps: int = f(1200, "tiny: flow-matching pretraining steps of the base model")
+    cache_dir: str = f("~/.cache/branchgrpo", "where pretrained tiny models and judges are cached")
+
+
+@dataclass
+class RolloutConfig:
+    method: str = f("branch", "dance, flow_grpo, mix, mix_flash, g2rpo, branch, branch_width, "
+                              "branch_depth or branch_mix")
+    num_steps: int | None = f(None, "denoising steps T (null: the method's default)")
+    group_size: int | None = f(None, "samples per prompt G (dance, flow_grpo, mix*, g2rpo)")
+    split_steps: list[int] | None = f(None, "branch steps S (branch*) or SDE steps M (g2rpo)")
+    branch_factor: int | None = f(None, "children per split K (branch*)")
+    split_noise_scale: float | None = f(None, "lambda on the std at splits (branch*; 1 keeps "
+                                              "leaf marginals)")
+    granularities: list[int] | None = f(None, "ODE tail strides (g2rpo)")
+    kernel: str | None = f(None, "SDE kernel: dance, flow or cps")
+    level: float | None = f(None, "noise level: eta (dance) or a (flow, cps)")
+    shift: float | None = f(None, "sigma schedule shift")
+    schedule: str | None = f(None, "sigma schedule: shifted or flux_dynamic")
+    window: int | None = f(None, "SDE window size (mix, mix_flash)")
+    iters_per_shift: int | None = f(None, "iterations per window move (mix, mix_flash)")
+    stride: int | None = f(None, "window move per shift, 0 freezes it (mix, mix_flash)")
+    compression: float | None = f(None, "post-window schedule compression r (mix_flash)")
+    mix_window: int | None = f(None, "SDE steps per stride (branch_mix)")
+    mix_stride: int | None = f(None, "stride q of the SDE windows (branch_mix)")
+    shared_noise: bool | None = f(None, "every tree of a batch starts from one x_T")
+    max_batch: int = f(256, "max rows per model forward (frontier chunking)")
+
+
+@dataclass
+class AdvantageConfig:
+    rule: str | None = f(None, "group, prompt_global_std, depth or g2rpo (null: method's)")
+    fusion: str = f("mean", "leaf-to-node fusion for depth: mean, child_softmax or path")
+    alpha: float = f(1.0, "temperature of child_softmax / path fusion")
+    combine: str = f("reward_sum", "several rewards: reward_sum or advantage_sum")
+    clip: float = f(5.0, "advantages are clamped to +-clip")
+
+
+@dataclass
+class SelectionConfig:
+    name: str | None = f(None, "all, timestep_fraction, width, depth or depth_slide")
+    fraction: float | None = f(None, "timestep_fraction: share of steps 0..T-2 trained")
+    random: bool | None = f(None, "timestep_fraction: random steps per sample (else first)")
+    ratio: float | None = f(None, "width: share of leaves whose chains are kept")
+    depths: list[int] | None = f(None, "depth/depth_slide: child depths pruned")
+    interval: int | None = f(None, "depth_slide: iterations per one-depth move")
+    stop_depth: int | None = f(None, "depth_slide: shallowest depth the set may reach")
+    until: float = f(1.0, "prune only during this fraction of iterations (then train all)")
+
+
+@dataclass
+class RewardConfig:
+    weights: dict[str, float] = f({"shapes": 1.0}, "training rewards and their weights (a file "
+                                  "or override that sets it replaces the whole mapping)")
+    options: dict[str, Any] = f({}, "per-reward keyword arguments: {name: {key: value}}")
+    judge: str = f("judge", "held-out judge reward (different from training), '' for none")
+    batch_size: int = f(64, "images per reward call")
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = f(48, "rollout/update iterations")
+    prompts_per_iteration: int = f(4, "prompts (trees) per rollout batch on each rank")
+    updates_per_rollout: int = f(2, "optimizer steps per rollout batch (edges split evenly)")
+    edge_chunk: int = f(512, "max edges per forward/backward (gradient accumulation)")
+    lr: float = f(2e-4, "AdamW learning rate")
+    lr_schedule: str = f("constant", "constant, linear or cosine decay over iterations")
+    warmup_iterations: int = f(0, "linear warmup iterations")
+    weight_decay: float = f(1e-4, "AdamW weight decay")
+    max_grad_norm: float = f(1.0, "gradient clipping norm (0: off)")
+    clip_eps: float | None = f(None, "PPO clip range (null: the method's, 1e-3 or 1e-4)")
+    ratio: str = f("standard", "importance ratio: standard or guard (GRPO-Guard)")
+    kl_coef: float = f(0.0, "KL penalty to the base policy (0: off, no reference copy)")
+    kl_kind: str = f("x", "KL estimator: x (means) or v (velocities)")
+    ema_decay: float = f(0.0, "EMA of trainable weights (0: off); eval uses the EMA")
+    amp: str = f("none", "autocast dtype for forwards: none, bf16 or fp16")
+    device: str = f("auto", "auto, cpu or cuda")
+    seed: int = f(0, "seed of every generator (rollout noise, data, shuffles)")
+
+
+@dataclass
+class DataConfig:
+    prompts: str = f("shapes", "training prompts: 'shapes' (built-in) or a text file")
+    eval_prompts: str = f("shapes", "held-out prompts: 'shapes' (built-in) or a text file")
+    eval_samples: int = f(64, "held-out images per evaluation")
+
+
+@dataclass
+class LogConfig:
+    run_dir: str = f("", "run directory ('' makes runs/<method>-<time>)")
+    eval_every: int = f(12, "iterations between held-out evaluations (0: start/end only)")
+    checkpoint_every: int = f(8, "iterations between checkpoints")
+    keep_last: int = f(2, "checkpoints kept")
+    tensorboard: bool = f(True, "write TensorBoard event files")
+    progress: bool = f(True, "progress bars")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "the policy"})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"doc": "plan"})
+    advantage: AdvantageConfig = field(default_factory=AdvantageConfig,
+                                       metadata={"doc": "advantage rule"})
+    selection: SelectionConfig = field(default_factory=SelectionConfig,
+                                       metadata={"doc": "edge selection (pruning)"})
+    reward: RewardConfig = field(default_factory=RewardConfig, metadata={"doc": "rewards"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "optimisation"})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "prompts"})
+    log: LogConfig = field(default_factory=LogConfig, metadata={"doc": "outputs"})
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> dict[str, str]:
+    """Every dotted key of the schema and its doc."""
+    out: dict[str, str] = {}
+    for fl in fields(cls):
+        key = prefix + fl.name
+        if is_dataclass(fl.type) or (isinstance(fl.default_factory, type)
+                                     and is_dataclass(fl.default_factory)):
+            out.update(all_keys(fl.default_factory, key + "."))  # type: ignore[arg-type]
+        else:
+            out[key] = fl.metadata.get("doc", "")
+    return out
+
+
+def _flat(d: Any, prefix: str = "") -> list[str]:
+    if isinstance(d, dict):
+        keys = []
+        for k, v in d.items():
+            full = f"{prefix}{k}"
+            if isinstance(v, dict) and not full.startswith(("reward.weights", "reward.options")):
+                keys += _flat(v, full + ".")
+            else:
+                keys.append(full)
+        return keys
+    return [prefix.rstrip(".")]
+
+
+def _check_keys(d: dict, source: str) -> None:
+    valid = all_keys()
+    for key in _flat(d):
+        if key not in valid:
+            near = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"unknown config key {key!r} in {source}{hint}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Schema defaults <- YAML file <- ``key=value`` overrides, type-checked."""
+    cfg = OmegaConf.structured(Config)
+    layers = []
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found; give an existing YAML file")
+        layers.append((OmegaConf.load(p), str(p)))
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
+        layers.append((OmegaConf.from_dotlist(overrides), "the command line"))
+    for layer, source in layers:
+        _check_keys(OmegaConf.to_container(layer), source)
+        try:
+            cfg = OmegaConf.merge(cfg, layer)
+            weights = OmegaConf.select(layer, "reward.weights")
+            if weights is not None:  # a layer naming rewards replaces the set, not adds to it
+                cfg.reward.weights = weights
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or "?"
+            raise ConfigError(f"bad value for {key!r} in {source}: {e.msg}") from None
+    obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(obj)
+    return obj
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def _choice(value: Any, options: tuple, key: str) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not one of {list(options)}")
+
+
+def plan_params(cfg: Config) -> dict[str, Any]:
+    """The plan keyword arguments of the method: its preset, then every rollout field set."""
+    from .methods import METHODS
+
+    m = METHODS.get(cfg.rollout.method)
+    params = dict(m.plan_kw)
+    skip = {"method", "max_batch"}
+    for fl in fields(RolloutConfig):
+        v = getattr(cfg.rollout, fl.name)
+        if fl.name not in skip and v is not None:
+            params[fl.name] = tuple(v) if isinstance(v, list) else v
+    return params
+
+
+def validate(cfg: Config) -> None:
+    """Check choices and derived geometry; raise ConfigError saying what to change."""
+    from .methods import METHODS
+    from .plans import PLANS, branch
+
+    if cfg.rollout.method not in METHODS:
+        near = difflib.get_close_matches(cfg.rollout.method, METHODS.names(), n=1)
+        raise ConfigError(f"rollout.method={cfg.rollout.method!r} is unknown; valid: "
+                          f"{METHODS.names()}" + (f"; did you mean {near[0]!r}?" if near else ""))
+    m = METHODS.get(cfg.rollout.method)
+    valid = set(inspect.signature(PLANS.get(m.plan)).parameters)
+    if m.plan == "branch_mix":
+        valid |= set(inspect.signature(branch).parameters)
+    for k in plan_params(cfg):
+        if k not in valid:
+            raise ConfigError(f"rollout.{k} is not used by method {cfg.rollout.method!r}; "
+                              f"remove it (it applies to other methods)")
+    _choice(cfg.model.kind, ("tiny", "flux", "sd3", "wan"), "model.kind")
+    _choice(cfg.model.dtype, ("fp32", "bf16", "fp16"), "model.dtype")
+    _choice(cfg.model.storage_dtype, ("fp32", "bf16", "fp16"), "model.storage_dtype")
+    _choice(cfg.model.finetune, ("full", "lora"), "model.finetune")
+    _choice(cfg.advantage.combine, ("reward_sum", "advantage_sum"), "advantage.combine")
+    _choice(cfg.train.lr_schedule, ("constant", "linear", "cosine"), "train.lr_schedule")
+    _choice(cfg.train.ratio, ("standard", "guard"), "train.ratio")
+    _choice(cfg.train.kl_kind, ("x", "v"), "train.kl_kind")
+    _choice(cfg.train.amp, ("none", "bf16", "fp16"), "train.amp")
+    if cfg.model.kind != "tiny" and not cfg.model.path:
+        raise ConfigError(f"model.kind={cfg.model.kind} needs model.path (a Hugging Face id "
+                          "or a local folder)")
+    positive = {"train.iterations": cfg.train.iterations,
+                "train.prompts_per_iteration": cfg.train.prompts_per_iteration,
+                "train.updates_per_rollout": cfg.train.updates_per_rollout,
+                "train.edge_chunk": cfg.train.edge_chunk, "rollout.max_batch":
+                cfg.rollout.max_batch, "log.checkpoint_every": cfg.log.checkpoint_every,
+                "log.keep_last": cfg.log.keep_last, "reward.batch_size": cfg.reward.batch_size}
+    for k, v in positive.items():
+        if v < 1:
+            raise ConfigError(f"{k} must be >= 1, got {v}")
+    if cfg.train.lr <= 0:
+        raise ConfigError(f"train.lr must be > 0, got {cfg.train.lr}")
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay must lie in [0, 1), got {cfg.train.ema_decay}")
+    if not cfg.reward.weights:
+        raise ConfigError("reward.weights is empty: name at least one training reward")
+    _check_geometry(cfg)
+
+
+def _check_geometry(cfg: Config) -> None:
+    """Build the plan and dry-run one tree on the analytic policy: a plan/rule/selection
+    mismatch or too few edges for the update cadence fails here, before any model loads."""
+    import torch
+
+    from .advantages import compute_advantages
+    from .methods import METHODS
+    from .models.analytic import GaussianPolicy
+    from .plans import build_plan
+    from .pruning import select_edges
+    from .tree import rollout
+
+    rule, sel, sel_kw = resolved_rules(cfg)
+    try:
+        plan = build_plan(METHODS.get(cfg.rollout.method).plan, **plan_params(cfg))
+        pol = GaussianPolicy(2)
+        tree = rollout(pol, pol.encode(["x"]), plan, generator=torch.Generator())
+        adv = compute_advantages(tree, {"r": torch.randn(int(tree.leaf.sum()))}, rule,
+                                 **advantage_kw(cfg, rule))
+        n = int(select_edges(tree, adv, sel, **sel_kw).sum())
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"method {cfg.rollout.method!r}: {e}") from None
+    total = n * cfg.train.prompts_per_iteration
+    if total < cfg.train.updates_per_rollout:
+        raise ConfigError(
+            f"{total} trained edges per rollout batch cannot feed train.updates_per_rollout="
+            f"{cfg.train.updates_per_rollout}: lower it or raise train.prompts_per_iteration")
+
+
+def resolved_rules(cfg: Config) -> tuple[str, str, dict[str, Any]]:
+    """(advantage rule, selector, selector kwargs): the method's, overridden by the config."""
+    from .methods import METHODS
+
+    m = METHODS.get(cfg.rollout.method)
+    rule = cfg.advantage.rule or m.advantage
+    sel = cfg.selection.name or m.selection
+    kw = dict(m.selection_kw) if sel == m.selection else {}
+    for k in ("fraction", "random", "ratio", "depths", "interval", "stop_depth"):
+        v = getattr(cfg.selection, k)
+        if v is not None:
+            kw[k] = tuple(v) if isinstance(v, list) else v
+    return rule, sel, kw
+
+
+def advantage_kw(cfg: Config, rule: str) -> dict[str, Any]:
+    kw: dict[str, Any] = {"clip": cfg.advantage.clip, "combine": cfg.advantage.combine}
+    if rule == "depth":
+        kw |= {"fusion": cfg.advantage.fusion, "alpha": cfg.advantage.alpha}
+    return kw
+
+
+def clip_eps(cfg: Config) -> float:
+    from .methods import METHODS
+
+    return cfg.train.clip_eps or METHODS.get(cfg.rollout.method).clip_eps
+
+
+def describe() -> str:
+    """Every key, its default and its doc, for ``--help-config``."""
+    defaults = OmegaConf.to_container(OmegaConf.structured(Config))
+    lines = []
+    for key, doc in all_keys().items():
+        node: Any = defaults
+        for part in key.split("."):
+            node = node[part]
+        lines.append(f"  {key} = {node!r}\n      {doc}")
+    return "\n".join(lines)
+

@@ -1,0 +1,96 @@
+"""Using a trained checkpoint: ``branchgrpo sample`` and ``branchgrpo eval``."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import Config, load_config, plan_params
+from .evaluate import evaluate, sample, save_grid
+from .methods import METHODS
+from .models.factory import build_policy, load_prompts
+from .plans import build_plan
+
+
+def resolve_checkpoint(target: str | Path) -> Path:
+    """A checkpoint file, or the newest checkpoint of a run directory."""
+    p = Path(target)
+    if p.is_file():
+        return p
+    found = ckpt.latest_checkpoint(p) if p.is_dir() else None
+    if found is None:
+        raise FileNotFoundError(f"{target} is neither a checkpoint nor a run directory with "
+                                "checkpoints/iter_*.pt")
+    return found
+
+
+def load_trained(target: str | Path) -> tuple[Any, Config, dict, torch.device]:
+    """(policy with trained weights (EMA if kept), config, checkpoint state, device)."""
+    path = resolve_checkpoint(target)
+    state = ckpt.load_checkpoint(path)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
+        fh.write(state["config"])
+    cfg = load_config(fh.name)
+    Path(fh.name).unlink()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    policy = build_policy(cfg, device, progress=False)
+    weights = state["policy"]
+    if state.get("ema") is not None:
+        weights = dict(zip(weights, state["ema"], strict=True))
+    ckpt.load_trainable_state(policy, weights)
+    return policy.eval(), cfg, state, device
+
+
+def _sigmas(cfg: Config) -> torch.Tensor:
+    plan = build_plan(METHODS.get(cfg.rollout.method).plan, **plan_params(cfg))
+    return torch.tensor(plan.sigmas)
+
+
+def sample_command(target: str, prompts: list[str], out: str, n: int, seed: int) -> int:
+    """Write ``n`` PNG images per prompt and a grid into ``out``."""
+    from PIL import Image
+
+    policy, cfg, state, device = load_trained(target)
+    todo = [p for p in prompts for _ in range(n)]
+    media = sample(policy, todo, _sigmas(cfg), seed=seed, device=device)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    frames = media if media.dim() == 4 else media[:, 0]
+    for i, (img, p) in enumerate(zip(frames, todo, strict=True)):
+        arr = (img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")
+        name = f"{i:03d}_" + "".join(c if c.isalnum() else "_" for c in p)[:60] + ".png"
+        Image.fromarray(arr).save(folder / name)
+    save_grid(media, todo, folder / "grid.png", n=min(len(todo), 32))
+    print(f"wrote {len(todo)} images to {folder} (iteration {state['iteration']})")
+    return 0
+
+
+def eval_command(target: str, samples: int, as_json: bool) -> int:
+    """Held-out prompts scored by the judge and every configured reward; prints a table."""
+    from .rewards import RewardSet
+    from .train import _judge
+
+    policy, cfg, state, device = load_trained(target)
+    _, held = load_prompts(cfg)
+    n = samples or cfg.data.eval_samples
+    prompts = [held[i % len(held)] for i in range(n)]
+    scorers: dict[str, Any] = {}
+    judge = _judge(cfg)
+    if judge is not None:
+        scorers["judge"] = judge
+    scorers |= RewardSet(dict(cfg.reward.weights), dict(cfg.reward.options)).rewards
+    metrics, _ = evaluate(policy, prompts, _sigmas(cfg), scorers, seed=cfg.train.seed + 10_000,
+                          device=device)
+    metrics = {"iteration": state["iteration"], "samples": n, **metrics}
+    if as_json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print("| metric | value |\n|---|---|")
+        for k, v in metrics.items():
+            print(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
+    return 0

@@ -1,0 +1,74 @@
+"""Run logging: stdout, ``metrics.jsonl`` (one line per iteration) and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+class Timer:
+    """Wall time of named phases (``time/rollout``, ``time/update``, ...)."""
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        import torch
+
+        t0 = time.perf_counter()
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times[f"time/{name}"] = self.times.get(f"time/{name}", 0.0) + (
+            time.perf_counter() - t0)
+
+
+class RunLogger:
+    """Appends metrics to ``metrics.jsonl`` and TensorBoard (when enabled)."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def truncate(self, lines: int) -> None:
+        """Keep the first ``lines`` lines (a resumed run drops what followed its checkpoint)."""
+        if self.path.exists():
+            kept = self.path.read_text().splitlines()[:lines]
+            self.path.write_text("".join(x + "\n" for x in kept))
+
+    def lines(self) -> int:
+        return len(self.path.read_text().splitlines()) if self.path.exists() else 0
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"iteration": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "iteration":
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _plain(v: Any) -> Any:
+    try:
+        return float(v) if not isinstance(v, (str, bool, int)) else v
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []

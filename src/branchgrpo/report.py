@@ -1,0 +1,92 @@
+"""``report.md`` of a run directory, with PNG plots from ``metrics.jsonl``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .log import read_metrics
+
+
+def _split(rows: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+    evals = [r for r in rows if "eval/tag" in r]
+    return [r for r in rows if "eval/tag" not in r], evals
+
+
+def _plot(path: Path, series: list[tuple[str, list, list]], xlabel: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, x, y in series:
+        if x:
+            ax.plot(x, y, marker="o" if len(x) < 20 else None, ms=3, label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _col(rows: list[dict], key: str, x: str = "iteration") -> tuple[list, list]:
+    pts = [(r[x], r[key]) for r in rows if key in r and x in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def write_report(run_dir: Path) -> Path:
+    """Plots (reward per iteration and per second, held-out scores, monitors, phase times)
+    and a Markdown summary with before/after numbers and sample grids."""
+    run_dir = Path(run_dir)
+    train, evals = _split(read_metrics(run_dir))
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    rkeys = sorted({k for r in train for k in r if k.startswith("reward/") and "zero" not in k})
+    _plot(plots / "reward_per_iteration.png", [(k, *_col(train, k)) for k in rkeys],
+          "iteration", "training reward (rollout leaves)")
+    _plot(plots / "reward_per_second.png",
+          [(k, *_col(train, k, "time/elapsed")) for k in rkeys], "wall-clock seconds",
+          "training reward vs time")
+    ekeys = sorted({k for r in evals for k in r if k.startswith("eval/") and k != "eval/tag"
+                    and isinstance(r[k], float) and "bright" not in k and "satur" not in k})
+    _plot(plots / "heldout.png", [(k, *_col(evals, k)) for k in ekeys], "iteration",
+          "held-out scores (ODE samples, fixed noise)")
+    mkeys = ["monitor/diversity", "monitor/saturation", "monitor/brightness"]
+    _plot(plots / "monitors.png", [(k, *_col(train, k)) for k in mkeys], "iteration",
+          "reward-hacking monitors")
+    tkeys = sorted({k for r in train for k in r if k.startswith("time/")
+                    and k not in ("time/elapsed",)})
+    _plot(plots / "phase_times.png", [(k, *_col(train, k)) for k in tkeys], "iteration",
+          "seconds per phase")
+    lines = [f"# Run report: `{run_dir.name}`", ""]
+    before = next((r for r in evals if r["eval/tag"] == "before"), None)
+    after = next((r for r in reversed(evals) if r["eval/tag"] == "after"), None)
+    if before and after:
+        lines += ["## Held-out scores (before -> after)", "",
+                  "| metric | before | after | change |", "|---|---|---|---|"]
+        for k in sorted(k for k in before if k.startswith("eval/") and k != "eval/tag"):
+            b, a = before[k], after.get(k, float("nan"))
+            rel = f"{(a - b) / abs(b) * 100:+.1f}%" if b else "n/a"
+            lines.append(f"| {k[5:]} | {b:.4f} | {a:.4f} | {rel} |")
+        lines.append("")
+    if train:
+        last = train[-1]
+        lines += [f"Iterations: {last['iteration']}, wall-clock {last.get('time/elapsed', 0):.0f}"
+                  f" s, mean {sum(r['time/iteration'] for r in train) / len(train):.2f} s per "
+                  "iteration.", ""]
+    for name, title in [("reward_per_iteration", "Training reward per iteration"),
+                        ("reward_per_second", "Training reward per wall-clock second"),
+                        ("heldout", "Held-out judge and rewards"),
+                        ("monitors", "Reward-hacking monitors"),
+                        ("phase_times", "Time per phase")]:
+        lines += [f"## {title}", "", f"![{name}](plots/{name}.png)", ""]
+    for tag in ("before", "after"):
+        if (run_dir / "samples" / f"{tag}.png").exists():
+            lines += [f"## Samples {tag} training (held-out prompts)", "",
+                      f"![{tag}](samples/{tag}.png)", ""]
+    out = run_dir / "report.md"
+    out.write_text("\n".join(lines))
+    return out

@@ -1,0 +1,38 @@
+"""Shared fixtures for end-to-end training tests: a cache with a quickly trained judge, and a
+small config (tiny plan, 5 pretraining steps) so a CLI run takes seconds."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    from branchgrpo.tasks.shapes_reward import train_judge
+
+    d = tmp_path_factory.mktemp("cache")
+    torch.save(train_judge(steps=10, batch=16).state_dict(), d / "shapes_judge.pt")
+    return d
+
+
+def small_args(cache_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [f"log.run_dir={run_dir}", f"model.cache_dir={cache_dir}", "model.pretrain_steps=5",
+            "rollout.num_steps=4", "rollout.split_steps=[0,1]", "train.prompts_per_iteration=2",
+            "data.eval_samples=4", "log.progress=false", "log.tensorboard=false",
+            "log.eval_every=0", *extra]
+
+
+def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(HERE), "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "branchgrpo", *args], capture_output=True,
+                         text=True, env=env)
+    if check and out.returncode != 0:
+        raise AssertionError(f"exit {out.returncode}\n{out.stdout}\n{out.stderr}")
+    return out
