@@ -111,3 +111,37 @@ def rollout_timings(policy, cond, *, trees: int, max_batch: int = 256, repeats: 
         sec, fw = _best_of(fn, repeats)
         out.append(Timing(name, sec / trees, fw // trees))
     return out
+
+
+def bench_policy(model: str, trees: int, device: torch.device):
+    """(policy, cond) for the benchmarks: ``tiny`` (the embedded default's architecture,
+    random weights), ``analytic``, or ``flux-dev`` (the FLUX.1-dev transformer with random bf16
+    weights at 512x512, LoRA rank 32, gradient checkpointing; no text encoders or VAE)."""
+    from .tasks.shapes import all_specs
+
+    prompts = [all_specs()[i % 64].prompt for i in range(trees)]
+    if model == "tiny":
+        from .models.tiny import TinyFluxPolicy
+
+        policy = TinyFluxPolicy().to(device).eval()
+    elif model == "analytic":
+        policy = GaussianPolicy(dim=48).to(device)
+    elif model == "flux-dev":
+        from diffusers import FluxTransformer2DModel
+
+        from .models.flux import FluxPolicy, flux_dev_config
+        from .models.lora import LoraSpec
+
+        torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward fails (cu130)
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device(device):
+                tr = FluxTransformer2DModel(**flux_dev_config())
+        finally:
+            torch.set_default_dtype(torch.float32)
+        policy = FluxPolicy.from_transformer(tr, 512, 512, dtype=torch.bfloat16, device=device,
+                                             lora=LoraSpec(rank=32, alpha=64),
+                                             gradient_checkpointing=True)
+    else:
+        raise ValueError(f"unknown bench model {model!r}; use tiny, analytic or flux-dev")
+    return policy, policy.encode(prompts), prompts

@@ -19,6 +19,7 @@ commands:
   serve-reward NAME ...            serve rewards over HTTP (see docs/rewards.md)
   bench nfe       forward evaluations, edges and trained edges per method (measured)
   bench rollout   batched tree engine vs per-node and sequential evaluation (wall time)
+  bench iteration every method's rollout/reward/update time on one policy, vs DanceGRPO
 """
 
 
@@ -33,18 +34,10 @@ def _bench_nfe(args: argparse.Namespace) -> int:
 def _bench_rollout(args: argparse.Namespace) -> int:
     import torch
 
-    from .bench import markdown, rollout_timings
+    from .bench import bench_policy, markdown, rollout_timings
 
     device = torch.device(args.device)
-    if args.model == "analytic":
-        from .models.analytic import GaussianPolicy
-
-        policy = GaussianPolicy(dim=48).to(device)
-        cond = policy.encode([f"prompt {i}" for i in range(args.trees)])
-    else:
-        from .models.tiny import bench_policy
-
-        policy, cond = bench_policy(args.model, args.trees, device)
+    policy, cond, _ = bench_policy(args.model, args.trees, device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.storage_dtype]
     t = rollout_timings(policy, cond, trees=args.trees, max_batch=args.max_batch,
                         repeats=args.repeats, storage_dtype=dtype)
@@ -113,6 +106,32 @@ def _serve_reward(args: argparse.Namespace) -> int:
     return int(serve_main(args.rest) or 0)
 
 
+def _bench_iteration(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import bench_policy, markdown
+    from .bench_iteration import DEFAULT_METHODS, iteration_table
+
+    device = torch.device(args.device)
+    policy, _, prompts = bench_policy(args.model, args.prompts, device)
+    if args.model == "flux-dev":
+        plan_kw = policy.plan_kwargs()
+        reward = lambda media, p: media.float().flatten(1).mean(1)  # noqa: E731
+        extra = {"storage_dtype": torch.bfloat16, "autocast": torch.bfloat16}
+    else:
+        from .tasks.shapes_reward import ShapesReward
+
+        plan_kw, reward, extra = {}, ShapesReward(), {}
+    rows = iteration_table(policy, prompts, reward, methods=args.methods or DEFAULT_METHODS,
+                           plan_kw=plan_kw, repeats=args.repeats, max_batch=args.max_batch,
+                           edge_chunk=args.edge_chunk, **extra)
+    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "model": args.model, "prompts": args.prompts}
+    print(json.dumps({**info, "rows": rows}, indent=2) if args.json else
+          f"{info}\n\n" + markdown(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="branchgrpo", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,6 +176,16 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--storage-dtype", default="fp32", choices=["fp32", "bf16"])
     ro.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     ro.set_defaults(fn=_bench_rollout)
+    it = bsub.add_parser("iteration", help="every method's iteration time on one policy")
+    it.add_argument("--model", default="tiny", help="tiny (embedded default size) or flux-dev")
+    it.add_argument("--methods", nargs="*", help="subset (default: all, DanceGRPO first)")
+    it.add_argument("--prompts", type=int, default=1, help="prompts (trees) per iteration")
+    it.add_argument("--repeats", type=int, default=1, help="timed runs per method (best kept)")
+    it.add_argument("--max-batch", type=int, default=64, help="max rows per forward call")
+    it.add_argument("--edge-chunk", type=int, default=64, help="edges per backward chunk")
+    it.add_argument("--device", default="cpu", help="cpu or cuda")
+    it.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    it.set_defaults(fn=_bench_iteration)
     return p
 
 

@@ -14,6 +14,7 @@ from .config import Config, load_config, plan_params
 from .evaluate import evaluate, sample, save_grid
 from .methods import METHODS
 from .models.factory import build_policy, load_prompts
+from .models.families import module_of
 from .plans import build_plan
 
 
@@ -42,8 +43,9 @@ def load_trained(target: str | Path) -> tuple[Any, Config, dict, torch.device]:
     weights = state["policy"]
     if state.get("ema") is not None:
         weights = dict(zip(weights, state["ema"], strict=True))
-    ckpt.load_trainable_state(policy, weights)
-    return policy.eval(), cfg, state, device
+    ckpt.load_trainable_state(module_of(policy), weights)
+    module_of(policy).eval()
+    return policy, cfg, state, device
 
 
 def _sigmas(cfg: Config) -> torch.Tensor:

@@ -28,6 +28,10 @@ METHODS: Registry[Method] = Registry("method")
 METHODS.register("dance")(Method(
     "dance", selection="timestep_fraction", selection_kw={"fraction": 0.6},
     note="DanceGRPO: shared x_T, split 12 at step 0, Dance-SDE eta 0.3, 60% random steps"))
+METHODS.register("dance_full")(Method(
+    "dance", plan_kw={"num_steps": 20, "group_size": 16}, selection="timestep_fraction",
+    selection_kw={"fraction": 1.0},
+    note="DanceGRPO as BranchGRPO's baseline (698 s): T 20, 16 samples, every step but the last"))
 METHODS.register("flow_grpo")(Method(
     "flow_grpo", advantage="prompt_global_std", selection="timestep_fraction",
     selection_kw={"fraction": 1.0, "random": False},

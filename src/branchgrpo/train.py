@@ -32,6 +32,7 @@ from .log import RunLogger, Timer
 from .losses import guard_log_ratio, kl_v, kl_x, policy_loss
 from .methods import METHODS
 from .models.factory import build_policy, load_prompts
+from .models.families import module_of
 from .plans import build_plan
 from .pruning import select_edges
 from .rewards import RewardError, RewardSet
@@ -226,7 +227,7 @@ def setup(cfg: Config, resume: Path | None) -> State:
     policy = build_policy(cfg, device, progress=cfg.log.progress)
     params = [p for p in policy.trainable_parameters()]
     keep = {id(p) for p in params}
-    for p in policy.parameters():
+    for p in module_of(policy).parameters():
         p.requires_grad_(id(p) in keep)
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
@@ -247,7 +248,8 @@ def setup(cfg: Config, resume: Path | None) -> State:
 
 def save(s: State) -> Path:
     state = {"iteration": s.iteration, "elapsed": s.elapsed,
-             "policy": ckpt.trainable_state(s.policy), "optimizer": s.optimizer.state_dict(),
+             "policy": ckpt.trainable_state(module_of(s.policy)),
+             "optimizer": s.optimizer.state_dict(),
              "scheduler": s.scheduler.state_dict(), "rng": ckpt.rng_state(),
              "ema": None if s.ema is None else [e.cpu() for e in s.ema],
              "metrics_lines": s.logger.lines(), "config": to_yaml(s.cfg), "extra": s.extra}
@@ -259,7 +261,7 @@ def _restore(s: State) -> None:
     if path is None:
         raise FileNotFoundError(f"no checkpoint in {s.run_dir}/checkpoints to resume from")
     st = ckpt.load_checkpoint(path)
-    ckpt.load_trainable_state(s.policy, st["policy"])
+    ckpt.load_trainable_state(module_of(s.policy), st["policy"])
     s.optimizer.load_state_dict(st["optimizer"])
     s.scheduler.load_state_dict(st["scheduler"])
     ckpt.set_rng_state(st["rng"])

@@ -165,17 +165,3 @@ def load_or_pretrain(spec: TinySpec, cache_dir: Path, prompts: list[str],
     torch.save(policy.state_dict(), tmp)
     tmp.replace(path)
     return policy
-
-
-def bench_policy(model: str, trees: int, device: torch.device):
-    """(policy, cond) for ``bench rollout``: ``tiny`` (random weights, the default's size) or
-    ``flux-dev`` (a FLUX.1-dev-sized transformer with random weights, see models/flux.py)."""
-    if model == "tiny":
-        policy = TinyFluxPolicy().to(device).eval()
-        prompts = [shapes.all_specs()[i % 64].prompt for i in range(trees)]
-        return policy, policy.encode(prompts)
-    if model == "flux-dev":
-        from .flux import bench_flux_dev
-
-        return bench_flux_dev(trees, device)
-    raise ValueError(f"unknown bench model {model!r}; use tiny, analytic or flux-dev")

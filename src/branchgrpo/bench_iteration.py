@@ -1,0 +1,130 @@
+"""``branchgrpo bench iteration``: every method on the same policy, prompts and hardware, in
+one process: rollout forwards, trained edges, wall time of rollout, reward and update, and
+each ratio to the baseline (DanceGRPO).
+
+One iteration per method = rollout -> decode -> reward -> advantages -> edge selection -> one
+optimizer step over all selected edges (gradients accumulated in chunks of ``edge_chunk``).
+Every method runs once untimed first (warm-up), then ``repeats`` timed runs; the best is kept.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .advantages import compute_advantages
+from .losses import policy_loss
+from .methods import METHODS
+from .models.base import Policy
+from .plans import build_plan
+from .pruning import select_edges
+from .tree import edge_log_prob, rollout
+
+DEFAULT_METHODS = ("dance_full", "dance", "flow_grpo", "mix", "mix_flash", "g2rpo", "branch",
+                   "branch_width", "branch_depth", "branch_mix")
+
+
+@dataclass
+class IterationTiming:
+    method: str
+    forwards: int
+    trained_edges: int
+    rollout_s: float
+    reward_s: float
+    update_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.rollout_s + self.reward_s + self.update_s
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def one_iteration(policy: Policy, prompts: Sequence[str], method: str,
+                  reward: Callable, optimizer: torch.optim.Optimizer, *,
+                  plan_kw: dict | None = None, max_batch: int = 64, edge_chunk: int = 64,
+                  storage_dtype: torch.dtype = torch.float32, seed: int = 0,
+                  autocast: torch.dtype | None = None) -> IterationTiming:
+    """Run and time one iteration of ``method`` (its preset plan, rule and selection)."""
+    m = METHODS.get(method)
+    plan = build_plan(m.plan, **{**m.plan_kw, **(plan_kw or {})})
+    device = next(iter(policy.encode(prompts[:1]).values())).device
+    ctx = (torch.autocast(device.type, dtype=autocast) if autocast is not None
+           else torch.autocast(device.type, enabled=False))
+    _sync()
+    t0 = time.perf_counter()
+    cond = policy.encode(list(prompts))
+    with ctx:
+        tree = rollout(policy, cond, plan, generator=torch.Generator(device).manual_seed(seed),
+                       max_batch=max_batch, storage_dtype=storage_dtype, device=device)
+    _sync()
+    t1 = time.perf_counter()
+    with torch.no_grad():
+        media = torch.cat([policy.decode(c) for c in tree.leaf_x0.split(max_batch)])
+    group = tree.group[tree.leaf_ids].cpu()
+    scores = {"r": reward(media, [prompts[g] for g in group.tolist()]).float().cpu()}
+    _sync()
+    t2 = time.perf_counter()
+    adv = compute_advantages(tree, scores, m.advantage, **m.advantage_kw)
+    mask = select_edges(tree, adv, m.selection, generator=torch.Generator().manual_seed(seed),
+                        **m.selection_kw)
+    edges = tree.edges(mask, adv)
+    optimizer.zero_grad(set_to_none=True)
+    n = len(edges)
+    for chunk in torch.arange(n).split(edge_chunk):
+        e = edges.index(chunk.to(edges.child.device))
+        with ctx:
+            lp, *_ = edge_log_prob(policy, e, cond, plan, max_batch=max_batch,
+                                   storage_dtype=storage_dtype)
+        loss, _ = policy_loss(lp, e.old_log_prob, e.adv, m.clip_eps)
+        (loss * len(chunk) / n).backward()
+    optimizer.step()
+    _sync()
+    t3 = time.perf_counter()
+    return IterationTiming(method, tree.forwards, n, t1 - t0, t2 - t1, t3 - t2)
+
+
+def iteration_table(policy: Policy, prompts: Sequence[str], reward: Callable, *,
+                    methods: Sequence[str] = DEFAULT_METHODS, baseline: str = "dance_full",
+                    plan_kw: dict | None = None, repeats: int = 1, lr: float = 1e-5,
+                    progress: bool = True, **kw) -> list[dict]:
+    """Rows per method (best of ``repeats`` after a warm-up) with ratios to ``baseline``.
+
+    ``plan_kw`` overrides apply to every method's plan where the plan takes the key (e.g. the
+    model's schedule), so all methods see the same sigma schedule."""
+    import inspect
+
+    from tqdm import tqdm
+
+    from .plans import PLANS, branch
+
+    params = [p for p in policy.trainable_parameters()]
+    opt = torch.optim.AdamW(params, lr=lr)
+    results: dict[str, IterationTiming] = {}
+    for name in tqdm(methods, desc="bench iteration", disable=not progress):
+        m = METHODS.get(name)
+        valid = set(inspect.signature(PLANS.get(m.plan)).parameters)
+        if m.plan == "branch_mix":
+            valid |= set(inspect.signature(branch).parameters)
+        own = {k: v for k, v in (plan_kw or {}).items() if k in valid}
+        one_iteration(policy, prompts, name, reward, opt, plan_kw=own, **kw)  # warm-up
+        runs = [one_iteration(policy, prompts, name, reward, opt, plan_kw=own, **kw)
+                for _ in range(repeats)]
+        results[name] = min(runs, key=lambda r: r.total_s)
+    base = results.get(baseline)
+    rows = []
+    for name, r in results.items():
+        row = {"method": name, "forwards": r.forwards, "trained_edges": r.trained_edges,
+               "rollout_s": round(r.rollout_s, 3), "reward_s": round(r.reward_s, 3),
+               "update_s": round(r.update_s, 3), "total_s": round(r.total_s, 3)}
+        if base is not None:
+            row["ratio_total"] = round(r.total_s / base.total_s, 3)
+            row["ratio_rollout"] = round(r.rollout_s / base.rollout_s, 3)
+        rows.append(row)
+    return rows
