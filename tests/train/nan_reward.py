@@ -1,5 +1,5 @@
-"""A user reward (loaded by dotted path) that turns NaN on its third call in a process (the first is the
-evaluation before training, the second iteration 1)."""
+"""A user reward (loaded by dotted path) that turns NaN on its third call in a process
+(the first is the evaluation before training, the second iteration 1)."""
 
 import torch
 
