@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -75,7 +76,8 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingStopped as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 1
-    print(f"done: report at {out / 'report.md'}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"done: report at {out / 'report.md'}")
     return 0
 
 

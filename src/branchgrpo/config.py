@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ class ModelConfig:
     width: int = f(512, "image width in pixels (real models)")
     num_frames: int = f(33, "video frames (wan)")
     guidance: float = f(3.5, "FLUX guidance embedding, or CFG scale for sd3/wan")
-    pretrain_steps: int = f(1200, "tiny: flow-matching pretraining steps of the base model")
+    pretrain_steps: int = f(600, "tiny: flow-matching pretraining steps of the base model")
     cache_dir: str = f("~/.cache/branchgrpo", "where pretrained tiny models and judges are cached")
 
 
@@ -104,11 +105,11 @@ class RewardConfig:
 
 @dataclass
 class TrainConfig:
-    iterations: int = f(48, "rollout/update iterations")
+    iterations: int = f(40, "rollout/update iterations")
     prompts_per_iteration: int = f(4, "prompts (trees) per rollout batch on each rank")
-    updates_per_rollout: int = f(2, "optimizer steps per rollout batch (edges split evenly)")
+    updates_per_rollout: int = f(1, "optimizer steps per rollout batch (edges split evenly)")
     edge_chunk: int = f(512, "max edges per forward/backward (gradient accumulation)")
-    lr: float = f(2e-4, "AdamW learning rate")
+    lr: float = f(3e-5, "AdamW learning rate")
     lr_schedule: str = f("constant", "constant, linear or cosine decay over iterations")
     warmup_iterations: int = f(0, "linear warmup iterations")
     weight_decay: float = f(1e-4, "AdamW weight decay")
@@ -133,11 +134,30 @@ class DataConfig:
 @dataclass
 class LogConfig:
     run_dir: str = f("", "run directory ('' makes runs/<method>-<time>)")
-    eval_every: int = f(12, "iterations between held-out evaluations (0: start/end only)")
-    checkpoint_every: int = f(8, "iterations between checkpoints")
+    eval_every: int = f(10, "iterations between held-out evaluations (0: start/end only)")
+    checkpoint_every: int = f(10, "iterations between checkpoints")
     keep_last: int = f(2, "checkpoints kept")
     tensorboard: bool = f(True, "write TensorBoard event files")
     progress: bool = f(True, "progress bars")
+
+
+@dataclass
+class DistConfig:
+    strategy: str = f("auto", "multi-rank training under torchrun: ddp (replicated weights), "
+                              "fsdp (FSDP2 sharding) or auto (fsdp for full fine-tuning of "
+                              "flux/sd3/wan, ddp otherwise)")
+    backend: str = f("auto", "process-group backend: auto (nccl on cuda, gloo on cpu), nccl "
+                             "or gloo")
+    global_prompts: int = f(0, "prompts per iteration over all ranks, split evenly (0: "
+                               "train.prompts_per_iteration on each rank)")
+    noise: str = f("rank", "rollout noise: rank (one generator per rank, batched) or prompt "
+                           "(one per global prompt: results independent of the rank count)")
+    cpu_offload: bool = f(False, "fsdp: keep sharded parameters and optimizer states on the CPU")
+    find_unused_parameters: bool = f(False, "ddp: allow trained parameters that get no "
+                                             "gradient")
+    verify_sync: int = f(0, "ddp: every N iterations check that weights agree across ranks "
+                            "(0: off)")
+    timeout_minutes: int = f(30, "collective timeout (raise for long rewards or evaluations)")
 
 
 @dataclass
@@ -152,6 +172,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "optimisation"})
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "prompts"})
     log: LogConfig = field(default_factory=LogConfig, metadata={"doc": "outputs"})
+    dist: DistConfig = field(default_factory=DistConfig,
+                             metadata={"doc": "multi-GPU / multi-node (torchrun)"})
 
 
 def all_keys(cls: type = Config, prefix: str = "") -> dict[str, str]:
@@ -267,6 +289,14 @@ def validate(cfg: Config) -> None:
     _choice(cfg.train.ratio, ("standard", "guard"), "train.ratio")
     _choice(cfg.train.kl_kind, ("x", "v"), "train.kl_kind")
     _choice(cfg.train.amp, ("none", "bf16", "fp16"), "train.amp")
+    _choice(cfg.dist.strategy, ("auto", "ddp", "fsdp"), "dist.strategy")
+    _choice(cfg.dist.backend, ("auto", "nccl", "gloo"), "dist.backend")
+    _choice(cfg.dist.noise, ("rank", "prompt"), "dist.noise")
+    for k in ("global_prompts", "verify_sync"):
+        if getattr(cfg.dist, k) < 0:
+            raise ConfigError(f"dist.{k} must be >= 0, got {getattr(cfg.dist, k)}")
+    if cfg.dist.timeout_minutes < 1:
+        raise ConfigError(f"dist.timeout_minutes must be >= 1, got {cfg.dist.timeout_minutes}")
     if cfg.model.kind != "tiny" and not cfg.model.path:
         raise ConfigError(f"model.kind={cfg.model.kind} needs model.path (a Hugging Face id "
                           "or a local folder)")
@@ -310,11 +340,32 @@ def _check_geometry(cfg: Config) -> None:
         n = int(select_edges(tree, adv, sel, **sel_kw).sum())
     except (ValueError, KeyError) as e:
         raise ConfigError(f"method {cfg.rollout.method!r}: {e}") from None
-    total = n * cfg.train.prompts_per_iteration
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_rank = prompts_per_rank(cfg, world)
+    total = n * per_rank
     if total < cfg.train.updates_per_rollout:
+        where = f" on each of {world} ranks" if world > 1 else ""
+        key = "dist.global_prompts" if cfg.dist.global_prompts else "train.prompts_per_iteration"
         raise ConfigError(
-            f"{total} trained edges per rollout batch cannot feed train.updates_per_rollout="
-            f"{cfg.train.updates_per_rollout}: lower it or raise train.prompts_per_iteration")
+            f"{total} trained edges per rollout batch{where} ({per_rank} trees x {n}) cannot "
+            f"feed train.updates_per_rollout={cfg.train.updates_per_rollout}: lower it to at "
+            f"most {total} or raise {key}")
+
+
+def prompts_per_rank(cfg: Config, world: int) -> int:
+    """P, the trees each of ``world`` ranks rolls out per iteration: ``dist.global_prompts /
+    world`` when that is set (it must divide evenly), else ``train.prompts_per_iteration``."""
+    gp = cfg.dist.global_prompts
+    if not gp:
+        return cfg.train.prompts_per_iteration
+    if gp % world:
+        lo, hi = gp // world * world, -(-gp // world) * world
+        fits = [w for w in range(1, gp + 1) if gp % w == 0]
+        raise ConfigError(
+            f"dist.global_prompts={gp} does not divide over {world} ranks: set it to a multiple "
+            f"of {world} (e.g. {hi}" + (f" or {lo}" if lo else "") + ") or run on "
+            f"{', '.join(map(str, fits))} ranks")
+    return gp // world
 
 
 def resolved_rules(cfg: Config) -> tuple[str, str, dict[str, Any]]:

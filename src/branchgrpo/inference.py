@@ -21,12 +21,13 @@ from .plans import build_plan
 def resolve_checkpoint(target: str | Path) -> Path:
     """A checkpoint file, or the newest checkpoint of a run directory."""
     p = Path(target)
-    if p.is_file():
+    if ckpt.is_checkpoint(p):
         return p
     found = ckpt.latest_checkpoint(p) if p.is_dir() else None
     if found is None:
         raise FileNotFoundError(f"{target} is neither a checkpoint nor a run directory with "
-                                "checkpoints/iter_*.pt")
+                                "checkpoints/iter_* (a .pt file or a distributed checkpoint "
+                                "folder)")
     return found
 
 

@@ -28,19 +28,21 @@ class Timer:
 
 
 class RunLogger:
-    """Appends metrics to ``metrics.jsonl`` and TensorBoard (when enabled)."""
+    """Appends metrics to ``metrics.jsonl`` and TensorBoard (when enabled). ``enabled=False``
+    (ranks other than 0) writes nothing."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Path, tensorboard: bool = True, enabled: bool = True) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.enabled = enabled
         self.tb = None
-        if tensorboard:
+        if tensorboard and enabled:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def truncate(self, lines: int) -> None:
         """Keep the first ``lines`` lines (a resumed run drops what followed its checkpoint)."""
-        if self.path.exists():
+        if self.enabled and self.path.exists():
             kept = self.path.read_text().splitlines()[:lines]
             self.path.write_text("".join(x + "\n" for x in kept))
 
@@ -48,6 +50,8 @@ class RunLogger:
         return len(self.path.read_text().splitlines()) if self.path.exists() else 0
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         row = {"iteration": step, **{k: _plain(v) for k, v in metrics.items()}}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")

@@ -186,10 +186,13 @@ def branch(
     num_steps: int = 20, split_steps: Sequence[int] = (0, 3, 6, 9), branch_factor: int = 2,
     split_noise_scale: float = 1.0, kernel: str = "dance", level: float = 0.3,
     shift: float = 3.0, schedule: str = "shifted", image_seq_len: int = 256,
-    shared_noise: bool = True, mix_window: int = 0, mix_stride: int = 30, iteration: int = 0,
+    shared_noise: bool = True, mix_window: int = 0, mix_stride: int = 30, roots: int = 1,
+    iteration: int = 0,
 ) -> RolloutPlan:
     """BranchGRPO: one shared x_T per tree; at each split step every frontier node gets K
     children (split noise lambda, default 1 so leaf marginals are preserved, ALG 13.2).
+    ``roots`` > 1 grows a forest per prompt: that many independent x_T, each branching, for
+    exploration in what the initial noise decides (layout) at the same prefix sharing.
 
     ``mix_window`` > 0 gives BranchGRPO-Mix: step i is SDE iff i mod q < w or i is a split
     step (q = ``mix_stride``), else Euler ODE (ALG 5.6)."""
@@ -203,9 +206,9 @@ def branch(
     lam = [split_noise_scale if i in s else 1.0 for i in range(t)]
     name = "branch_mix" if mix_window > 0 else "branch"
     return chain_plan(name, _sigmas(t, schedule, shift, image_seq_len), branch_, solver, lam,
-                      kernel=kernel, level=level, shared_noise=shared_noise,
+                      kernel=kernel, level=level, shared_noise=shared_noise, roots=roots,
                       info={"split_steps": s, "branch_factor": branch_factor,
-                            "group_size": branch_factor ** len(s)})
+                            "group_size": roots * branch_factor ** len(s)})
 
 
 @PLANS.register("branch_mix")

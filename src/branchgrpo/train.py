@@ -9,6 +9,10 @@ every method; the optimizer cadence is ``train.updates_per_rollout`` (not a by-p
 gradient accumulation over edges); split noise lambda defaults to 1 and is scored with the
 std actually sampled with; rollout latents are round-tripped through their storage dtype
 before scoring, so ``ratio/first`` is exactly 1; and resume works.
+
+Under torchrun (docs/distributed.md) every rank runs this same loop on its own slice of the
+global prompt batch (whole trees per rank), DDP or FSDP2 average the gradients, rewards and
+metrics are averaged over ranks for logging, and rank 0 alone writes the run directory.
 """
 
 from __future__ import annotations
@@ -18,19 +22,22 @@ import hashlib
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from . import checkpoint as ckpt
+from . import dist
 from .advantages import RewardValueError, compute_advantages, zero_std_fraction
 from .config import Config, advantage_kw, clip_eps, plan_params, resolved_rules, to_yaml
 from .evaluate import evaluate, group_diversity, image_stats, save_grid
 from .log import RunLogger, Timer
 from .losses import guard_log_ratio, kl_v, kl_x, policy_loss
 from .methods import METHODS
+from .models.base import select_cond
 from .models.factory import build_policy, load_prompts
 from .models.families import module_of
 from .plans import build_plan
@@ -72,12 +79,21 @@ class State:
     iteration: int = 0
     elapsed: float = 0.0
     extra: dict = field(default_factory=dict)
+    dist: dist.Dist = field(default_factory=dist.Dist)
+    prompts_per_rank: int = 1
+    param_names: list[str] = field(default_factory=list)  # names of ``params`` (unwrapped)
+
+    def purpose(self, name: str) -> str:
+        """A generator purpose, with the rank folded in on ranks > 0 (rank 0 keeps the
+        single-process stream)."""
+        return name if self.dist.rank == 0 else f"{name}/rank{self.dist.rank}"
 
 
 # ----------------------------------------------------------------------------- the loop
 def train(cfg: Config, resume: Path | None = None) -> Path:
     """Run (or resume) a training run; returns the run directory."""
     s = setup(cfg, resume)
+    main = s.dist.main
     t_start = time.perf_counter() - s.elapsed
     if s.iteration == 0:
         run_eval(s, "before")
@@ -89,6 +105,8 @@ def train(cfg: Config, resume: Path | None = None) -> Path:
             s.elapsed = time.perf_counter() - t_start
             metrics["time/elapsed"] = s.elapsed
             s.logger.log(s.iteration, metrics)
+            if cfg.dist.verify_sync and s.iteration % cfg.dist.verify_sync == 0:
+                dist.check_sync(s.dist, s.params, s.iteration)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/total']:.3f}",
                             sec=f"{metrics['time/iteration']:.1f}")
@@ -101,9 +119,12 @@ def train(cfg: Config, resume: Path | None = None) -> Path:
         bar.close()
     run_eval(s, "after")
     s.logger.close()
-    from .report import write_report
+    if main:
+        from .report import write_report
 
-    write_report(s.run_dir)
+        write_report(s.run_dir)
+    dist.barrier(s.dist)
+    dist.close(s.dist)
     return s.run_dir
 
 
@@ -113,16 +134,12 @@ def iteration(s: State) -> dict[str, float]:
     t0 = time.perf_counter()
     method = METHODS.get(cfg.rollout.method)
     plan = build_plan(method.plan, iteration=it, **plan_params(cfg))
-    prompts = _prompt_batch(s)
+    prompts, first = _prompt_batch(s)
     rule, sel, sel_kw = resolved_rules(cfg)
     with timer("rollout"):
         cond = s.policy.encode(prompts)
         with _autocast(s):
-            tree = rollout(s.policy, cond, plan, generator=seeded(cfg.train.seed, it, "rollout",
-                                                                  s.device),
-                           max_batch=cfg.rollout.max_batch, device=s.device,
-                           storage_dtype=DTYPES[cfg.model.storage_dtype],
-                           keep_mean=cfg.train.ratio == "guard")
+            tree = _rollout(s, cond, plan, first)
     with timer("decode"), torch.no_grad():
         media = torch.cat([s.policy.decode(c) for c in tree.leaf_x0.split(cfg.reward.batch_size)])
     group = tree.group[tree.leaf_ids].cpu()
@@ -135,14 +152,14 @@ def iteration(s: State) -> dict[str, float]:
     with timer("advantage"):
         try:
             adv = compute_advantages(tree, scores, rule, cfg.reward.weights,
-                                     **advantage_kw(cfg, rule))
+                                     **advantage_kw(cfg, rule), **_global_kw(s, rule, scores))
         except RewardValueError as e:
             raise TrainingStopped(f"iteration {it + 1}: {e}") from None
     with timer("select"):
         pruning = it < cfg.selection.until * cfg.train.iterations
         name, kw = (sel, sel_kw) if pruning else ("all", {})
         mask = select_edges(tree, adv, name, iteration=it,
-                            generator=seeded(cfg.train.seed, it, "select"), **kw)
+                            generator=seeded(cfg.train.seed, it, s.purpose("select")), **kw)
         edges = tree.edges(mask.to(tree.parent.device), adv.to(tree.parent.device))
     with timer("update"):
         stats = update(s, edges, cond, plan)
@@ -154,23 +171,29 @@ def iteration(s: State) -> dict[str, float]:
             "tree/edges": int(tree.edge_mask.sum()), "tree/trained_edges": len(edges),
             "lr": s.scheduler.get_last_lr()[0], **stats, **timer.times}
     out["time/iteration"] = time.perf_counter() - t0
-    return out
+    return dist.mean_metrics(s.dist, out)
 
 
 def update(s: State, edges: EdgeBatch, cond: dict, plan: RolloutPlan) -> dict[str, float]:
     """``updates_per_rollout`` optimizer steps over a shuffled split of the edges."""
     cfg = s.cfg
     n = len(edges)
-    if n < cfg.train.updates_per_rollout:
-        raise TrainingStopped(f"{n} trained edges < train.updates_per_rollout="
+    counts = dist.gather_int(s.dist, n)
+    if min(counts) < cfg.train.updates_per_rollout:
+        raise TrainingStopped(f"{min(counts)} trained edges < train.updates_per_rollout="
                               f"{cfg.train.updates_per_rollout}")
-    perm = torch.randperm(n, generator=seeded(cfg.train.seed, s.iteration, "shuffle"))
+    if s.dist.strategy == "fsdp" and len(set(counts)) > 1:
+        raise TrainingStopped(f"ranks selected different edge counts {counts}; FSDP needs the "
+                              "same forwards on every rank: use a selection with a fixed count")
+    perm = torch.randperm(n, generator=seeded(cfg.train.seed, s.iteration, s.purpose("shuffle")))
     agg: dict[str, list[float]] = {}
     for u, mb in enumerate(perm.tensor_split(cfg.train.updates_per_rollout)):
         s.optimizer.zero_grad(set_to_none=True)
-        for c, chunk in enumerate(mb.split(cfg.train.edge_chunk)):
-            st = _loss_backward(s, edges.index(chunk.to(edges.child.device)), cond, plan,
-                                weight=len(chunk) / len(mb))
+        chunks = mb.split(cfg.train.edge_chunk)
+        for c, chunk in enumerate(chunks):
+            with dist.no_sync(s.policy, s.dist, last=c == len(chunks) - 1):
+                st = _loss_backward(s, edges.index(chunk.to(edges.child.device)), cond, plan,
+                                    weight=len(chunk) / len(mb))
             if u == 0 and c == 0:
                 st["ratio/first"] = st["ratio/mean"]
             for k, v in st.items():
@@ -208,6 +231,8 @@ def _loss_backward(s: State, e: EdgeBatch, cond: dict, plan: RolloutPlan,
 def _clip_and_step(s: State) -> float:
     cfg = s.cfg
     norm = torch.nn.utils.clip_grad_norm_(s.params, cfg.train.max_grad_norm or math.inf)
+    if hasattr(norm, "full_tensor"):  # FSDP: a DTensor
+        norm = norm.full_tensor()
     s.optimizer.step()
     if s.ema is not None:
         with torch.no_grad():
@@ -218,35 +243,75 @@ def _clip_and_step(s: State) -> float:
 
 # ----------------------------------------------------------------------------- set-up
 def setup(cfg: Config, resume: Path | None) -> State:
-    """Build everything; restore the newest checkpoint when resuming."""
+    """Build everything; restore the newest checkpoint when resuming. Under torchrun: join
+    the process group, check the batch geometry, wrap the policy (DDP / FSDP2)."""
     device = _device(cfg)
-    run_dir = Path(resume) if resume else _new_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    d = dist.init(cfg, device)
+    if device.type == "cuda" and d.enabled:
+        device = torch.device("cuda", d.local_rank)
+    run_dir = Path(dist.broadcast(d, str(Path(resume) if resume else _new_run_dir(cfg))))
+    train_prompts, eval_prompts = load_prompts(cfg)
+    per_rank = dist.check_geometry(cfg, d.world, len(train_prompts))
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
     torch.manual_seed(cfg.train.seed)
-    policy = build_policy(cfg, device, progress=cfg.log.progress)
+    if d.enabled and not d.main:
+        dist.barrier(d)  # rank 0 fills the model caches first
+    policy = build_policy(cfg, device, progress=cfg.log.progress and d.main)
+    judge = _judge(cfg, d.main)
+    if d.enabled and d.main:
+        dist.barrier(d)
+    names = {id(p): n for n, p in module_of(policy).named_parameters()}
     params = [p for p in policy.trainable_parameters()]
+    param_names = [names[id(p)] for p in params]
     keep = {id(p) for p in params}
     for p in module_of(policy).parameters():
         p.requires_grad_(id(p) in keep)
+    reference = None
+    if d.enabled:  # wrap before the optimizer: FSDP2 replaces parameters by DTensors
+        if cfg.train.kl_coef > 0:
+            reference = copy.deepcopy(policy).requires_grad_(False)
+            dist.wrap(reference, d, cfg, trainable=False)
+        dist.wrap(policy, d, cfg)
+        params = [p for p in policy.trainable_parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-    train_prompts, eval_prompts = load_prompts(cfg)
     scorers = RewardSet(dict(cfg.reward.weights), dict(cfg.reward.options),
                         batch_size=cfg.reward.batch_size)
-    s = State(cfg, run_dir, device, policy, params, opt, sched, scorers, _judge(cfg),
-              train_prompts, eval_prompts, RunLogger(run_dir, cfg.log.tensorboard))
+    s = State(cfg, run_dir, device, policy, params, opt, sched, scorers, judge,
+              train_prompts, eval_prompts,
+              RunLogger(run_dir, cfg.log.tensorboard, enabled=d.main), dist=d,
+              prompts_per_rank=per_rank, param_names=param_names)
     if cfg.train.ema_decay > 0:
         s.ema = [p.detach().clone() for p in params]
     if cfg.train.kl_coef > 0:
-        s.reference = copy.deepcopy(policy).requires_grad_(False)
+        s.reference = reference or copy.deepcopy(policy).requires_grad_(False)
     if resume:
         _restore(s)
-    print(f"run directory: {run_dir}\n{to_yaml(cfg)}", flush=True)
+    if d.main:
+        print(f"run directory: {run_dir}\n{to_yaml(cfg)}", flush=True)
+        if d.enabled:
+            print(f"distributed: {d.world} ranks, {d.strategy}, {per_rank} prompts per rank "
+                  f"({d.world * per_rank} per iteration)", flush=True)
     return s
 
 
 def save(s: State) -> Path:
+    meta = {"iteration": s.iteration, "elapsed": s.elapsed,
+            "scheduler": s.scheduler.state_dict(), "rng": ckpt.rng_state(),
+            "metrics_lines": s.logger.lines(), "config": to_yaml(s.cfg), "extra": s.extra}
+    if s.dist.enabled:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optim = get_state_dict(module_of(s.policy), s.optimizer, options=_dcp_options())
+        tensors = {"model": model, "optim": optim}
+        if s.ema is not None:
+            tensors["ema"] = dict(zip(s.param_names, s.ema, strict=True))
+        meta |= {"param_names": s.param_names, "has_ema": s.ema is not None,
+                 "world": s.dist.world}
+        return ckpt.save_distributed(s.run_dir, s.iteration, tensors, meta,
+                                     s.cfg.log.keep_last, s.dist.main)
     state = {"iteration": s.iteration, "elapsed": s.elapsed,
              "policy": ckpt.trainable_state(module_of(s.policy)),
              "optimizer": s.optimizer.state_dict(),
@@ -260,16 +325,66 @@ def _restore(s: State) -> None:
     path = ckpt.latest_checkpoint(s.run_dir)
     if path is None:
         raise FileNotFoundError(f"no checkpoint in {s.run_dir}/checkpoints to resume from")
-    st = ckpt.load_checkpoint(path)
-    ckpt.load_trainable_state(module_of(s.policy), st["policy"])
-    s.optimizer.load_state_dict(st["optimizer"])
+    if path.is_dir():
+        st = _restore_dcp(s, path)
+    elif s.dist.enabled:
+        st = _restore_full(s, path)
+    else:
+        st = ckpt.load_checkpoint(path)
+        ckpt.load_trainable_state(module_of(s.policy), st["policy"])
+        s.optimizer.load_state_dict(st["optimizer"])
+        if st["ema"] is not None and s.ema is not None:
+            s.ema = [e.to(s.device) for e in st["ema"]]
     s.scheduler.load_state_dict(st["scheduler"])
     ckpt.set_rng_state(st["rng"])
-    if st["ema"] is not None and s.ema is not None:
-        s.ema = [e.to(s.device) for e in st["ema"]]
     s.iteration, s.elapsed, s.extra = st["iteration"], st["elapsed"], st["extra"]
     s.logger.truncate(st["metrics_lines"])
-    print(f"resumed from {path} at iteration {s.iteration}", flush=True)
+    if s.dist.main:
+        print(f"resumed from {path} at iteration {s.iteration}", flush=True)
+
+
+def _restore_dcp(s: State, path: Path) -> dict:
+    """Load a DCP folder into this run's (possibly wrapped or sharded) policy, optimizer and
+    EMA: DCP reshards to the current rank count (one process included)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    meta = torch.load(path / ckpt.META, map_location="cpu", weights_only=False)
+    module = module_of(s.policy)
+    model, optim = get_state_dict(module, s.optimizer, options=_dcp_options())
+    tensors = {"model": model, "optim": optim}
+    if s.ema is not None and meta["has_ema"]:
+        tensors["ema"] = dict(zip(s.param_names, s.ema, strict=True))
+    dcp.load(tensors, checkpoint_id=str(path))
+    set_state_dict(module, s.optimizer, model_state_dict=tensors["model"],
+                   optim_state_dict=tensors["optim"], options=_dcp_options())
+    return meta
+
+
+def _restore_full(s: State, path: Path) -> dict:
+    """A single-process checkpoint file into a multi-rank run: full tensors on every rank,
+    sharded (FSDP) or copied (DDP) by ``set_state_dict``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    st = ckpt.load_checkpoint(path)
+    names = s.param_names
+    o = st["optimizer"]
+    optim = {"state": {names[i]: v for i, v in o["state"].items()},
+             "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                              for g in o["param_groups"]]}
+    set_state_dict(module_of(s.policy), s.optimizer, model_state_dict=st["policy"],
+                   optim_state_dict=optim,
+                   options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True,
+                                            strict=False))
+    if st["ema"] is not None and s.ema is not None:
+        with torch.no_grad():
+            for e, full in zip(s.ema, st["ema"], strict=True):
+                full = full.to(e.device, e.dtype)
+                if isinstance(e, DTensor):  # FSDP: keep this rank's shard
+                    full = distribute_tensor(full, e.device_mesh, e.placements)
+                e.copy_(full)
+    return st
 
 
 def run_eval(s: State, tag: str) -> dict[str, float]:
@@ -284,17 +399,78 @@ def run_eval(s: State, tag: str) -> dict[str, float]:
         metrics, media = evaluate(s.policy, prompts, torch.tensor(plan.sigmas), scorers,
                                   seed=cfg.train.seed + 10_000, max_batch=cfg.rollout.max_batch,
                                   device=s.device)
-    save_grid(media, prompts, s.run_dir / "samples" / f"{tag}.png", title=tag)
+    if s.dist.main:  # every rank evaluates (FSDP forwards are collective), rank 0 writes
+        save_grid(media, prompts, s.run_dir / "samples" / f"{tag}.png", title=tag)
     s.logger.log(s.iteration, {"eval/tag": tag, **metrics})
     return metrics
 
 
 # ----------------------------------------------------------------------------- helpers
-def _prompt_batch(s: State) -> list[str]:
+def _dcp_options() -> Any:
+    """Trainable weights only (frozen base weights reload from the model); non-strict load."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def _prompt_batch(s: State) -> tuple[list[str], int]:
+    """This rank's prompts and the global index of its first: one draw of world x P prompts
+    from the (seed, iteration) generator, rank r taking slice [r P, (r + 1) P)."""
     g = seeded(s.cfg.train.seed, s.iteration, "prompts")
-    idx = torch.randint(0, len(s.train_prompts), (s.cfg.train.prompts_per_iteration,),
-                        generator=g)
-    return [s.train_prompts[i] for i in idx.tolist()]
+    p = s.prompts_per_rank
+    idx = torch.randint(0, len(s.train_prompts), (s.dist.world * p,), generator=g)
+    first = s.dist.rank * p
+    return [s.train_prompts[i] for i in idx[first:first + p].tolist()], first
+
+
+def _rollout(s: State, cond: dict, plan: RolloutPlan, first: int) -> Tree:
+    """The trees of this rank. ``dist.noise=rank``: one batched rollout from a generator
+    seeded by (seed, iteration, rank). ``dist.noise=prompt``: one rollout per tree, seeded by
+    its global prompt index, so a tree does not depend on how prompts are spread over ranks
+    (at the cost of batching across trees)."""
+    cfg, it = s.cfg, s.iteration
+    kw = {"max_batch": cfg.rollout.max_batch, "device": s.device,
+          "storage_dtype": DTYPES[cfg.model.storage_dtype], "keep_mean": cfg.train.ratio == "guard"}
+    if cfg.dist.noise == "rank":
+        return rollout(s.policy, cond, plan,
+                       generator=seeded(cfg.train.seed, it, s.purpose("rollout"), s.device), **kw)
+    trees = []
+    for j in range(s.prompts_per_rank):
+        one = select_cond(cond, torch.tensor([j]))
+        gen = seeded(cfg.train.seed, it, f"rollout/prompt{first + j}", s.device)
+        trees.append(rollout(s.policy, one, plan, generator=gen, **kw))
+    return _cat_trees(trees)
+
+
+def _cat_trees(trees: list[Tree]) -> Tree:
+    """One `Tree` of several (tree k becomes group k; parents shifted by the nodes before)."""
+    if len(trees) == 1:
+        return trees[0]
+    cols: dict[str, list[Tensor]] = {}
+    offset = 0
+    for k, t in enumerate(trees):
+        for f in fields(Tree):
+            v = getattr(t, f.name)
+            if isinstance(v, Tensor) and f.name != "sigmas":
+                if f.name == "parent":
+                    v = torch.where(v >= 0, v + offset, v)
+                elif f.name == "group":
+                    v = v + k
+                cols.setdefault(f.name, []).append(v)
+        offset += t.num_nodes
+    return replace(trees[0], forwards=sum(t.forwards for t in trees),
+                   **{k: torch.cat(v) for k, v in cols.items()})
+
+
+def _global_kw(s: State, rule: str, scores: dict[str, Tensor]) -> dict[str, float]:
+    """Statistics an advantage rule needs from every rank: Flow-GRPO's batch std of the
+    (combined) leaf reward over all ranks. Empty for one process and for per-tree rules."""
+    if not s.dist.enabled or rule != "prompt_global_std":
+        return {}
+    w = s.cfg.reward.weights
+    r = (sum(w[k] * v.double() for k, v in scores.items())
+         if s.cfg.advantage.combine == "reward_sum" else next(iter(scores.values())))
+    return {"global_std": dist.global_std(s.dist, r)}
 
 
 def _lr_lambda(cfg: Config):
@@ -311,6 +487,7 @@ def _lr_lambda(cfg: Config):
 
 
 def _device(cfg: Config) -> torch.device:
+    """The device of this process (cuda: the local rank's GPU, set in `setup`)."""
     if cfg.train.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.train.device)
@@ -348,13 +525,14 @@ class _ema_weights:
                 p.copy_(v)
 
 
-def _judge(cfg: Config):
+def _judge(cfg: Config, main: bool = True):
     if not cfg.reward.judge:
         return None
     if cfg.reward.judge == "judge":
         from .tasks.shapes_reward import ShapesJudge
 
-        return ShapesJudge.cached(Path(cfg.model.cache_dir).expanduser(), cfg.log.progress)
+        return ShapesJudge.cached(Path(cfg.model.cache_dir).expanduser(),
+                                  cfg.log.progress and main)
     from .rewards import build_reward
 
     return build_reward(cfg.reward.judge)
@@ -364,7 +542,7 @@ def _progress(s: State):
     from tqdm import tqdm
 
     return tqdm(total=s.cfg.train.iterations, initial=s.iteration, desc="training",
-                disable=not s.cfg.log.progress, dynamic_ncols=True)
+                disable=not (s.cfg.log.progress and s.dist.main), dynamic_ncols=True)
 
 
 __all__ = ["train", "TrainingStopped", "Tree"]

@@ -1,0 +1,225 @@
+"""torch.distributed for the recipe: init from torchrun's environment, batch geometry, DDP and
+FSDP2 wrapping, collectives for logging and global statistics, and a cross-rank sync check.
+
+Layout: every rank holds whole trees (one prompt = one tree = one group), so group statistics
+stay local; only Flow-GRPO's ``prompt_global_std`` needs a gather (`global_std`). Gradients
+are averaged across ranks by DDP (replicated weights) or FSDP2 (sharded weights, reduce-scatter);
+each rank averages its loss over its own edges, so with equal edge counts per rank the mean
+over ranks is the global mean. Single-process runs never touch torch.distributed.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as td
+from torch import nn
+
+from .config import Config, ConfigError, prompts_per_rank
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place: ``rank`` of ``world`` (``local_rank`` on its node), ``strategy``
+    (none for one process, ddp or fsdp)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    strategy: str = "none"
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the only rank that writes logs, plots, reports and the config."""
+        return self.rank == 0
+
+
+def env_world() -> int:
+    """WORLD_SIZE set by torchrun (1 when launched without it)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def strategy_of(cfg: Config) -> str:
+    """ddp or fsdp for ``dist.strategy``; auto shards (fsdp) only the full fine-tuning of a
+    real (non-tiny) model, whose replicated weights and Adam states do not fit one device."""
+    if cfg.dist.strategy != "auto":
+        return cfg.dist.strategy
+    return "fsdp" if cfg.model.finetune == "full" and cfg.model.kind != "tiny" else "ddp"
+
+
+def init(cfg: Config, device: torch.device) -> Dist:
+    """Join the process group torchrun describes (env://); a no-op for one process.
+    Backend auto: nccl on CUDA, gloo on CPU."""
+    world = env_world()
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    backend = cfg.dist.backend
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+    if not td.is_initialized():
+        td.init_process_group(backend, timeout=timedelta(minutes=cfg.dist.timeout_minutes))
+    return Dist(rank, world, local, strategy_of(cfg))
+
+
+def close(d: Dist) -> None:
+    if d.enabled and td.is_initialized():
+        td.destroy_process_group()
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        td.barrier()
+
+
+def broadcast(d: Dist, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (e.g. the run directory name)."""
+    if not d.enabled:
+        return obj
+    box = [obj]
+    td.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# ----------------------------------------------------------------------------- geometry
+def check_geometry(cfg: Config, world: int, num_prompts: int) -> int:
+    """Validate the batch over ``world`` ranks and return prompts per rank P; raise
+    ConfigError saying what to change. Trees never straddle ranks, so a group always divides;
+    the global batch (world x P) must divide evenly and fit the prompt set."""
+    gp = cfg.dist.global_prompts
+    p = prompts_per_rank(cfg, world)
+    if p < 1:
+        raise ConfigError(f"{world} ranks leave {p} prompts per rank: every rank needs at least "
+                          "one tree; raise train.prompts_per_iteration (or dist.global_prompts) "
+                          "or use fewer ranks")
+    if world > 1 and world > num_prompts:
+        raise ConfigError(f"{world} ranks > {num_prompts} training prompts: each rank needs its "
+                          f"own prompt; use at most {num_prompts} ranks or give more prompts in "
+                          "data.prompts")
+    if world > 1 and world * p > num_prompts:
+        best = max(1, num_prompts // world)
+        key = "dist.global_prompts" if gp else "train.prompts_per_iteration"
+        to = best * world if gp else best
+        raise ConfigError(f"{world} ranks x {p} prompts = {world * p} > {num_prompts} training "
+                          f"prompts: lower {key} to {to} or give more prompts in data.prompts")
+    if world > 1 and cfg.advantage.combine == "advantage_sum" and len(cfg.reward.weights) > 1:
+        from .config import resolved_rules
+
+        if resolved_rules(cfg)[0] == "prompt_global_std":
+            raise ConfigError("prompt_global_std over ranks gathers one std of the combined "
+                              "reward: set advantage.combine=reward_sum (or run on one rank)")
+    return p
+
+
+# ----------------------------------------------------------------------------- wrapping
+def wrap(policy: Any, d: Dist, cfg: Config, trainable: bool = True) -> None:
+    """Wrap ``policy.transformer`` in place: DDP (replicated, gradients all-reduced) or FSDP2
+    (``fully_shard`` each transformer block, then the transformer). The frozen text encoder
+    and VAE stay outside, so DDP sees only trained weights. ``trainable=False`` (the KL
+    reference): FSDP shards it too, DDP leaves it as is (it has no gradients)."""
+    if not d.enabled or (d.strategy == "ddp" and not trainable):
+        return
+    inner = getattr(policy, "transformer", None)
+    if not isinstance(inner, nn.Module):
+        raise ConfigError(f"{type(policy).__name__} has no .transformer module to wrap for "
+                          f"dist.strategy={d.strategy}")
+    if d.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        dev = [d.local_rank] if next(inner.parameters()).is_cuda else None
+        policy.transformer = DDP(inner, device_ids=dev, forward_sync_buffers=False,
+                                 find_unused_parameters=cfg.dist.find_unused_parameters)
+        return
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kw: dict[str, Any] = {}
+    if cfg.model.dtype == "bf16":
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                               reduce_dtype=torch.float32)
+    if cfg.dist.cpu_offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    for block in transformer_blocks(inner):
+        fully_shard(block, **kw)
+    fully_shard(inner, **kw)
+
+
+def transformer_blocks(module: nn.Module) -> list[nn.Module]:
+    """The repeated blocks FSDP shards one by one: the items of the module's ModuleLists
+    (diffusers: ``transformer_blocks``, ``single_transformer_blocks``, ``blocks``)."""
+    return [b for child in module.children() if isinstance(child, nn.ModuleList) for b in child]
+
+
+def no_sync(policy: Any, d: Dist, last: bool):
+    """DDP: skip the gradient all-reduce on every backward but the minibatch's last one.
+    FSDP reduce-scatters every backward (sharded accumulation); one process: nothing."""
+    inner = getattr(policy, "transformer", None)
+    if d.strategy == "ddp" and not last and hasattr(inner, "no_sync"):
+        return inner.no_sync()
+    return nullcontext()
+
+
+# ----------------------------------------------------------------------------- collectives
+def gather_cat(d: Dist, t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` [n, ...] over ranks (equal n on every rank) -> [world n, ...]."""
+    if not d.enabled:
+        return t
+    dev = torch.device("cuda", d.local_rank) if td.get_backend() == "nccl" else torch.device(
+        "cpu")
+    x = t.detach().to(dev).contiguous()
+    out = [torch.empty_like(x) for _ in range(d.world)]
+    td.all_gather(out, x)
+    return torch.cat(out).to(t.device)
+
+
+def global_std(d: Dist, leaf_reward: torch.Tensor) -> float:
+    """Population std of the leaf rewards [L] of every rank (Flow-GRPO's batch std)."""
+    return float(gather_cat(d, leaf_reward.double().cpu()).std(unbiased=False))
+
+
+def mean_metrics(d: Dist, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Per-key mean over ranks of the numeric metrics (rank 0 logs the result)."""
+    if not d.enabled:
+        return metrics
+    rows: list[dict[str, Any]] = [{} for _ in range(d.world)]
+    td.all_gather_object(rows, metrics)
+    out = dict(metrics)
+    for k, v in metrics.items():
+        vals = [r[k] for r in rows if isinstance(r.get(k), (int, float))]
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and vals:
+            out[k] = sum(vals) / len(vals)
+    return out
+
+
+def gather_int(d: Dist, value: int) -> list[int]:
+    """``value`` from every rank."""
+    if not d.enabled:
+        return [value]
+    out: list[int] = [0] * d.world
+    td.all_gather_object(out, value)
+    return out
+
+
+def check_sync(d: Dist, params: list[torch.Tensor], iteration: int) -> None:
+    """Raise when replicated (DDP) weights differ across ranks: all-gather a float64
+    checksum (sum and sum of squares). FSDP shards have one owner each, nothing to compare."""
+    if not d.enabled or d.strategy != "ddp":
+        return
+    with torch.no_grad():
+        local = [p.detach().double() for p in params]
+        c = (sum(float(p.sum()) for p in local), sum(float(p.square().sum()) for p in local))
+    rows: list[Any] = [None] * d.world
+    td.all_gather_object(rows, c)
+    if any(r != rows[0] for r in rows):
+        raise RuntimeError(f"iteration {iteration}: parameters differ across ranks "
+                           f"(checksums {rows}); gradients are not being synchronised")
