@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,3 +15,13 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """A model cache holding a quickly trained shapes judge (end-to-end training tests)."""
+    from branchgrpo.tasks.shapes_reward import train_judge
+
+    d = tmp_path_factory.mktemp("cache")
+    torch.save(train_judge(steps=10, batch=16).state_dict(), d / "shapes_judge.pt")
+    return d

@@ -6,19 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
 HERE = Path(__file__).parent
-
-
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    from branchgrpo.tasks.shapes_reward import train_judge
-
-    d = tmp_path_factory.mktemp("cache")
-    torch.save(train_judge(steps=10, batch=16).state_dict(), d / "shapes_judge.pt")
-    return d
 
 
 def small_args(cache_dir: Path, run_dir: Path, *extra: str) -> list[str]:

@@ -335,3 +335,24 @@ def tiny_image_vae(latent_channels: int = 4, seed: int = 0, **kw: Any) -> Any:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class ShiftedCFGPolicy(DiffusersPolicy):
+    """Members shared by the classifier-free-guided families on a shifted schedule (SD3, Wan):
+    subclasses set ``guidance_scale`` and ``shift``."""
+
+    guidance_scale: float
+    shift: float
+
+    @property
+    def do_cfg(self) -> bool:
+        """CFG is on above scale 1 (one forward per row otherwise)."""
+        return self.guidance_scale > 1.0
+
+    def default_schedule(self) -> dict[str, Any]:
+        """kwargs of `branchgrpo.schedule.make_sigmas`: the shifted schedule at ``shift``."""
+        return {"kind": "shifted", "shift": self.shift}
+
+    def plan_kwargs(self) -> dict[str, Any]:
+        """The same schedule as keyword arguments of `branchgrpo.plans.build_plan`."""
+        return {"schedule": "shifted", "shift": self.shift}

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .hub import (
-    DiffusersPolicy,
+    ShiftedCFGPolicy,
     default_device,
     load_pipeline,
     tiny_clip_encoder,
@@ -34,7 +34,7 @@ SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_enco
               "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler")
 
 
-class SD3Policy(DiffusersPolicy):
+class SD3Policy(ShiftedCFGPolicy):
     """SD3.5 policy; ``pipe`` is a StableDiffusion3Pipeline whose transformer is trained in
     place. ``guidance_scale`` <= 1 turns CFG off (one forward per row). ``negative_prompt``
     is encoded once and stored per row next to the prompt embeddings. ``detach_uncond``
@@ -90,17 +90,6 @@ class SD3Policy(DiffusersPolicy):
         pipe.transformer.to(weight_dtype(dtype, lora, full_finetune, master_dtype))
         return cls(pipe, device=device or default_device(), dtype=dtype, lora=lora,
                    full_finetune=full_finetune, **kw)
-
-    @property
-    def do_cfg(self) -> bool:
-        return self.guidance_scale > 1.0
-
-    def default_schedule(self) -> dict[str, Any]:
-        """kwargs of `branchgrpo.schedule.make_sigmas`: the scheduler's static shift."""
-        return {"kind": "shifted", "shift": self.shift}
-
-    def plan_kwargs(self) -> dict[str, Any]:
-        return {"schedule": "shifted", "shift": self.shift}
 
     def _encode_uncached(self, prompts: list[str]) -> dict[str, Tensor]:
         """Joint embeddings [b, 77 + L, D], pooled [b, P] (+ the negative prompt's, per row)."""

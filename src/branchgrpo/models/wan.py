@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .hub import (
-    DiffusersPolicy,
+    ShiftedCFGPolicy,
     default_device,
     load_pipeline,
     tiny_t5_encoder,
@@ -33,7 +33,7 @@ WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 """Self- and cross-attention projections of every Wan block (attn1, attn2)."""
 
 
-class WanPolicy(DiffusersPolicy):
+class WanPolicy(ShiftedCFGPolicy):
     """Wan2.1 T2V policy; ``pipe`` is a WanPipeline whose transformer is trained in place.
     ``num_frames`` must be 4k + 1 (VAE temporal factor 4)."""
 
@@ -96,17 +96,6 @@ class WanPolicy(DiffusersPolicy):
         pipe.transformer.to(weight_dtype(dtype, lora, full_finetune, master_dtype))
         return cls(pipe, device=device or default_device(), dtype=dtype, lora=lora,
                    full_finetune=full_finetune, **kw)
-
-    @property
-    def do_cfg(self) -> bool:
-        return self.guidance_scale > 1.0
-
-    def default_schedule(self) -> dict[str, Any]:
-        """kwargs of `branchgrpo.schedule.make_sigmas`: shifted by the checkpoint's shift."""
-        return {"kind": "shifted", "shift": self.shift}
-
-    def plan_kwargs(self) -> dict[str, Any]:
-        return {"schedule": "shifted", "shift": self.shift}
 
     def _encode_uncached(self, prompts: list[str]) -> dict[str, Tensor]:
         """UMT5 embeddings [b, L, 4096] (zero past each prompt's length), + the negative's."""
