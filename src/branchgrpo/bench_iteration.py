@@ -19,7 +19,7 @@ from .advantages import compute_advantages
 from .losses import policy_loss
 from .methods import METHODS
 from .models.base import Policy
-from .plans import build_plan
+from .plans import build_plan, plan_parameters
 from .pruning import select_edges
 from .tree import edge_log_prob, rollout
 
@@ -98,20 +98,15 @@ def iteration_table(policy: Policy, prompts: Sequence[str], reward: Callable, *,
 
     ``plan_kw`` overrides apply to every method's plan where the plan takes the key (e.g. the
     model's schedule), so all methods see the same sigma schedule."""
-    import inspect
-
     from tqdm import tqdm
 
-    from .plans import PLANS, branch
 
     params = [p for p in policy.trainable_parameters()]
     opt = torch.optim.AdamW(params, lr=lr)
     results: dict[str, IterationTiming] = {}
     for name in tqdm(methods, desc="bench iteration", disable=not progress):
         m = METHODS.get(name)
-        valid = set(inspect.signature(PLANS.get(m.plan)).parameters)
-        if m.plan == "branch_mix":
-            valid |= set(inspect.signature(branch).parameters)
+        valid = plan_parameters(m.plan)
         own = {k: v for k, v in (plan_kw or {}).items() if k in valid}
         one_iteration(policy, prompts, name, reward, opt, plan_kw=own, **kw)  # warm-up
         runs = [one_iteration(policy, prompts, name, reward, opt, plan_kw=own, **kw)

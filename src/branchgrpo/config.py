@@ -9,7 +9,6 @@ derived values are checked in `validate`, with errors that say what to change.
 from __future__ import annotations
 
 import difflib
-import inspect
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -266,16 +265,14 @@ def plan_params(cfg: Config) -> dict[str, Any]:
 def validate(cfg: Config) -> None:
     """Check choices and derived geometry; raise ConfigError saying what to change."""
     from .methods import METHODS
-    from .plans import PLANS, branch
+    from .plans import plan_parameters
 
     if cfg.rollout.method not in METHODS:
         near = difflib.get_close_matches(cfg.rollout.method, METHODS.names(), n=1)
         raise ConfigError(f"rollout.method={cfg.rollout.method!r} is unknown; valid: "
                           f"{METHODS.names()}" + (f"; did you mean {near[0]!r}?" if near else ""))
     m = METHODS.get(cfg.rollout.method)
-    valid = set(inspect.signature(PLANS.get(m.plan)).parameters)
-    if m.plan == "branch_mix":
-        valid |= set(inspect.signature(branch).parameters)
+    valid = plan_parameters(m.plan)
     for k in plan_params(cfg):
         if k not in valid:
             raise ConfigError(f"rollout.{k} is not used by method {cfg.rollout.method!r}; "

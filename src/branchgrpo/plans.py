@@ -220,12 +220,19 @@ def branch_mix(mix_window: int = 4, mix_stride: int = 30, **kw) -> RolloutPlan:
     return branch(mix_window=mix_window, mix_stride=mix_stride, **kw)
 
 
+def plan_parameters(plan: str) -> set[str]:
+    """The keyword parameters the plan builder ``plan`` accepts (branch_mix forwards the
+    rest of branch's)."""
+    valid = set(inspect.signature(PLANS.get(plan)).parameters)
+    if plan == "branch_mix":
+        valid |= set(inspect.signature(branch).parameters)
+    return valid
+
+
 def build_plan(method: str, **params) -> RolloutPlan:
     """The plan of ``method`` with keyword overrides (unknown keys are an error)."""
     fn = PLANS.get(method)
-    valid = set(inspect.signature(fn).parameters)
-    if method == "branch_mix":
-        valid |= set(inspect.signature(branch).parameters)
+    valid = plan_parameters(method)
     bad = sorted(set(params) - valid)
     if bad:
         raise ValueError(f"plan {method!r} has no parameter(s) {bad}; valid: {sorted(valid)}")
