@@ -545,4 +545,4 @@ def _progress(s: State):
                 disable=not (s.cfg.log.progress and s.dist.main), dynamic_ncols=True)
 
 
-__all__ = ["train", "TrainingStopped", "Tree"]
+__all__ = ["train", "TrainingStopped"]
