@@ -44,6 +44,8 @@ class ModelConfig:
     num_frames: int = f(33, "video frames (wan)")
     guidance: float = f(3.5, "FLUX guidance embedding, or CFG scale for sd3/wan")
     pretrain_steps: int = f(600, "tiny: flow-matching pretraining steps of the base model")
+    clutter: float = f(0.5, "tiny: share of pretraining images holding an object their "
+                            "prompt does not mention (the base model's flaw RL removes)")
     cache_dir: str = f("~/.cache/branchgrpo", "where pretrained tiny models and judges are cached")
 
 
@@ -59,7 +61,8 @@ class RolloutConfig:
                                               "leaf marginals)")
     granularities: list[int] | None = f(None, "ODE tail strides (g2rpo)")
     kernel: str | None = f(None, "SDE kernel: dance, flow or cps")
-    level: float | None = f(None, "noise level: eta (dance) or a (flow, cps)")
+    level: float | None = f(1.0, "noise level: eta (dance) or a (flow, cps); null: the "
+                                 "method's published value (eta 0.3, a 0.7)")
     shift: float | None = f(None, "sigma schedule shift")
     schedule: str | None = f(None, "sigma schedule: shifted or flux_dynamic")
     window: int | None = f(None, "SDE window size (mix, mix_flash)")
@@ -105,10 +108,10 @@ class RewardConfig:
 @dataclass
 class TrainConfig:
     iterations: int = f(40, "rollout/update iterations")
-    prompts_per_iteration: int = f(4, "prompts (trees) per rollout batch on each rank")
+    prompts_per_iteration: int = f(8, "prompts (trees) per rollout batch on each rank")
     updates_per_rollout: int = f(1, "optimizer steps per rollout batch (edges split evenly)")
     edge_chunk: int = f(512, "max edges per forward/backward (gradient accumulation)")
-    lr: float = f(3e-5, "AdamW learning rate")
+    lr: float = f(1e-4, "AdamW learning rate")
     lr_schedule: str = f("constant", "constant, linear or cosine decay over iterations")
     warmup_iterations: int = f(0, "linear warmup iterations")
     weight_decay: float = f(1e-4, "AdamW weight decay")
@@ -121,6 +124,8 @@ class TrainConfig:
     amp: str = f("none", "autocast dtype for forwards: none, bf16 or fp16")
     device: str = f("auto", "auto, cpu or cuda")
     seed: int = f(0, "seed of every generator (rollout noise, data, shuffles)")
+    time_budget: float = f(0.0, "stop after this many seconds of training, evaluation "
+                                "excluded (0: off; the iteration that crosses it finishes)")
 
 
 @dataclass
@@ -134,6 +139,8 @@ class DataConfig:
 class LogConfig:
     run_dir: str = f("", "run directory ('' makes runs/<method>-<time>)")
     eval_every: int = f(10, "iterations between held-out evaluations (0: start/end only)")
+    eval_every_seconds: float = f(0.0, "also evaluate when this many training seconds have "
+                                       "passed since the last evaluation (0: off)")
     checkpoint_every: int = f(10, "iterations between checkpoints")
     keep_last: int = f(2, "checkpoints kept")
     tensorboard: bool = f(True, "write TensorBoard event files")
@@ -306,6 +313,12 @@ def validate(cfg: Config) -> None:
     for k, v in positive.items():
         if v < 1:
             raise ConfigError(f"{k} must be >= 1, got {v}")
+    if not 0 <= cfg.model.clutter <= 1:
+        raise ConfigError(f"model.clutter must lie in [0, 1], got {cfg.model.clutter}")
+    for k, v in {"train.time_budget": cfg.train.time_budget,
+                 "log.eval_every_seconds": cfg.log.eval_every_seconds}.items():
+        if not v >= 0:
+            raise ConfigError(f"{k} must be >= 0 seconds (0 turns it off), got {v}")
     if cfg.train.lr <= 0:
         raise ConfigError(f"train.lr must be > 0, got {cfg.train.lr}")
     if not 0 <= cfg.train.ema_decay < 1:

@@ -36,7 +36,7 @@ def build_policy(cfg: Config, device: torch.device, progress: bool = True) -> An
         from ..tasks.shapes import split_prompts
         from .tiny import TinySpec, load_or_pretrain
 
-        spec = TinySpec(pretrain_steps=m.pretrain_steps)
+        spec = TinySpec(pretrain_steps=m.pretrain_steps, clutter=m.clutter)
         policy = load_or_pretrain(spec, Path(m.cache_dir).expanduser(), split_prompts()[0],
                                   progress)
         return policy.to(device)

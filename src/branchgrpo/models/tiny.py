@@ -37,6 +37,7 @@ class TinySpec:
     pretrain_steps: int = 1500
     pretrain_batch: int = 64
     pretrain_lr: float = 1e-3
+    clutter: float = 0.5
     seed: int = 0
 
     def key(self) -> str:
@@ -136,7 +137,7 @@ def pretrain(spec: TinySpec, prompts: list[str], progress: bool = True) -> TinyF
     rng = np.random.default_rng(spec.seed)
     bar = tqdm(range(spec.pretrain_steps), desc="base model pretraining", disable=not progress)
     for _ in bar:
-        img, ps = shapes.sample_batch(spec.pretrain_batch, rng, prompts)
+        img, ps = shapes.sample_batch(spec.pretrain_batch, rng, prompts, spec.clutter)
         x0 = pack(img * 2 - 1)
         eps = torch.randn_like(x0)
         sigma = torch.sigmoid(torch.randn(len(ps)))

@@ -114,10 +114,23 @@ def render(spec: Spec, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
-def sample_batch(n: int, rng: np.random.Generator,
-                 prompts: list[str] | None = None) -> tuple[Tensor, list[str]]:
-    """n rendered images [n, 3, 16, 16] in [0, 1] and their prompts (drawn from ``prompts``)."""
+def add_clutter(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Stamp one object the prompt does not mention (random colour, shape, place) on ``img``."""
+    rgb = list(COLOURS.values())[int(rng.integers(len(COLOURS)))]
+    shape = SHAPES[int(rng.integers(len(SHAPES)))]
+    _stamp(img, int(rng.integers(2, SIZE - 2)), int(rng.integers(2, SIZE - 2)), shape, rgb)
+    return img
+
+
+def sample_batch(n: int, rng: np.random.Generator, prompts: list[str] | None = None,
+                 clutter: float = 0.0) -> tuple[Tensor, list[str]]:
+    """n rendered images [n, 3, 16, 16] in [0, 1] and their prompts (drawn from ``prompts``).
+
+    With probability ``clutter`` an image also holds one object its prompt does not mention,
+    as web images hold things their captions leave out."""
     pool = prompts or [s.prompt for s in all_specs()]
     chosen = [pool[int(i)] for i in rng.integers(0, len(pool), n)]
-    imgs = np.stack([render(parse(p), rng) for p in chosen])
+    imgs = [render(parse(p), rng) for p in chosen]
+    imgs = np.stack([add_clutter(x, rng) if clutter and rng.random() < clutter else x
+                     for x in imgs])
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), chosen
