@@ -21,6 +21,7 @@ commands:
   bench nfe       forward evaluations, edges and trained edges per method (measured)
   bench rollout   batched tree engine vs per-node and sequential evaluation (wall time)
   bench iteration every method's rollout/reward/update time on one policy, vs DanceGRPO
+  bench learn     every method's held-out judge vs training time on the embedded default
 """
 
 
@@ -134,6 +135,65 @@ def _bench_iteration(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_learn(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .bench_learn import DEFAULT_BUDGET_S, DEFAULT_METHODS, QUICK, check_pipeline, learn
+    from .config import ConfigError
+
+    q = args.quick
+    methods = args.methods.split(",") if args.methods else list(
+        QUICK["methods"] if q else DEFAULT_METHODS)
+    seeds = list(range(args.seeds if args.seeds is not None else QUICK["seeds"] if q else 3))
+    budget = args.budget if args.budget is not None else (
+        QUICK["budget_s"] if q else DEFAULT_BUDGET_S)
+    overrides = [*(QUICK["overrides"] if q else ()), *args.overrides]
+    every = args.eval_every if args.eval_every is not None else (budget / 2 if q else None)
+    bad = [o for o in overrides if "=" not in o]
+    if bad or not seeds or budget <= 0:
+        print(f"error: overrides look like key.sub=value (got {bad}), --seeds >= 1, "
+              "--budget > 0", file=sys.stderr)
+        return 2
+    cmd = ["branchgrpo", "bench", "learn", "--methods", ",".join(methods), "--seeds",
+           str(len(seeds)), "--budget", f"{budget:g}", "--out", str(args.out)]
+    cmd += ["--eval-every", f"{every:g}"] if every is not None else []
+    cmd += ["--target", f"{args.target:g}"] if args.target is not None else []
+    try:
+        result = learn(methods, seeds, budget, overrides, Path(args.out), every, args.target,
+                       progress=True, command=shlex.join([*cmd, *overrides]))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    failed = [r for r in result["runs"] if r["error"]]
+    print(f"report: {Path(args.out) / 'learn.md'}" + (f" ({len(failed)} of "
+          f"{len(result['runs'])} runs failed)" if failed else ""))
+    problems = check_pipeline(result, Path(args.out)) if q else []
+    for p in problems:
+        print(f"quick check failed: {p}", file=sys.stderr)
+    return 1 if problems or len(failed) == len(result["runs"]) else 0
+
+
+LEARN_HELP = """\
+Train each method on the embedded default (the tiny FLUX-style policy on the shapes task) for
+the same budget of training seconds (evaluation and the one-off, cached pretraining of the
+base model and judge excluded), for several seeds, and plot the held-out judge score against
+training seconds and against iterations (mean over seeds, band: min-max). Writes to --out:
+learn.md (table + plots + command + machine), learn.json, learn_time.png,
+learn_iterations.png and runs/<method>-s<seed>/ (each run's metrics, report and train.log).
+
+Table: iterations done, s/iteration, judge before, judge final (mean +- std over seeds),
+strict final, relative change, and the time to reach the target judge score (default: 1.2 x
+the mean judge before training). A failed run is recorded and the others continue.
+
+Defaults: 9 methods x 3 seeds x 100 s (+ evaluations): about an hour on 2 CPU cores
+(set OMP_NUM_THREADS=1).
+--quick (CI): dance and branch, 1 seed, 5 s, model.pretrain_steps=5, data.eval_samples=4;
+about a minute; exits 1 unless every run trained and the outputs exist. Explicit flags win
+over --quick's choices. Overrides (key=value) apply to every run, after the bench's own
+settings, e.g. data.eval_samples=128 or train.lr=1e-4.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="branchgrpo", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -188,6 +248,26 @@ def build_parser() -> argparse.ArgumentParser:
     it.add_argument("--device", default="cpu", help="cpu or cuda")
     it.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     it.set_defaults(fn=_bench_iteration)
+    le = bsub.add_parser("learn", help="every method's held-out judge vs training time "
+                         "(several seeds)", description=LEARN_HELP,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    le.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="config overrides for every run (see train --help-config)")
+    le.add_argument("--methods", metavar="A,B,...", help="comma-separated methods (default: "
+                    "dance_full,dance,flow_grpo,mix,mix_flash,g2rpo,branch,branch_depth,"
+                    "branch_mix)")
+    le.add_argument("--seeds", type=int, metavar="N", help="seeds 0..N-1 per method "
+                    "(default 3)")
+    le.add_argument("--budget", type=float, metavar="SECONDS", help="training seconds per "
+                    "run, evaluation excluded (default 100)")
+    le.add_argument("--eval-every", type=float, metavar="SECONDS", help="held-out evaluation "
+                    "every this many training seconds (default: budget / 5)")
+    le.add_argument("--target", type=float, metavar="X", help="judge score for the time-to-"
+                    "target column (default: 1.2 x the mean judge before training)")
+    le.add_argument("--out", default="bench_learn", metavar="DIR", help="output folder "
+                    "(default ./bench_learn; its runs/ are overwritten)")
+    le.add_argument("--quick", action="store_true", help="a one-minute pipeline check (CI)")
+    le.set_defaults(fn=_bench_learn)
     return p
 
 

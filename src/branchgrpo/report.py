@@ -48,8 +48,8 @@ def write_report(run_dir: Path) -> Path:
     _plot(plots / "reward_per_iteration.png", [(k, *_col(train, k)) for k in rkeys],
           "iteration", "training reward (rollout leaves)")
     _plot(plots / "reward_per_second.png",
-          [(k, *_col(train, k, "time/elapsed")) for k in rkeys], "wall-clock seconds",
-          "training reward vs time")
+          [(k, *_col(train, k, "time/elapsed")) for k in rkeys],
+          "training seconds (evaluation excluded)", "training reward vs time")
     ekeys = sorted({k for r in evals for k in r if k.startswith("eval/") and k != "eval/tag"
                     and isinstance(r[k], float) and "bright" not in k and "satur" not in k})
     _plot(plots / "heldout.png", [(k, *_col(evals, k)) for k in ekeys], "iteration",
@@ -74,11 +74,11 @@ def write_report(run_dir: Path) -> Path:
         lines.append("")
     if train:
         last = train[-1]
-        lines += [f"Iterations: {last['iteration']}, wall-clock {last.get('time/elapsed', 0):.0f}"
-                  f" s, mean {sum(r['time/iteration'] for r in train) / len(train):.2f} s per "
-                  "iteration.", ""]
+        per_it = sum(r["time/iteration"] for r in train) / len(train)
+        lines += [f"Iterations: {last['iteration']}, training time "
+                  f"{last.get('time/elapsed', 0):.0f} s, mean {per_it:.2f} s per iteration.", ""]
     for name, title in [("reward_per_iteration", "Training reward per iteration"),
-                        ("reward_per_second", "Training reward per wall-clock second"),
+                        ("reward_per_second", "Training reward per training second"),
                         ("heldout", "Held-out judge and rewards"),
                         ("monitors", "Reward-hacking monitors"),
                         ("phase_times", "Time per phase")]:

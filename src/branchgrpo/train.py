@@ -21,7 +21,8 @@ import copy
 import hashlib
 import math
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -91,18 +92,22 @@ class State:
 
 # ----------------------------------------------------------------------------- the loop
 def train(cfg: Config, resume: Path | None = None) -> Path:
-    """Run (or resume) a training run; returns the run directory."""
+    """Run (or resume) a training run; returns the run directory.
+
+    The training clock (``time/elapsed``, ``train.time_budget``, ``log.eval_every_seconds``)
+    counts the loop's seconds with evaluation left out; a checkpoint carries it, so a resumed
+    run continues it. Under torchrun rank 0's clock decides for every rank."""
     s = setup(cfg, resume)
     main = s.dist.main
-    t_start = time.perf_counter() - s.elapsed
     if s.iteration == 0:
         run_eval(s, "before")
+    clock = _Clock(s.elapsed)
     bar = _progress(s)
     try:
-        while s.iteration < cfg.train.iterations:
+        while s.iteration < cfg.train.iterations and not _budget_spent(s):
             metrics = iteration(s)
             s.iteration += 1
-            s.elapsed = time.perf_counter() - t_start
+            s.elapsed = dist.broadcast(s.dist, clock.read())
             metrics["time/elapsed"] = s.elapsed
             s.logger.log(s.iteration, metrics)
             if cfg.dist.verify_sync and s.iteration % cfg.dist.verify_sync == 0:
@@ -110,11 +115,14 @@ def train(cfg: Config, resume: Path | None = None) -> Path:
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/total']:.3f}",
                             sec=f"{metrics['time/iteration']:.1f}")
-            if cfg.log.eval_every and s.iteration % cfg.log.eval_every == 0 \
-                    and s.iteration < cfg.train.iterations:
-                run_eval(s, f"iter_{s.iteration:04d}")
-            if s.iteration % cfg.log.checkpoint_every == 0 or s.iteration == cfg.train.iterations:
+            done = s.iteration == cfg.train.iterations or _budget_spent(s)
+            if not done and _eval_due(s):
+                with clock.paused():
+                    run_eval(s, f"iter_{s.iteration:04d}")
+            if done or s.iteration % cfg.log.checkpoint_every == 0:
                 save(s)
+            if done:
+                break
     finally:
         bar.close()
     run_eval(s, "after")
@@ -126,6 +134,38 @@ def train(cfg: Config, resume: Path | None = None) -> Path:
     dist.barrier(s.dist)
     dist.close(s.dist)
     return s.run_dir
+
+
+class _Clock:
+    """Training seconds: ``elapsed`` carried in plus wall time since, less ``paused()`` time."""
+
+    def __init__(self, elapsed: float) -> None:
+        self.t0 = time.perf_counter() - elapsed
+
+    def read(self) -> float:
+        return time.perf_counter() - self.t0
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t0 += time.perf_counter() - t
+
+
+def _budget_spent(s: State) -> bool:
+    """``train.time_budget`` is set and the training clock has reached it."""
+    return 0 < s.cfg.train.time_budget <= s.elapsed
+
+
+def _eval_due(s: State) -> bool:
+    """A held-out evaluation is due: every ``log.eval_every`` iterations, or when
+    ``log.eval_every_seconds`` training seconds have passed since the last one."""
+    log = s.cfg.log
+    every_it = bool(log.eval_every) and s.iteration % log.eval_every == 0
+    since = s.elapsed - s.extra.get("last_eval_elapsed", 0.0)
+    return every_it or 0 < log.eval_every_seconds <= since
 
 
 def iteration(s: State) -> dict[str, float]:
@@ -401,7 +441,8 @@ def run_eval(s: State, tag: str) -> dict[str, float]:
                                   device=s.device)
     if s.dist.main:  # every rank evaluates (FSDP forwards are collective), rank 0 writes
         save_grid(media, prompts, s.run_dir / "samples" / f"{tag}.png", title=tag)
-    s.logger.log(s.iteration, {"eval/tag": tag, **metrics})
+    s.extra["last_eval_elapsed"] = s.elapsed
+    s.logger.log(s.iteration, {"eval/tag": tag, "time/elapsed": s.elapsed, **metrics})
     return metrics
 
 
