@@ -77,13 +77,12 @@ def run_overrides(method: str, seed: int, budget_s: float, eval_every_s: float, 
 
 def read_run(run: Run) -> None:
     """Fill ``run`` from its ``metrics.jsonl``: eval points, iterations and training seconds."""
-    from .log import read_metrics
+    from .log import read_metrics, split_evals
 
-    rows = read_metrics(Path(run.run_dir))
+    train, evals = split_evals(read_metrics(Path(run.run_dir)))
     run.evals = [{"iteration": r["iteration"], "time": r.get("time/elapsed", 0.0),
                   "judge": r["eval/judge"], "strict": r.get("eval/judge_strict", math.nan)}
-                 for r in rows if "eval/tag" in r and "eval/judge" in r]
-    train = [r for r in rows if "eval/tag" not in r]
+                 for r in evals if "eval/judge" in r]
     if train:
         run.iterations, run.train_s = train[-1]["iteration"], train[-1]["time/elapsed"]
 
@@ -198,26 +197,17 @@ def summarise(runs: list[Run], methods: Sequence[str], target: float | None) -> 
 # ----------------------------------------------------------------------------- outputs
 def plot(path: Path, curves: dict[str, dict], x: str, xlabel: str, target: float) -> None:
     """Mean judge per method against ``x`` with a min-max band over seeds."""
-    import matplotlib
+    from .report import line_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for m, c in curves.items():
-        d = c[x]
-        (line,) = ax.plot(d[x], d["mean"], label=m, lw=1.5)
-        ax.fill_between(d[x], d["min"], d["max"], color=line.get_color(), alpha=0.15, lw=0)
-    if math.isfinite(target):
-        ax.axhline(target, color="k", ls="--", lw=0.8, label=f"target {target:.3f}")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("held-out judge")
-    ax.set_title("held-out judge (mean over seeds, band: min-max)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with line_figure(path, xlabel, "held-out judge (mean over seeds, band: min-max)",
+                     size=(7, 4.2), legend_size=7, legend_cols=2) as ax:
+        for m, c in curves.items():
+            d = c[x]
+            (line,) = ax.plot(d[x], d["mean"], label=m, lw=1.5)
+            ax.fill_between(d[x], d["min"], d["max"], color=line.get_color(), alpha=0.15, lw=0)
+        if math.isfinite(target):
+            ax.axhline(target, color="k", ls="--", lw=0.8, label=f"target {target:.3f}")
+        ax.set_ylabel("held-out judge")
 
 
 def machine() -> dict[str, Any]:

@@ -76,3 +76,10 @@ def _plain(v: Any) -> Any:
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def split_evals(rows: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+    """(training rows, held-out evaluation rows) of ``metrics.jsonl``: evaluations carry
+    ``eval/tag``."""
+    evals = [r for r in rows if "eval/tag" in r]
+    return [r for r in rows if "eval/tag" not in r], evals

@@ -2,34 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .log import read_metrics
+from .log import read_metrics, split_evals
 
 
-def _split(rows: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
-    evals = [r for r in rows if "eval/tag" in r]
-    return [r for r in rows if "eval/tag" not in r], evals
-
-
-def _plot(path: Path, series: list[tuple[str, list, list]], xlabel: str, title: str) -> None:
+@contextmanager
+def line_figure(path: Path, xlabel: str, title: str, size: tuple[float, float] = (6, 3.6),
+                legend_size: int = 8, legend_cols: int = 1) -> Iterator[Any]:
+    """Axes to draw lines on; on exit labelled, gridded, legended and saved as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for label, x, y in series:
-        if x:
-            ax.plot(x, y, marker="o" if len(x) < 20 else None, ms=3, label=label)
-    ax.set_xlabel(xlabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        yield ax
+        ax.set_xlabel(xlabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=legend_size, ncol=legend_cols)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def _plot(path: Path, series: list[tuple[str, list, list]], xlabel: str, title: str) -> None:
+    with line_figure(path, xlabel, title) as ax:
+        for label, x, y in series:
+            if x:
+                ax.plot(x, y, marker="o" if len(x) < 20 else None, ms=3, label=label)
 
 
 def _col(rows: list[dict], key: str, x: str = "iteration") -> tuple[list, list]:
@@ -41,7 +48,7 @@ def write_report(run_dir: Path) -> Path:
     """Plots (reward per iteration and per second, held-out scores, monitors, phase times)
     and a Markdown summary with before/after numbers and sample grids."""
     run_dir = Path(run_dir)
-    train, evals = _split(read_metrics(run_dir))
+    train, evals = split_evals(read_metrics(run_dir))
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     rkeys = sorted({k for r in train for k in r if k.startswith("reward/") and "zero" not in k})
