@@ -167,3 +167,19 @@ def test_g2rpo_tree_shares_the_first_tail_step(policy):
     assert tree.forwards == 6 + 2 * (1 + 1 + 3 + 1)
     assert int(tree.leaf.sum()) == 1 + 2 * 2
     assert int(tree.sde.sum()) == 2
+
+
+@pytest.mark.parametrize("split", [3, 4])
+def test_g2rpo_late_splits_give_every_granularity_its_leaves(policy, split):
+    """A split near the end (k + 2 + g > T) leaves a granularity's tail only the fine first
+    step (k = 3, g = 2, T = 6: sigma[4] -> sigma[5]) or nothing else (k = T - 2): each
+    granularity still scores its G children, taking the leaf from the shared first step,
+    with no extra forward."""
+    plan = build_plan("g2rpo", num_steps=6, group_size=2, split_steps=(split,),
+                      granularities=(1, 2))
+    tree = rollout(policy, policy.encode(["a"]), plan, generator=_gen())
+    leaves = tree.leaf_ids
+    lanes = tree.lane[leaves]
+    assert [int((lanes == ln).sum()) for ln in (0, 1, 2)] == [1, 2, 2]
+    tail = 6 - split - 1  # fine tail forwards per child, the g = 2 leaf adds none
+    assert tree.forwards == 6 + 2 * tail

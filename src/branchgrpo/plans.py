@@ -153,16 +153,16 @@ def g2rpo(
         anchor.append(tuple(forks))
     lanes.append(Lane(tuple(range(t + 1)), tuple(anchor)))
     for a, k in enumerate(ks):
-        for b, g in enumerate(gs):
-            track = (k + 1, *range(k + 2, t + 1, g)) if k + 2 <= t else (k + 1,)
-            own = 1 + a * len(gs) + b
-            forks = []
-            for pos in range(len(track) - 1):
-                if pos == 1 and b == 0:  # the fine first step reached sigma[k+2]: fan out
-                    forks.append(tuple(Fork(1, "ode", 1 + a * len(gs) + j)
-                                       for j in range(len(gs))))
-                else:
-                    forks.append((Fork(1, "ode", own),))
+        tracks = [(k + 1, *range(k + 2, t + 1, g)) for g in gs]
+        first = 1 + a * len(gs)
+        for b, track in enumerate(tracks):
+            forks = [(Fork(1, "ode", first + b),) for _ in track[1:]]
+            if b == 0:  # the fine tail fans out to the other granularities' lanes: a lane
+                # ending at sigma[k+2] takes its leaf from the first step, the rest continue
+                # from the node at sigma[k+2] (no forward is repeated)
+                for pos in (0, 1)[: len(forks)]:
+                    forks[pos] += tuple(Fork(1, "ode", first + j) for j in range(1, len(gs))
+                                        if (len(tracks[j]) == 2) == (pos == 0))
             lanes.append(Lane(track, tuple(forks)))
     sig = tuple(float(s) for s in _sigmas(t, schedule, shift, image_seq_len))
     return RolloutPlan("g2rpo", sig, tuple(lanes), kernel=kernel, level=level,
