@@ -338,11 +338,23 @@ def default_device() -> torch.device:
 
 
 class ShiftedCFGPolicy(DiffusersPolicy):
-    """Members shared by the classifier-free-guided families on a shifted schedule (SD3, Wan):
-    subclasses set ``guidance_scale`` and ``shift``."""
+    """Members shared by the classifier-free-guided families on a shifted schedule (SD3, Wan).
 
-    guidance_scale: float
-    shift: float
+    ``guidance_scale`` <= 1 turns CFG off (one forward per row); ``negative_prompt`` is encoded
+    once and stored per row beside the prompt embeddings; ``shift`` is the family's resolved
+    schedule shift; ``detach_uncond`` stops gradients through the unconditional half (Flow-GRPO's
+    Jul-2025 code). ``base`` goes to `DiffusersPolicy` (device, dtype, LoRA, ...)."""
+
+    def __init__(self, pipe: Any, *, guidance_scale: float, negative_prompt: str,
+                 max_sequence_length: int, shift: float, detach_uncond: bool,
+                 decode_batch: int, **base: Any) -> None:
+        self.guidance_scale = guidance_scale
+        self.negative_prompt = negative_prompt
+        self.max_sequence_length = max_sequence_length
+        self.shift = float(shift)
+        self.detach_uncond = detach_uncond
+        self.decode_batch = decode_batch
+        super().__init__(pipe.transformer, pipe, **base)
 
     @property
     def do_cfg(self) -> bool:

@@ -36,9 +36,7 @@ SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_enco
 
 class SD3Policy(ShiftedCFGPolicy):
     """SD3.5 policy; ``pipe`` is a StableDiffusion3Pipeline whose transformer is trained in
-    place. ``guidance_scale`` <= 1 turns CFG off (one forward per row). ``negative_prompt``
-    is encoded once and stored per row next to the prompt embeddings. ``detach_uncond``
-    stops gradients through the unconditional half (Flow-GRPO's Jul-2025 code)."""
+    place. CFG, negative prompt and ``detach_uncond``: see `ShiftedCFGPolicy`."""
 
     default_lora_targets = JOINT_ATTENTION_TARGETS
 
@@ -62,16 +60,13 @@ class SD3Policy(ShiftedCFGPolicy):
                              f"got {height}x{width}")
         self.height, self.width = height, width
         self.latent_shape = (tr.config.in_channels, height // f, width // f)
-        self.guidance_scale = guidance_scale
-        self.negative_prompt = negative_prompt
-        self.max_sequence_length = max_sequence_length
-        self.shift = float(shift if shift is not None else pipe.scheduler.config.get("shift", 3.0))
-        self.detach_uncond = detach_uncond
-        self.decode_batch = decode_batch
-        super().__init__(tr, pipe, device=device, dtype=dtype, lora=lora,
-                         full_finetune=full_finetune,
-                         gradient_checkpointing=gradient_checkpointing,
-                         offload_encoders=offload_encoders)
+        super().__init__(
+            pipe, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+            max_sequence_length=max_sequence_length, detach_uncond=detach_uncond,
+            shift=shift if shift is not None else pipe.scheduler.config.get("shift", 3.0),
+            decode_batch=decode_batch, device=device, dtype=dtype, lora=lora,
+            full_finetune=full_finetune, gradient_checkpointing=gradient_checkpointing,
+            offload_encoders=offload_encoders)
 
     @classmethod
     def from_pretrained(

@@ -61,18 +61,16 @@ class WanPolicy(ShiftedCFGPolicy):
         self.height, self.width, self.num_frames = height, width, num_frames
         self.latent_shape = (tr.config.in_channels, (num_frames - 1) // ft + 1,
                              height // fs, width // fs)
-        self.guidance_scale = guidance_scale
-        self.negative_prompt = negative_prompt
-        self.max_sequence_length = max_sequence_length
         cfg = pipe.scheduler.config
-        self.shift = float(shift if shift is not None
-                           else cfg.get("flow_shift", None) or cfg.get("shift", 3.0))
-        self.detach_uncond = detach_uncond
-        self.decode_batch = decode_batch
-        super().__init__(tr, pipe, device=device, dtype=dtype, lora=lora,
-                         full_finetune=full_finetune,
-                         gradient_checkpointing=gradient_checkpointing,
-                         offload_encoders=offload_encoders)
+        if shift is None:
+            shift = cfg.get("flow_shift", None) or cfg.get("shift", 3.0)
+        super().__init__(
+            pipe, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+            max_sequence_length=max_sequence_length, detach_uncond=detach_uncond,
+            shift=shift,
+            decode_batch=decode_batch, device=device, dtype=dtype, lora=lora,
+            full_finetune=full_finetune, gradient_checkpointing=gradient_checkpointing,
+            offload_encoders=offload_encoders)
 
     @classmethod
     def from_pretrained(
