@@ -7,9 +7,14 @@ the analytic policy and counts model rows, edges and the edges its selection tra
 
 from __future__ import annotations
 
+import contextlib
+import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,6 +24,23 @@ from .models.analytic import GaussianPolicy
 from .plans import build_plan
 from .pruning import select_edges
 from .tree import chain_plan, rollout
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, torch version and threads, accelerator."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
 
 
 def nfe_table(methods: list[str] | None = None, seed: int = 0) -> list[dict]:

@@ -93,11 +93,15 @@ def one_iteration(policy: Policy, prompts: Sequence[str], method: str,
 def iteration_table(policy: Policy, prompts: Sequence[str], reward: Callable, *,
                     methods: Sequence[str] = DEFAULT_METHODS, baseline: str = "dance_full",
                     plan_kw: dict | None = None, repeats: int = 1, lr: float = 1e-5,
-                    progress: bool = True, **kw) -> list[dict]:
+                    per_sample_baseline: bool = True, progress: bool = True,
+                    **kw) -> list[dict]:
     """Rows per method (best of ``repeats`` after a warm-up) with ratios to ``baseline``.
 
     ``plan_kw`` overrides apply to every method's plan where the plan takes the key (e.g. the
-    model's schedule), so all methods see the same sigma schedule."""
+    model's schedule), so all methods see the same sigma schedule. ``per_sample_baseline``
+    adds the baseline run the way the published DanceGRPO and BranchGRPO code runs it, one
+    sample per forward and one edge per backward (ALGORITHMS.md 4 and 5.1), as a last row
+    ``<baseline> (batch 1)``, and every row's ``ratio_batch1`` to it."""
     from tqdm import tqdm
 
 
@@ -112,7 +116,15 @@ def iteration_table(policy: Policy, prompts: Sequence[str], reward: Callable, *,
         runs = [one_iteration(policy, prompts, name, reward, opt, plan_kw=own, **kw)
                 for _ in range(repeats)]
         results[name] = min(runs, key=lambda r: r.total_s)
+    if per_sample_baseline and baseline in results:
+        one = {**kw, "max_batch": 1, "edge_chunk": 1}
+        own = {k: v for k, v in (plan_kw or {}).items()
+               if k in plan_parameters(METHODS.get(baseline).plan)}
+        runs = [one_iteration(policy, prompts, baseline, reward, opt, plan_kw=own, **one)
+                for _ in range(repeats)]
+        results[f"{baseline} (batch 1)"] = min(runs, key=lambda r: r.total_s)
     base = results.get(baseline)
+    slow = results.get(f"{baseline} (batch 1)")
     rows = []
     for name, r in results.items():
         row = {"method": name, "forwards": r.forwards, "trained_edges": r.trained_edges,
@@ -121,5 +133,7 @@ def iteration_table(policy: Policy, prompts: Sequence[str], reward: Callable, *,
         if base is not None:
             row["ratio_total"] = round(r.total_s / base.total_s, 3)
             row["ratio_rollout"] = round(r.rollout_s / base.rollout_s, 3)
+        if slow is not None:
+            row["ratio_batch1"] = round(r.total_s / slow.total_s, 3)
         rows.append(row)
     return rows

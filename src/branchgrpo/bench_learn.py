@@ -23,8 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import platform
 import shutil
 import time
 import traceback
@@ -35,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from .bench import machine
 from .bench_iteration import DEFAULT_METHODS as ITERATION_METHODS
 
 DEFAULT_METHODS = tuple(m for m in ITERATION_METHODS if m != "branch_width")
@@ -208,23 +207,6 @@ def plot(path: Path, curves: dict[str, dict], x: str, xlabel: str, target: float
         if math.isfinite(target):
             ax.axhline(target, color="k", ls="--", lw=0.8, label=f"target {target:.3f}")
         ax.set_ylabel("held-out judge")
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, cores, torch version and threads, accelerator."""
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none"}
 
 
 def _pm(row: dict, key: str) -> str:
