@@ -338,11 +338,14 @@ def rollout(
     reduce: Reduce = "mean",
     keep_mean: bool = False,
     device: torch.device | str | None = None,
+    x_start: Tensor | None = None,
 ) -> Tree:
     """Sample one tree per prompt row of ``cond`` following ``plan``; see the module docstring.
 
     ``generator`` draws all noise (root and SDE), on ``device`` (default: the cond's device).
-    ``keep_mean`` stores each edge's rollout mean (needed by the GRPO-Guard ratio)."""
+    ``keep_mean`` stores each edge's rollout mean (needed by the GRPO-Guard ratio).
+    ``x_start`` [num_trees * plan.roots, *D]: the root latents at the plan's first sigma instead
+    of drawn noise (continuing from intermediate states, e.g. `branchgrpo.bench_credit`)."""
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     first = next(iter(cond.values()))
@@ -356,10 +359,16 @@ def rollout(
     last_t = torch.tensor(last, device=dev)
 
     roots = num_trees * plan.roots
-    draw = plan.roots if plan.shared_noise else roots
-    x_t = torch.randn((draw, *shape), generator=generator, device=dev)
-    x_t = (x_t.repeat(num_trees, *([1] * len(shape))) if plan.shared_noise else x_t)
-    x_t = x_t.to(storage_dtype)
+    if x_start is not None:
+        if tuple(x_start.shape) != (roots, *shape):
+            raise ValueError(f"x_start must have shape {(roots, *shape)} (trees x roots, "
+                             f"latent), got {tuple(x_start.shape)}")
+        x_t = x_start.to(dev, storage_dtype)
+    else:
+        draw = plan.roots if plan.shared_noise else roots
+        x_t = torch.randn((draw, *shape), generator=generator, device=dev)
+        x_t = x_t.repeat(num_trees, *([1] * len(shape))) if plan.shared_noise else x_t
+        x_t = x_t.to(storage_dtype)
     start = plan.lanes[0].track[0]
     z = torch.zeros(roots, dtype=torch.long, device=dev)
     ids = b.add(
