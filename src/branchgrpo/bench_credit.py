@@ -45,7 +45,7 @@ from .methods import METHODS
 from .models.base import Cond, Policy, select_cond
 from .plans import build_plan
 from .pruning import select_edges
-from .tree import RolloutPlan, Tree, chain_plan, rollout
+from .tree import RolloutPlan, Tree, chain_plan, decode_leaves, rollout
 
 DEFAULT_METHODS = ("dance_full", "flow_grpo", "mix", "g2rpo", "branch", "branch_depth")
 
@@ -112,8 +112,7 @@ def node_values(policy: Policy, cond: Cond, prompts: Sequence[str], plan: Rollou
         cont = rollout(policy, select_cond(cond, group.to(dev)), chain, generator=generator,
                        max_batch=max_batch, x_start=x, device=dev)
         order = cont.group[cont.leaf_ids].argsort().cpu()
-        with torch.no_grad():
-            media = torch.cat([policy.decode(c) for c in cont.leaf_x0.split(max_batch)])
+        media = decode_leaves(policy, cont, max_batch)
         r = reward(media[order], [prompts[g] for g in group.tolist()], group).view(-1, reps)
         va[rows] = r[:, :half].mean(1) if reps > 1 else r[:, 0]
         vb[rows] = r[:, half:].mean(1) if reps > 1 else r[:, 0]
@@ -168,8 +167,7 @@ def measure(policy: Policy, prompts: Sequence[str], method: str, plan_kw: dict[s
     def total(media: Tensor, ps: list[str], group: Tensor) -> Tensor:
         return weighted(reward_set.weights, reward_set.score(media, ps, group))
 
-    with torch.no_grad():
-        media = torch.cat([policy.decode(c) for c in tree.leaf_x0.split(max_batch)])
+    media = decode_leaves(policy, tree, max_batch)
     group = tree.group[tree.leaf_ids].cpu()
     scores = reward_set.score(media, [prompts[g] for g in group.tolist()], group)
     leaf_r = weighted(reward_set.weights, scores)

@@ -21,7 +21,7 @@ from .methods import METHODS
 from .models.base import Policy
 from .plans import build_plan, plan_parameters
 from .pruning import select_edges
-from .tree import edge_log_prob, rollout
+from .tree import decode_leaves, edge_log_prob, rollout
 
 DEFAULT_METHODS = ("dance_full", "dance", "flow_grpo", "mix", "mix_flash", "g2rpo", "branch",
                    "branch_width", "branch_depth", "branch_mix")
@@ -65,8 +65,7 @@ def one_iteration(policy: Policy, prompts: Sequence[str], method: str,
                        max_batch=max_batch, storage_dtype=storage_dtype, device=device)
     _sync()
     t1 = time.perf_counter()
-    with torch.no_grad():
-        media = torch.cat([policy.decode(c) for c in tree.leaf_x0.split(max_batch)])
+    media = decode_leaves(policy, tree, max_batch)
     group = tree.group[tree.leaf_ids].cpu()
     scores = {"r": reward(media, [prompts[g] for g in group.tolist()]).float().cpu()}
     _sync()

@@ -44,7 +44,7 @@ from .models.families import module_of
 from .plans import build_plan
 from .pruning import select_edges
 from .rewards import RewardError, RewardSet
-from .tree import EdgeBatch, RolloutPlan, Tree, edge_log_prob, rollout
+from .tree import EdgeBatch, RolloutPlan, Tree, decode_leaves, edge_log_prob, rollout
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -180,8 +180,8 @@ def iteration(s: State) -> dict[str, float]:
         cond = s.policy.encode(prompts)
         with _autocast(s):
             tree = _rollout(s, cond, plan, first)
-    with timer("decode"), torch.no_grad():
-        media = torch.cat([s.policy.decode(c) for c in tree.leaf_x0.split(cfg.reward.batch_size)])
+    with timer("decode"):
+        media = decode_leaves(s.policy, tree, cfg.reward.batch_size)
     group = tree.group[tree.leaf_ids].cpu()
     leaf_prompts = [prompts[g] for g in group.tolist()]
     with timer("reward"):

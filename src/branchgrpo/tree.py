@@ -258,6 +258,13 @@ def transition(
     return mean, std * noise_scale.float()
 
 
+@torch.no_grad()
+def decode_leaves(policy: Policy, tree: Tree, batch: int) -> Tensor:
+    """Media of every leaf [L, ...] in ``leaf_ids`` order: ``policy.decode`` of ``leaf_x0`` in
+    chunks of ``batch`` rows, without gradients."""
+    return torch.cat([policy.decode(c) for c in tree.leaf_x0.split(batch)])
+
+
 def velocity_chunked(
     policy: Policy, x: Tensor, sigma: Tensor, cond: Cond, group: Tensor, max_batch: int
 ) -> Tensor:
