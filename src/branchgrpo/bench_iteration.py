@@ -106,22 +106,22 @@ def iteration_table(policy: Policy, prompts: Sequence[str], reward: Callable, *,
 
     params = [p for p in policy.trainable_parameters()]
     opt = torch.optim.AdamW(params, lr=lr)
-    results: dict[str, IterationTiming] = {}
-    for name in tqdm(methods, desc="bench iteration", disable=not progress):
-        m = METHODS.get(name)
-        valid = plan_parameters(m.plan)
+
+    def best(name: str, warm_up: bool, **over) -> IterationTiming:
+        """The fastest of ``repeats`` timed iterations of ``name`` (after one untimed)."""
+        valid = plan_parameters(METHODS.get(name).plan)
         own = {k: v for k, v in (plan_kw or {}).items() if k in valid}
-        one_iteration(policy, prompts, name, reward, opt, plan_kw=own, **kw)  # warm-up
-        runs = [one_iteration(policy, prompts, name, reward, opt, plan_kw=own, **kw)
+        args = {**kw, **over}
+        if warm_up:
+            one_iteration(policy, prompts, name, reward, opt, plan_kw=own, **args)
+        runs = [one_iteration(policy, prompts, name, reward, opt, plan_kw=own, **args)
                 for _ in range(repeats)]
-        results[name] = min(runs, key=lambda r: r.total_s)
-    if per_sample_baseline and baseline in results:
-        one = {**kw, "max_batch": 1, "edge_chunk": 1}
-        own = {k: v for k, v in (plan_kw or {}).items()
-               if k in plan_parameters(METHODS.get(baseline).plan)}
-        runs = [one_iteration(policy, prompts, baseline, reward, opt, plan_kw=own, **one)
-                for _ in range(repeats)]
-        results[f"{baseline} (batch 1)"] = min(runs, key=lambda r: r.total_s)
+        return min(runs, key=lambda r: r.total_s)
+
+    results = {name: best(name, True)
+               for name in tqdm(methods, desc="bench iteration", disable=not progress)}
+    if per_sample_baseline and baseline in results:  # the model is warm by now
+        results[f"{baseline} (batch 1)"] = best(baseline, False, max_batch=1, edge_chunk=1)
     base = results.get(baseline)
     slow = results.get(f"{baseline} (batch 1)")
     rows = []
