@@ -16,11 +16,16 @@ def small_args(cache_dir: Path, run_dir: Path, *extra: str) -> list[str]:
             "log.eval_every=0", *extra]
 
 
+def cli_env() -> dict[str, str]:
+    """The environment of every CLI run a test compares bit for bit: float reductions split
+    over a different number of threads round differently, so the thread count is pinned."""
+    return {**os.environ, "PYTHONPATH": str(HERE), "HF_HUB_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1"}
+
+
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(HERE), "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-m", "branchgrpo", *args], capture_output=True,
-                         text=True, env=env)
+                         text=True, env=cli_env())
     if check and out.returncode != 0:
         raise AssertionError(f"exit {out.returncode}\n{out.stdout}\n{out.stderr}")
     return out

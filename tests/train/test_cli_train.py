@@ -11,7 +11,7 @@ from branchgrpo import checkpoint as ckpt
 from branchgrpo.models.tiny import TinySpec, load_or_pretrain
 from branchgrpo.tasks.shapes import split_prompts
 
-from .conftest import HERE, run_cli, small_args
+from .conftest import HERE, cli_env, run_cli, small_args
 
 
 def _metrics(run_dir):
@@ -48,7 +48,8 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, cache_dir):
     run_cli("train", *small_args(cache_dir, full, *args))
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "branchgrpo", "train", *small_args(cache_dir, killed, *args)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=cli_env())
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "iter_000002.pt").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before the kill"
