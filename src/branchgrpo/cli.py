@@ -72,9 +72,6 @@ def _train(args: argparse.Namespace) -> int:
         else:
             cfg = load_config(args.config, args.overrides)
             out = train(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
     except TrainingStopped as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 1
@@ -87,19 +84,32 @@ def _split_config_args(args: argparse.Namespace) -> None:
     """``train a.yaml k=v`` and ``train k=v``: the one argument without '=' is the config."""
     files = [a for a in args.rest if "=" not in a]
     if len(files) > 1:
-        raise SystemExit(f"config error: give one config file, got {files}")
+        from .config import ConfigError
+
+        raise ConfigError(f"give one config file, got {files} (overrides look like "
+                          "key.sub=value)")
     args.config = files[0] if files else None
     args.overrides = [a for a in args.rest if "=" in a]
 
 
 def _sample(args: argparse.Namespace) -> int:
+    from .config import ConfigError
     from .inference import sample_command
+
+    if args.n < 1:
+        raise ConfigError(f"--n must be >= 1 image per prompt, got {args.n}")
+    if any(not p.strip() for p in args.prompt):
+        raise ConfigError("--prompt must not be empty")
 
     return sample_command(args.checkpoint, args.prompt, args.out, args.n, args.seed)
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from .config import ConfigError
     from .inference import eval_command
+
+    if args.samples < 0:
+        raise ConfigError(f"--samples must be >= 1 (or 0 for the config's), got {args.samples}")
 
     return eval_command(args.target, args.samples, args.json)
 
@@ -324,10 +334,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse and dispatch. A bad input (config, missing model, unusable checkpoint) is one
+    line on stderr and exit 2, with no traceback."""
     args = build_parser().parse_args(argv)
-    if args.command == "train":
-        _split_config_args(args)
-    return int(args.fn(args) or 0)
+    from .config import ConfigError
+    from .models.hub import ModelNotAvailableError
+    from .rewards.base import RewardError
+
+    try:
+        if args.command == "train":
+            _split_config_args(args)
+        return int(args.fn(args) or 0)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+    except ModelNotAvailableError as e:
+        print(f"model not available: {' '.join(str(e).split())}", file=sys.stderr)
+    except RewardError as e:
+        print(f"reward error: {e}", file=sys.stderr)
+        return 1
+    return 2
 
 
 if __name__ == "__main__":

@@ -9,12 +9,13 @@ derived values are checked in `validate`, with errors that say what to change.
 from __future__ import annotations
 
 import difflib
-import os
+import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -225,22 +226,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found; give an existing YAML file")
-        layers.append((OmegaConf.load(p), str(p)))
+        try:
+            layer = OmegaConf.load(p)
+        except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: "
+                              f"{' '.join(str(e).split())}") from None
+        if not isinstance(layer, DictConfig):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections "
+                              "(model:, rollout:, train:, ...), not a list or a value")
+        layers.append((layer, str(p)))
     if overrides:
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key.sub=value, got {bad}")
-        layers.append((OmegaConf.from_dotlist(overrides), "the command line"))
+        try:
+            layers.append((OmegaConf.from_dotlist(overrides), "the command line"))
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
+            msg = " ".join(str(e).split())
+            raise ConfigError(f"cannot parse the overrides {overrides}: {msg}") from None
     for layer, source in layers:
         _check_keys(OmegaConf.to_container(layer), source)
         try:
             cfg = OmegaConf.merge(cfg, layer)
             weights = OmegaConf.select(layer, "reward.weights")
             if weights is not None:  # a layer naming rewards replaces the set, not adds to it
-                cfg.reward.weights = weights
+                OmegaConf.update(cfg, "reward.weights", weights, merge=False)
         except OmegaConfBaseException as e:
             key = getattr(e, "full_key", None) or "?"
-            raise ConfigError(f"bad value for {key!r} in {source}: {e.msg}") from None
+            msg = str(e.msg).strip().splitlines()[0]
+            hint = ("; write a mapping with a space after each colon, e.g. "
+                    "reward.weights='{shapes: 1.0}'" if ":" in key.rpartition(".")[2] else "")
+            raise ConfigError(f"bad value for {key!r} in {source}: {msg}{hint}") from None
     obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     validate(obj)
     return obj
@@ -248,11 +264,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def _choice(value: Any, options: tuple, key: str) -> None:
-    if value not in options:
-        raise ConfigError(f"{key}={value!r} is not one of {list(options)}")
 
 
 def plan_params(cfg: Config) -> dict[str, Any]:
@@ -269,97 +280,101 @@ def plan_params(cfg: Config) -> dict[str, Any]:
     return params
 
 
-def validate(cfg: Config) -> None:
-    """Check choices and derived geometry; raise ConfigError saying what to change."""
-    from .methods import METHODS
-    from .plans import plan_parameters
+def near(name: str, valid: list[str]) -> str:
+    """``"; did you mean 'x'?"`` for the nearest valid name, or ``""``."""
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
-    if cfg.rollout.method not in METHODS:
-        near = difflib.get_close_matches(cfg.rollout.method, METHODS.names(), n=1)
-        raise ConfigError(f"rollout.method={cfg.rollout.method!r} is unknown; valid: "
-                          f"{METHODS.names()}" + (f"; did you mean {near[0]!r}?" if near else ""))
-    m = METHODS.get(cfg.rollout.method)
-    valid = plan_parameters(m.plan)
-    for k in plan_params(cfg):
-        if k not in valid:
-            raise ConfigError(f"rollout.{k} is not used by method {cfg.rollout.method!r}; "
-                              f"remove it (it applies to other methods)")
-    _choice(cfg.model.kind, ("tiny", "flux", "sd3", "wan"), "model.kind")
-    _choice(cfg.model.dtype, ("fp32", "bf16", "fp16"), "model.dtype")
-    _choice(cfg.model.storage_dtype, ("fp32", "bf16", "fp16"), "model.storage_dtype")
-    _choice(cfg.model.finetune, ("full", "lora"), "model.finetune")
-    _choice(cfg.advantage.combine, ("reward_sum", "advantage_sum"), "advantage.combine")
-    _choice(cfg.train.lr_schedule, ("constant", "linear", "cosine"), "train.lr_schedule")
-    _choice(cfg.train.ratio, ("standard", "guard"), "train.ratio")
-    _choice(cfg.train.kl_kind, ("x", "v"), "train.kl_kind")
-    _choice(cfg.train.amp, ("none", "bf16", "fp16"), "train.amp")
-    _choice(cfg.dist.strategy, ("auto", "ddp", "fsdp"), "dist.strategy")
-    _choice(cfg.dist.backend, ("auto", "nccl", "gloo"), "dist.backend")
-    _choice(cfg.dist.noise, ("rank", "prompt"), "dist.noise")
-    for k in ("global_prompts", "verify_sync"):
-        if getattr(cfg.dist, k) < 0:
-            raise ConfigError(f"dist.{k} must be >= 0, got {getattr(cfg.dist, k)}")
-    if cfg.dist.timeout_minutes < 1:
-        raise ConfigError(f"dist.timeout_minutes must be >= 1, got {cfg.dist.timeout_minutes}")
+
+# key: the interval its value must lie in ("[1,)": >= 1, "(0,1]": > 0 and <= 1); None (a
+# method preset's value) is not checked. Every float is also checked for NaN and inf.
+RANGES: dict[str, str] = {
+    "model.lora_rank": "[1,)", "model.lora_alpha": "(0,)",
+    "model.height": "[16,)", "model.width": "[16,)",
+    "model.num_frames": "[1,)", "model.guidance": "[0,)",
+    "model.pretrain_steps": "[1,)", "model.clutter": "[0,1]",
+    "rollout.num_steps": "[2,)", "rollout.group_size": "[2,)",
+    "rollout.branch_factor": "[2,)", "rollout.split_noise_scale": "(0,)",
+    "rollout.level": "[0,)", "rollout.shift": "(0,)",
+    "rollout.window": "[1,)", "rollout.iters_per_shift": "[1,)",
+    "rollout.stride": "[0,)", "rollout.compression": "(0,1]",
+    "rollout.mix_window": "[1,)", "rollout.mix_stride": "[1,)",
+    "rollout.max_batch": "[1,)",
+    "advantage.clip": "(0,)",
+    "selection.fraction": "(0,1]", "selection.ratio": "(0,1]",
+    "selection.interval": "[1,)", "selection.stop_depth": "[0,)",
+    "selection.until": "[0,1]",
+    "reward.batch_size": "[1,)",
+    "train.iterations": "[1,)", "train.prompts_per_iteration": "[1,)",
+    "train.updates_per_rollout": "[1,)", "train.edge_chunk": "[1,)",
+    "train.lr": "(0,)", "train.warmup_iterations": "[0,)",
+    "train.weight_decay": "[0,)", "train.max_grad_norm": "[0,)",
+    "train.clip_eps": "(0,)", "train.kl_coef": "[0,)",
+    "train.ema_decay": "[0,1)", "train.time_budget": "[0,)",
+    "data.eval_samples": "[1,)",
+    "log.eval_every": "[0,)", "log.eval_every_seconds": "[0,)",
+    "log.checkpoint_every": "[1,)", "log.keep_last": "[1,)",
+    "dist.global_prompts": "[0,)", "dist.verify_sync": "[0,)",
+    "dist.timeout_minutes": "[1,)",
+}
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.kind": ("tiny", "flux", "sd3", "wan"), "model.dtype": ("fp32", "bf16", "fp16"),
+    "model.storage_dtype": ("fp32", "bf16", "fp16"), "model.finetune": ("full", "lora"),
+    "rollout.kernel": ("dance", "flow", "cps"), "rollout.schedule": ("shifted", "flux_dynamic"),
+    "advantage.fusion": ("mean", "child_softmax", "path"),
+    "advantage.combine": ("reward_sum", "advantage_sum"),
+    "train.lr_schedule": ("constant", "linear", "cosine"), "train.ratio": ("standard", "guard"),
+    "train.kl_kind": ("x", "v"), "train.amp": ("none", "bf16", "fp16"),
+    "train.device": ("auto", "cpu", "cuda"), "dist.strategy": ("auto", "ddp", "fsdp"),
+    "dist.backend": ("auto", "nccl", "gloo"), "dist.noise": ("rank", "prompt"),
+}
+
+
+def _get(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def _check_range(key: str, v: Any) -> None:
+    interval = RANGES[key]
+    lo_s, hi_s = interval[1:-1].split(",")
+    lo, hi = float(lo_s), float(hi_s) if hi_s else math.inf
+    above = v >= lo if interval[0] == "[" else v > lo
+    below = v <= hi if interval[-1] == "]" else v < hi
+    if not (above and below):
+        bound = (f"be {'>=' if interval[0] == '[' else '>'} {lo_s}" if not hi_s
+                 else f"lie in {interval.replace(',', ', ')}")
+        raise ConfigError(f"{key} must {bound}, got {v}")
+
+
+def validate(cfg: Config) -> None:
+    """Check every value on its own: choices, ranges, no NaN or inf; raise ConfigError saying
+    what to change. What values mean together (the method's plan, rewards, prompt files) is
+    checked by `branchgrpo.preflight.check_run`."""
+    for key in all_keys():
+        v = _get(cfg, key) if key.count(".") == 1 else None
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{key} must be a finite number, got {v}")
+        if v is not None and key in CHOICES and v not in CHOICES[key]:
+            raise ConfigError(f"{key}={v!r} is not one of {list(CHOICES[key])}"
+                              + near(str(v), list(CHOICES[key])))
+        if v is not None and key in RANGES:
+            _check_range(key, v)
+    for k, v in cfg.reward.weights.items():
+        if not math.isfinite(v):
+            raise ConfigError(f"reward.weights.{k} must be a finite number, got {v}")
+    if not cfg.reward.weights:
+        raise ConfigError("reward.weights is empty: name at least one training reward")
+    if not any(cfg.reward.weights.values()):
+        raise ConfigError("every reward.weights value is 0: nothing would be rewarded")
+    for k in ("split_steps", "granularities"):
+        v = getattr(cfg.rollout, k)
+        if v is not None and not v:
+            raise ConfigError(f"rollout.{k} is empty: give at least one value, or null for the "
+                              "method's")
     if cfg.model.kind != "tiny" and not cfg.model.path:
         raise ConfigError(f"model.kind={cfg.model.kind} needs model.path (a Hugging Face id "
                           "or a local folder)")
-    positive = {"train.iterations": cfg.train.iterations,
-                "train.prompts_per_iteration": cfg.train.prompts_per_iteration,
-                "train.updates_per_rollout": cfg.train.updates_per_rollout,
-                "train.edge_chunk": cfg.train.edge_chunk, "rollout.max_batch":
-                cfg.rollout.max_batch, "log.checkpoint_every": cfg.log.checkpoint_every,
-                "log.keep_last": cfg.log.keep_last, "reward.batch_size": cfg.reward.batch_size}
-    for k, v in positive.items():
-        if v < 1:
-            raise ConfigError(f"{k} must be >= 1, got {v}")
-    if not 0 <= cfg.model.clutter <= 1:
-        raise ConfigError(f"model.clutter must lie in [0, 1], got {cfg.model.clutter}")
-    for k, v in {"train.time_budget": cfg.train.time_budget,
-                 "log.eval_every_seconds": cfg.log.eval_every_seconds}.items():
-        if not v >= 0:
-            raise ConfigError(f"{k} must be >= 0 seconds (0 turns it off), got {v}")
-    if cfg.train.lr <= 0:
-        raise ConfigError(f"train.lr must be > 0, got {cfg.train.lr}")
-    if not 0 <= cfg.train.ema_decay < 1:
-        raise ConfigError(f"train.ema_decay must lie in [0, 1), got {cfg.train.ema_decay}")
-    if not cfg.reward.weights:
-        raise ConfigError("reward.weights is empty: name at least one training reward")
-    _check_geometry(cfg)
-
-
-def _check_geometry(cfg: Config) -> None:
-    """Build the plan and dry-run one tree on the analytic policy: a plan/rule/selection
-    mismatch or too few edges for the update cadence fails here, before any model loads."""
-    import torch
-
-    from .advantages import compute_advantages
-    from .methods import METHODS
-    from .models.analytic import GaussianPolicy
-    from .plans import build_plan
-    from .pruning import select_edges
-    from .tree import rollout
-
-    rule, sel, sel_kw = resolved_rules(cfg)
-    try:
-        plan = build_plan(METHODS.get(cfg.rollout.method).plan, **plan_params(cfg))
-        pol = GaussianPolicy(2)
-        tree = rollout(pol, pol.encode(["x"]), plan, generator=torch.Generator())
-        adv = compute_advantages(tree, {"r": torch.randn(int(tree.leaf.sum()))}, rule,
-                                 **advantage_kw(cfg, rule))
-        n = int(select_edges(tree, adv, sel, **sel_kw).sum())
-    except (ValueError, KeyError) as e:
-        raise ConfigError(f"method {cfg.rollout.method!r}: {e}") from None
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_rank = prompts_per_rank(cfg, world)
-    total = n * per_rank
-    if total < cfg.train.updates_per_rollout:
-        where = f" on each of {world} ranks" if world > 1 else ""
-        key = "dist.global_prompts" if cfg.dist.global_prompts else "train.prompts_per_iteration"
-        raise ConfigError(
-            f"{total} trained edges per rollout batch{where} ({per_rank} trees x {n}) cannot "
-            f"feed train.updates_per_rollout={cfg.train.updates_per_rollout}: lower it to at "
-            f"most {total} or raise {key}")
 
 
 def prompts_per_rank(cfg: Config, world: int) -> int:
@@ -401,9 +416,12 @@ def advantage_kw(cfg: Config, rule: str) -> dict[str, Any]:
 
 
 def clip_eps(cfg: Config) -> float:
+    """``train.clip_eps``, or the method's published clip range when it is null."""
     from .methods import METHODS
 
-    return cfg.train.clip_eps or METHODS.get(cfg.rollout.method).clip_eps
+    if cfg.train.clip_eps is not None:
+        return cfg.train.clip_eps
+    return METHODS.get(cfg.rollout.method).clip_eps
 
 
 def describe() -> str:

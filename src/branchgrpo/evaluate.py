@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .models.base import Policy
+from .rewards.base import check_scores
 from .tree import chain_plan, rollout
 
 
@@ -55,13 +56,18 @@ def evaluate(policy: Policy, prompts: Sequence[str], sigmas: Tensor, scorers: di
              device: torch.device | str = "cpu") -> tuple[dict[str, float], Tensor]:
     """Score held-out samples with every scorer {name: reward}; returns (metrics, media).
 
-    A scorer with a ``strict`` method (the judge) also reports GenEval-style accuracy."""
+    A scorer with a ``strict`` method (the judge) also reports GenEval-style accuracy. Scores
+    are checked as in training (shape [B], finite): a bad one raises `RewardError` naming the
+    scorer, instead of a NaN in the log."""
     media = sample(policy, prompts, sigmas, seed=seed, max_batch=max_batch, device=device)
     out: dict[str, float] = {}
     for name, fn in scorers.items():
-        out[f"eval/{name}"] = float(fn(media, list(prompts)).float().mean())
+        scores = check_scores(name, fn(media, list(prompts)), len(prompts))
+        out[f"eval/{name}"] = float(scores.mean())
         if hasattr(fn, "strict"):
-            out[f"eval/{name}_strict"] = float(fn.strict(media, list(prompts)).mean())
+            strict = check_scores(f"{name}.strict", fn.strict(media, list(prompts)),
+                                  len(prompts))
+            out[f"eval/{name}_strict"] = float(strict.mean())
     out.update({k.replace("monitor/", "eval/"): v for k, v in image_stats(media).items()})
     return out, media
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,10 +55,10 @@ class RunLogger:
             return
         row = {"iteration": step, **{k: _plain(v) for k, v in metrics.items()}}
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+            fh.write(json.dumps(row, allow_nan=False) + "\n")
         if self.tb is not None:
             for k, v in row.items():
-                if isinstance(v, (int, float)) and k != "iteration":
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iteration":
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
 
@@ -67,10 +68,15 @@ class RunLogger:
 
 
 def _plain(v: Any) -> Any:
+    """A JSON value: numbers as float (NaN and inf as null, so every line stays strict JSON
+    that any parser reads), strings, bools and ints as they are, anything else as text."""
+    if isinstance(v, (str, bool, int)):
+        return v
     try:
-        return float(v) if not isinstance(v, (str, bool, int)) else v
+        x = float(v)
     except (TypeError, ValueError):
         return str(v)
+    return x if math.isfinite(x) else None
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -42,6 +43,7 @@ from .models.base import select_cond
 from .models.factory import build_policy, load_prompts
 from .models.families import module_of
 from .plans import build_plan
+from .preflight import check_run
 from .pruning import select_edges
 from .rewards import RewardError, RewardSet
 from .tree import EdgeBatch, RolloutPlan, Tree, decode_leaves, edge_log_prob, rollout
@@ -97,6 +99,7 @@ def train(cfg: Config, resume: Path | None = None) -> Path:
     The training clock (``time/elapsed``, ``train.time_budget``, ``log.eval_every_seconds``)
     counts the loop's seconds with evaluation left out; a checkpoint carries it, so a resumed
     run continues it. Under torchrun rank 0's clock decides for every rank."""
+    check_run(cfg)
     s = setup(cfg, resume)
     main = s.dist.main
     if s.iteration == 0:
@@ -112,6 +115,7 @@ def train(cfg: Config, resume: Path | None = None) -> Path:
             s.logger.log(s.iteration, metrics)
             if cfg.dist.verify_sync and s.iteration % cfg.dist.verify_sync == 0:
                 dist.check_sync(s.dist, s.params, s.iteration)
+            _warn_no_signal(s, metrics, bar)
             bar.update(1)
             bar.set_postfix(reward=f"{metrics['reward/total']:.3f}",
                             sec=f"{metrics['time/iteration']:.1f}")
@@ -152,6 +156,15 @@ class _Clock:
             yield
         finally:
             self.t0 += time.perf_counter() - t
+
+
+def _warn_no_signal(s: State, metrics: dict[str, float], bar: Any) -> None:
+    """Say loudly when an iteration had no learning signal: every tree's leaves scored alike
+    (a constant reward, one leaf per group), so every advantage was 0 and nothing was learnt."""
+    if s.dist.main and metrics["reward/zero_std_frac"] >= 1.0:
+        bar.write(f"warning: iteration {s.iteration}: every tree's rewards are equal "
+                  "(reward/zero_std_frac=1), so all advantages are 0 and this update learnt "
+                  "nothing; check that the reward varies with the image", file=sys.stderr)
 
 
 def _budget_spent(s: State) -> bool:
@@ -436,9 +449,12 @@ def run_eval(s: State, tag: str) -> dict[str, float]:
     scorers = {"judge": s.judge} if s.judge is not None else {}
     scorers |= {k: s.rewards.rewards[k] for k in s.rewards.rewards}
     with _ema_weights(s), _autocast(s):
-        metrics, media = evaluate(s.policy, prompts, torch.tensor(plan.sigmas), scorers,
-                                  seed=cfg.train.seed + 10_000, max_batch=cfg.rollout.max_batch,
-                                  device=s.device)
+        try:
+            metrics, media = evaluate(s.policy, prompts, torch.tensor(plan.sigmas), scorers,
+                                      seed=cfg.train.seed + 10_000,
+                                      max_batch=cfg.rollout.max_batch, device=s.device)
+        except RewardError as e:
+            raise TrainingStopped(f"held-out evaluation {tag!r}: {e}") from None
     if s.dist.main:  # every rank evaluates (FSDP forwards are collective), rank 0 writes
         save_grid(media, prompts, s.run_dir / "samples" / f"{tag}.png", title=tag)
     s.extra["last_eval_elapsed"] = s.elapsed

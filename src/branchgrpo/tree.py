@@ -116,6 +116,26 @@ class RolloutPlan:
         """The first grid index of ``lane``'s track after ``grid`` (None if there is none)."""
         return next((g for g in self.lanes[lane].track if g > grid), None)
 
+    def size(self) -> tuple[int, int]:
+        """(nodes, leaves) of one tree, counted from the lanes without rolling out: a node at
+        track position p of its lane makes ``count`` children per fork; the last position of
+        a lane is a leaf. Exact for every plan `rollout` accepts."""
+        at: dict[tuple[int, int], int] = defaultdict(int)
+        at[(0, self.lanes[0].track[0])] = self.roots
+        nodes = leaves = 0
+        for grid in range(len(self.sigmas)):
+            for lane_id, lane in enumerate(self.lanes):
+                n = at.pop((lane_id, grid), 0)
+                if not n:
+                    continue
+                nodes += n
+                if grid == lane.track[-1]:
+                    leaves += n
+                    continue
+                for f in lane.forks[lane.track.index(grid)]:
+                    at[(f.lane, self.next_grid(f.lane, grid))] += n * f.count
+        return nodes, leaves
+
     @property
     def num_steps(self) -> int:
         """T: the steps of the grid (P - 1)."""

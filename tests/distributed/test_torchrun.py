@@ -10,6 +10,7 @@ import torch
 from branchgrpo import checkpoint as ckpt
 from branchgrpo.config import ConfigError, load_config
 from branchgrpo.dist import check_geometry
+from branchgrpo.preflight import check_run
 
 from .conftest import run, run_until, small_args
 
@@ -96,7 +97,7 @@ def test_kill_and_resume_on_two_and_on_one_rank(ddp_run, tmp_path, cache_dir):
 
 def test_impossible_geometry_is_refused_at_start(tmp_path, cache_dir):
     prompts = tmp_path / "one.txt"
-    prompts.write_text("a red circle\n")
+    prompts.write_text("one red circle on the left\n")
     out = run(2, "train", *small_args(cache_dir, tmp_path / "r", f"data.prompts={prompts}"),
               check=False)
     assert out.returncode != 0
@@ -118,12 +119,14 @@ def test_geometry_messages_say_what_to_change(monkeypatch, over, world, prompts,
     cfg = load_config(None, ["model.pretrain_steps=1", *over])
     monkeypatch.setenv("WORLD_SIZE", str(world))
     with pytest.raises(ConfigError, match=message):
-        load_config(None, ["model.pretrain_steps=1", *over])  # validate knows the world
-        check_geometry(cfg, world, prompts)
+        if over and over[0].startswith("dist.global_prompts=6"):
+            check_run(cfg)  # the pre-flight check knows the world from WORLD_SIZE
+        else:
+            check_geometry(cfg, world, prompts)
 
 
 def test_updates_that_the_per_rank_edges_cannot_feed_are_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="on each of 2 ranks.*cannot feed train.updates_per"):
-        load_config(None, ["rollout.num_steps=4", "rollout.split_steps=[0,1]",
-                           "dist.global_prompts=2", "train.updates_per_rollout=100"])
+        check_run(load_config(None, ["rollout.num_steps=4", "rollout.split_steps=[0,1]",
+                                     "dist.global_prompts=2", "train.updates_per_rollout=100"]))

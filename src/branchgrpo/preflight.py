@@ -1,0 +1,223 @@
+"""Everything about a run that can be checked before any model loads.
+
+`branchgrpo.config.validate` checks each value on its own (choices, ranges, NaN); this module
+checks the run they make together, against the registries and the files on disk: the method's
+plan and how big its trees get (arithmetically first, so an absurd branch factor fails in
+microseconds instead of allocating until the machine runs out of memory), the advantage rule
+and the selector and the keyword arguments they accept, a one-tree dry run on the analytic
+policy, the training rewards and the judge, the device, and every line of the prompt files
+against the task. Each problem is a `ConfigError` that names the key and what to change.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .config import (
+    Config,
+    ConfigError,
+    advantage_kw,
+    near,
+    plan_params,
+    prompts_per_rank,
+    resolved_rules,
+)
+
+MAX_LEAVES = 4096
+"""Leaves (decoded images, reward calls) per tree: 14x the largest published tree (G2RPO's
+289 leaves: an anchor and 12 members x 8 SDE steps x 3 granularities)."""
+MAX_NODES = 200_000
+"""Nodes per tree: each stores a latent, so this bounds rollout memory per prompt."""
+_SELECTOR_ARGS = {"tree", "adv", "iteration", "generator"}
+
+
+def check_run(cfg: Config) -> None:
+    """Raise `ConfigError` for the first problem of the run ``cfg`` describes."""
+    plan = _check_plan(cfg)
+    _check_rules(cfg, plan)
+    _check_dry_run(cfg)
+    _check_rewards(cfg)
+    _check_device(cfg)
+    _check_prompts(cfg)
+
+
+def _check_plan(cfg: Config) -> Any:
+    """The method's plan builds, takes every rollout key set, and its trees stay bounded."""
+    from .methods import METHODS
+    from .plans import build_plan, plan_parameters
+
+    method = cfg.rollout.method
+    if method not in METHODS:
+        raise ConfigError(f"rollout.method={method!r} is unknown; valid: {METHODS.names()}"
+                          + near(method, METHODS.names()))
+    valid = plan_parameters(METHODS.get(method).plan)
+    for k in plan_params(cfg):
+        if k not in valid:
+            raise ConfigError(f"rollout.{k} is not used by method {method!r}; remove it (it "
+                              "applies to other methods)")
+    try:
+        plan = build_plan(METHODS.get(method).plan, **plan_params(cfg))
+    except (ValueError, KeyError, ZeroDivisionError) as e:
+        raise ConfigError(f"method {method!r}: {_msg(e)}") from None
+    nodes, leaves = plan.size()
+    if leaves > MAX_LEAVES or nodes > MAX_NODES:
+        raise ConfigError(
+            f"method {method!r} makes {leaves:,} leaves and {nodes:,} nodes per tree (at most "
+            f"{MAX_LEAVES:,} leaves and {MAX_NODES:,} nodes): lower rollout.branch_factor, "
+            "rollout.group_size or the number of rollout.split_steps")
+    if leaves < 2:
+        raise ConfigError(
+            f"method {method!r} makes one leaf per tree: a group-relative advantage is then 0 "
+            "and nothing trains; raise rollout.branch_factor or rollout.group_size to >= 2")
+    return plan
+
+
+def _check_rules(cfg: Config, plan: Any) -> None:
+    """The advantage rule and selector exist and take the keyword arguments configured."""
+    from .advantages import ADVANTAGES
+    from .pruning import SELECTORS
+
+    rule, sel, sel_kw = resolved_rules(cfg)
+    if rule not in ADVANTAGES:
+        raise ConfigError(f"advantage.rule={rule!r} is unknown; valid: {ADVANTAGES.names()}"
+                          + near(rule, ADVANTAGES.names()))
+    if sel not in SELECTORS:
+        raise ConfigError(f"selection.name={sel!r} is unknown; valid: {SELECTORS.names()}"
+                          + near(sel, SELECTORS.names()))
+    takes = _keywords(SELECTORS.get(sel)) - _SELECTOR_ARGS
+    for k in sel_kw:
+        if k not in takes:
+            where = f"selection {sel!r}" + (" (the method's)" if not cfg.selection.name else "")
+            raise ConfigError(f"selection.{k} is not used by {where}; remove it, or set "
+                              "selection.name to a selector that takes it: "
+                              f"{_selectors_taking(k)}")
+    if cfg.train.ratio == "guard" and plan.kernel == "cps":
+        raise ConfigError("train.ratio=guard with the cps kernel: GRPO-Guard's ratio "
+                          "correction needs a Gaussian log-prob, and CPS scores a substitute "
+                          "without the 1/(2 std^2) factor; use rollout.kernel=flow or "
+                          "train.ratio=standard")
+
+
+def _check_dry_run(cfg: Config) -> None:
+    """One tree on the analytic policy: plan, rule and selection fit, and there are enough
+    trained edges for the update cadence."""
+    from .advantages import compute_advantages
+    from .methods import METHODS
+    from .models.analytic import GaussianPolicy
+    from .plans import build_plan
+    from .pruning import select_edges
+    from .tree import rollout
+
+    rule, sel, sel_kw = resolved_rules(cfg)
+    try:
+        plan = build_plan(METHODS.get(cfg.rollout.method).plan, **plan_params(cfg))
+        pol = GaussianPolicy(2)
+        tree = rollout(pol, pol.encode(["x"]), plan, generator=torch.Generator())
+        adv = compute_advantages(tree, {"r": torch.randn(int(tree.leaf.sum()))}, rule,
+                                 **advantage_kw(cfg, rule))
+        n = int(select_edges(tree, adv, sel, **sel_kw).sum())
+    except (ValueError, KeyError, TypeError, ZeroDivisionError) as e:
+        raise ConfigError(f"method {cfg.rollout.method!r}: {_msg(e)}") from None
+    if n == 0:
+        raise ConfigError(f"method {cfg.rollout.method!r} with selection {sel!r} trains no edge "
+                          "of a tree; select more (e.g. fewer selection.depths)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_rank = prompts_per_rank(cfg, world)
+    total = n * per_rank
+    if total < cfg.train.updates_per_rollout:
+        where = f" on each of {world} ranks" if world > 1 else ""
+        key = "dist.global_prompts" if cfg.dist.global_prompts else "train.prompts_per_iteration"
+        raise ConfigError(
+            f"{total} trained edges per rollout batch{where} ({per_rank} trees x {n}) cannot "
+            f"feed train.updates_per_rollout={cfg.train.updates_per_rollout}: lower it to at "
+            f"most {total} or raise {key}")
+
+
+def _check_rewards(cfg: Config) -> None:
+    """Every training reward and the judge name something that can be built."""
+    options = cfg.reward.options
+    for name in cfg.reward.weights:
+        opts = options.get(name) or {}
+        if not isinstance(opts, dict):
+            raise ConfigError(f"reward.options.{name} must be a mapping of keyword arguments, "
+                              f"got {opts!r}")
+        _check_source(str(opts.get("source", name)), f"reward.weights.{name}", opts)
+    for name in options:
+        if name not in cfg.reward.weights:
+            raise ConfigError(f"reward.options.{name} configures a reward that is not in "
+                              f"reward.weights {sorted(cfg.reward.weights)}; add it there or "
+                              "remove the options")
+    if cfg.reward.judge and cfg.reward.judge != "judge":
+        _check_source(cfg.reward.judge, "reward.judge", {})
+
+
+def _check_source(source: str, key: str, opts: dict) -> None:
+    """A registered reward name, ``remote`` with a url, or an importable ``pkg.mod:attr``."""
+    from .rewards import REWARDS
+
+    if ":" in source:
+        from .rewards.base import _import_path
+
+        try:
+            _import_path(source)
+        except (ImportError, ValueError) as e:
+            raise ConfigError(f"{key}: {e}") from None
+        return
+    if source not in REWARDS:
+        raise ConfigError(f"{key}: unknown reward {source!r}; valid: {REWARDS.names()}, or a "
+                          "dotted path 'package.module:function'" + near(source, REWARDS.names()))
+    if source == "remote" and not opts.get("url"):
+        raise ConfigError(f"{key} is a remote reward: set its url in reward.options "
+                          "(e.g. {url: http://127.0.0.1:8900})")
+
+
+def _check_device(cfg: Config) -> None:
+    d = cfg.train.device
+    if d == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda, but this machine has no CUDA device (or torch is "
+                          f"a CPU build, {torch.__version__}); use train.device=cpu or auto")
+
+
+def _check_prompts(cfg: Config) -> None:
+    """The prompt files exist, and every line fits the task: the tiny policy's word encoder
+    knows only the shapes vocabulary, and the shapes reward and judge parse each prompt."""
+    from .models.factory import load_prompts
+    from .tasks import shapes
+
+    train, held = load_prompts(cfg)
+    checks: list[tuple[str, Callable[[str], Any]]] = []
+    if cfg.model.kind == "tiny":
+        checks.append(("the tiny policy", lambda p: shapes.tokenize([p])))
+    if "shapes" in cfg.reward.weights or cfg.reward.judge == "judge":
+        checks.append(("the shapes reward and judge", shapes.parse))
+    for key, spec, prompts in (("data.prompts", cfg.data.prompts, train),
+                               ("data.eval_prompts", cfg.data.eval_prompts, held)):
+        for what, fn in checks:
+            for i, p in enumerate(prompts):
+                try:
+                    fn(p)
+                except ValueError as e:
+                    where = f"line {i + 1} of {spec}" if spec != "shapes" else spec
+                    raise ConfigError(f"{key}: {where} cannot be used by {what}: {_msg(e)}; "
+                                      "use prompts of the task's grammar, e.g. 'two red "
+                                      "circles on the left'") from None
+
+
+def _keywords(fn: Callable[..., Any]) -> set[str]:
+    return set(inspect.signature(fn).parameters)
+
+
+def _selectors_taking(key: str) -> list[str]:
+    from .pruning import SELECTORS
+
+    return [n for n in SELECTORS.names() if key in _keywords(SELECTORS.get(n))]
+
+
+def _msg(e: BaseException) -> str:
+    """An exception's message without KeyError's quotes."""
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)

@@ -1,0 +1,22 @@
+"""A run whose reward cannot tell images apart says so at every iteration (and logs it)."""
+
+from branchgrpo.log import read_metrics, split_evals
+
+from .conftest import run_cli, small_args
+
+
+def test_a_constant_reward_warns_that_nothing_is_learnt(tmp_path, cache_dir):
+    run = tmp_path / "flat"
+    out = run_cli("train", *small_args(cache_dir, run, "train.iterations=2",
+                                       "reward.weights={flat: 1.0}",
+                                       "reward.options={flat: {source: 'flat_reward:score'}}"))
+    for it in (1, 2):
+        assert f"warning: iteration {it}: every tree's rewards are equal" in out.stderr
+    rows, _ = split_evals(read_metrics(run))
+    assert [r["reward/zero_std_frac"] for r in rows] == [1.0, 1.0]
+    assert all(r["loss/policy"] == 0.0 for r in rows)
+
+
+def test_a_varying_reward_does_not_warn(tmp_path, cache_dir):
+    out = run_cli("train", *small_args(cache_dir, tmp_path / "ok", "train.iterations=1"))
+    assert "every tree's rewards are equal" not in out.stderr
