@@ -159,13 +159,15 @@ def test_a_crafted_dcp_metadata_runs_no_code(tmp_path):
 
     import torch.distributed.checkpoint as dcp
 
+    from branchgrpo.checkpoint_dcp import load_dcp_full
+
     folder = tmp_path / "iter_000001"
     dcp.save({"model": {"w": torch.ones(2)}}, checkpoint_id=str(folder), no_dist=True)
-    assert ckpt.load_dcp_full(folder)["model"]["w"].tolist() == [1.0, 1.0]
+    assert load_dcp_full(folder)["model"]["w"].tolist() == [1.0, 1.0]
     marker = tmp_path / "pwned"
     (folder / ".metadata").write_bytes(pickle.dumps(_Evil(marker)))
     with pytest.raises(ckpt.DamagedCheckpoint, match="posix.system is not DCP metadata"):
-        ckpt.load_dcp_full(folder)
+        load_dcp_full(folder)
     assert not marker.exists()
 
 

@@ -18,11 +18,12 @@ iterations):
 A checkpoint is written into ``iter_NNNNNN.tmp/``; every file is fsynced, then the manifest
 is written atomically, then the folder is renamed. A checkpoint whose manifest is missing or
 invalid, or whose files do not match it (missing, truncated, corrupted), is damaged:
-`find_checkpoint` skips it, with one warning line, for the newest intact one. Nothing is
-unpickled except DCP's ``.metadata`` through an allow-list of DCP's own metadata classes,
-and old single-file ``iter_NNNNNN.pt`` checkpoints through ``torch.load(weights_only=True)``
-with only numpy's array globals allowed (for the numpy RNG state): no file can run code.
-`load_checkpoint` reads every format into the same plain dict.
+`find_checkpoint` skips it, with one warning line, for the newest intact one (`prune` never
+deletes the newest intact ones). Nothing is unpickled except DCP's ``.metadata``, through an
+allow-list of DCP's own metadata classes (`branchgrpo.checkpoint_dcp`), and old single-file
+``iter_NNNNNN.pt`` checkpoints, through ``torch.load(weights_only=True)`` with only numpy's
+array globals allowed (for the numpy RNG state): no file can run code. `load_checkpoint`
+reads every format into the same plain dict.
 """
 
 from __future__ import annotations
@@ -30,10 +31,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import random
 import shutil
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -422,6 +421,8 @@ def load_checkpoint(path: Path, check: bool = True) -> dict[str, Any]:
     meta = read_meta(path)
     try:
         if meta["layout"] == "dcp":
+            from .checkpoint_dcp import load_dcp_full
+
             full = load_dcp_full(path)
             model, state, ema = full["model"], full["optim"]["state"], full.get("ema")
         else:
@@ -482,7 +483,7 @@ def _numpy_globals() -> list[Any]:
             (_reconstruct, "numpy._core.multiarray._reconstruct")]
 
 
-def _first_line(e: Exception) -> str:
+def error_summary(e: Exception) -> str:
     """The informative line of an error (for torch.load: what the unpickler refused)."""
     lines = [x.strip() for x in str(e).splitlines() if x.strip()]
     for i, x in enumerate(lines):
@@ -509,102 +510,8 @@ def _load_legacy(path: Path) -> dict[str, Any]:
     except Exception as e:  # any unpickling / zip / structure error
         raise DamagedCheckpoint(
             f"damaged or foreign checkpoint {path}: it cannot be read as data "
-            f"({_first_line(e)}); old .pt checkpoints are read with weights_only=True "
+            f"({error_summary(e)}); old .pt checkpoints are read with weights_only=True "
             "(tensors and the numpy RNG state only), nothing else is unpickled") from None
-
-
-# ----------------------------------------------------------------------------- DCP
-_DCP_ALLOWED = {
-    ("torch.distributed.checkpoint.metadata", n) for n in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
-} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-     ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "Path")}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's ``.metadata`` allowing only its own metadata classes and dtypes."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _DCP_ALLOWED or (
-                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not DCP metadata")
-
-
-def _safe_reader(path: Path) -> Any:
-    """A DCP FileSystemReader whose metadata is read through `_MetadataUnpickler`."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-
-    class Reader(FileSystemReader):
-        def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-            try:
-                with open(Path(path) / DCP_METADATA, "rb") as fh:
-                    md = _MetadataUnpickler(fh).load()
-            except Exception as e:  # unpickling / truncation
-                raise DamagedCheckpoint(f"damaged checkpoint {path}: {DCP_METADATA} is not "
-                                        f"DCP metadata ({e})") from None
-            if not isinstance(md, Metadata):
-                raise DamagedCheckpoint(f"damaged checkpoint {path}: {DCP_METADATA} is not "
-                                        "DCP metadata")
-            md.storage_meta = md.storage_meta or StorageMeta()
-            md.storage_meta.load_id = self.load_id
-            return md
-
-    return Reader(str(path))
-
-
-def _tensor_planner() -> Any:
-    """DCP's default load planner, refusing non-tensor entries (DCP would unpickle them)."""
-    from torch.distributed.checkpoint import DefaultLoadPlanner
-
-    class Planner(DefaultLoadPlanner):
-        def load_bytes(self, read_item: Any, value: Any) -> None:
-            raise DamagedCheckpoint(f"the checkpoint stores {read_item.dest_index.fqn} as a "
-                                    "pickled object, not a tensor")
-
-    return Planner()
-
-
-def dcp_metadata(path: Path) -> dict[tuple, Any]:
-    """{unflattened key path, e.g. ("model", name): TensorStorageMetadata} of a DCP folder."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    md = _safe_reader(path).read_metadata()
-    return {tuple(md.planner_data[k]): m for k, m in md.state_dict_metadata.items()
-            if isinstance(m, TensorStorageMetadata)}
-
-
-def load_dcp(tensors: dict[str, Any], path: Path, no_dist: bool = False) -> None:
-    """``dcp.load`` of the tensors in ``tensors`` (nested, possibly DTensors) from ``path``,
-    in place, through the allow-listed reader; collective unless ``no_dist``."""
-    import torch.distributed.checkpoint as dcp
-
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "torch.distributed is disabled")  # no_dist
-            dcp.load(tensors, storage_reader=_safe_reader(path), planner=_tensor_planner(),
-                     no_dist=no_dist)
-    except CheckpointError:
-        raise
-    except Exception as e:  # DCP wraps rank errors in its own exception
-        raise CheckpointError(f"checkpoint {path} does not load into this run: "
-                              f"{_first_line(e)}") from None
-
-
-def load_dcp_full(path: Path) -> dict[str, Any]:
-    """Every tensor of a DCP folder as full CPU tensors, nested as saved (``model``,
-    ``optim``/``state``, ``ema``); one process, no process group."""
-    flat: dict[str, Any] = {}
-    for keys, m in dcp_metadata(path).items():
-        d = flat
-        for k in keys[:-1]:
-            d = d.setdefault(k, {})
-        d[keys[-1]] = torch.empty(m.size, dtype=m.properties.dtype)
-    load_dcp(flat, path, no_dist=True)
-    return flat
 
 
 def shapes(tensors: Iterable[tuple[str, Any]]) -> dict[str, torch.Size]:

@@ -28,7 +28,7 @@ def resolve_checkpoint(target: str | Path) -> Path:
         if p.is_dir():
             ckpt.verify(p)
         return p
-    if not (p / "checkpoints").is_dir():
+    if not ((p / "checkpoints").is_dir() or (p / "config.yaml").is_file()):
         raise ckpt.NoCheckpoint(f"{target} is neither a checkpoint nor a run directory with "
                                 "checkpoints/iter_*")
     path, damaged = ckpt.find_checkpoint(p, hint=": nothing trained to load yet")

@@ -425,7 +425,9 @@ def _restore_dcp(s: State, path: Path, expected: dict[str, torch.Size]) -> dict:
     reshards to the current rank count. Returns the metadata (``meta.json``, RNG)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    saved = {k[1]: m.size for k, m in ckpt.dcp_metadata(path).items() if k[0] == "model"}
+    from .checkpoint_dcp import dcp_metadata, load_dcp
+
+    saved = {k[1]: m.size for k, m in dcp_metadata(path).items() if k[0] == "model"}
     ckpt.check_fits(saved, expected, f"checkpoint {path}")
     meta = ckpt.read_meta(path)
     module = module_of(s.policy)
@@ -435,7 +437,7 @@ def _restore_dcp(s: State, path: Path, expected: dict[str, torch.Size]) -> dict:
     tensors = {"model": model, "optim": {"state": state}}
     if s.ema is not None and meta["has_ema"]:
         tensors["ema"] = dict(zip(s.param_names, s.ema, strict=True))
-    ckpt.load_dcp(tensors, path)
+    load_dcp(tensors, path)
     optim = ckpt.join_optimizer(tensors["optim"]["state"], meta["optimizer"])
     set_state_dict(module, s.optimizer, model_state_dict=tensors["model"],
                    optim_state_dict=optim, options=_dcp_options())
