@@ -414,6 +414,8 @@ def load_checkpoint(path: Path, check: bool = True) -> dict[str, Any]:
     right after `find_checkpoint`). Raises `CheckpointError` for anything that is not an
     intact checkpoint."""
     path = Path(path)
+    if not path.exists():
+        raise NoCheckpoint(f"no checkpoint at {path}")
     if not path.is_dir():
         return _load_legacy(path)
     if check:
