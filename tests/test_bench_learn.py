@@ -59,7 +59,7 @@ def test_time_budget_stops_after_the_iteration_that_crosses_it(tmp_path, cache_d
     assert [r["eval/tag"] for r in evals] == ["before", "after"]  # no extra eval when done
     assert evals[0]["time/elapsed"] == 0.0
     assert evals[1]["time/elapsed"] == steps[0]["time/elapsed"] > 0
-    assert (run / "checkpoints" / "iter_000001.pt").exists()
+    assert (run / "checkpoints" / "iter_000001" / "manifest.json").exists()
 
 
 def test_eval_every_seconds_evaluates_between_iterations(tmp_path, cache_dir):

@@ -56,6 +56,7 @@ def _bench_rollout(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from .checkpoint import CheckpointError
     from .config import ConfigError, describe, load_config
     from .train import TrainingStopped, train
 
@@ -72,6 +73,9 @@ def _train(args: argparse.Namespace) -> int:
         else:
             cfg = load_config(args.config, args.overrides)
             out = train(cfg)
+    except CheckpointError as e:
+        print(f"resume error: {e}", file=sys.stderr)
+        return 2
     except TrainingStopped as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 1

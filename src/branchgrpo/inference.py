@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .config import Config, load_config, plan_params
+from .config import Config, ConfigError, load_config, plan_params
 from .evaluate import evaluate, sample, save_grid
 from .methods import METHODS
 from .models.factory import build_policy, load_prompts
@@ -19,34 +20,55 @@ from .plans import build_plan
 
 
 def resolve_checkpoint(target: str | Path) -> Path:
-    """A checkpoint file, or the newest checkpoint of a run directory."""
+    """A checkpoint (folder or old ``.pt`` file), verified, or the newest intact checkpoint of
+    a run directory (one warning line on stderr per damaged newer one). Raises
+    `checkpoint.CheckpointError` when there is none."""
     p = Path(target)
     if ckpt.is_checkpoint(p):
+        if p.is_dir():
+            ckpt.verify(p)
         return p
-    found = ckpt.latest_checkpoint(p) if p.is_dir() else None
-    if found is None:
-        raise FileNotFoundError(f"{target} is neither a checkpoint nor a run directory with "
-                                "checkpoints/iter_* (a .pt file or a distributed checkpoint "
-                                "folder)")
-    return found
+    if not ((p / "checkpoints").is_dir() or (p / "config.yaml").is_file()):
+        raise ckpt.NoCheckpoint(f"{target} is neither a checkpoint nor a run directory with "
+                                "checkpoints/iter_*")
+    path, damaged = ckpt.find_checkpoint(p, hint=": nothing trained to load yet")
+    for line in damaged:
+        print(f"warning: {line}; using {path.name} instead", file=sys.stderr)
+    return path
 
 
 def load_trained(target: str | Path) -> tuple[Any, Config, dict, torch.device]:
-    """(policy with trained weights (EMA if kept), config, checkpoint state, device)."""
+    """(policy with trained weights (EMA if kept), config, checkpoint state, device). Raises
+    `checkpoint.CheckpointError` for a missing, damaged or mismatched checkpoint."""
     path = resolve_checkpoint(target)
-    state = ckpt.load_checkpoint(path)
+    state = ckpt.load_checkpoint(path, check=False)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
-        fh.write(state["config"])
-    cfg = load_config(fh.name)
-    Path(fh.name).unlink()
+        fh.write(str(state["config"]))
+    try:
+        cfg = load_config(fh.name)
+    except ConfigError as e:
+        raise ckpt.CheckpointError(f"the config stored in {path} does not load: {e}") from None
+    finally:
+        Path(fh.name).unlink()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy = build_policy(cfg, device, progress=False)
-    weights = state["policy"]
-    if state.get("ema") is not None:
-        weights = dict(zip(weights, state["ema"], strict=True))
-    ckpt.load_trainable_state(module_of(policy), weights)
-    module_of(policy).eval()
+    module = module_of(policy)
+    ids = {id(p) for p in policy.trainable_parameters()}
+    expected = ckpt.shapes((n, p) for n, p in module.named_parameters() if id(p) in ids)
+    weights = state["ema"] if state.get("ema") is not None else state["policy"]
+    ckpt.check_fits(weights, expected, f"checkpoint {path}")
+    ckpt.load_trainable_state(module, weights)
+    module.eval()
     return policy, cfg, state, device
+
+
+def _load_or_report(target: str) -> tuple[Any, Config, dict, torch.device] | None:
+    """`load_trained`, or None after printing its one-line error on stderr."""
+    try:
+        return load_trained(target)
+    except ckpt.CheckpointError as e:
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return None
 
 
 def _sigmas(cfg: Config) -> torch.Tensor:
@@ -58,7 +80,10 @@ def sample_command(target: str, prompts: list[str], out: str, n: int, seed: int)
     """Write ``n`` PNG images per prompt and a grid into ``out``."""
     from PIL import Image
 
-    policy, cfg, state, device = load_trained(target)
+    loaded = _load_or_report(target)
+    if loaded is None:
+        return 2
+    policy, cfg, state, device = loaded
     todo = [p for p in prompts for _ in range(n)]
     media = sample(policy, todo, _sigmas(cfg), seed=seed, device=device)
     folder = Path(out)
@@ -78,7 +103,10 @@ def eval_command(target: str, samples: int, as_json: bool) -> int:
     from .rewards import RewardSet
     from .train import _judge
 
-    policy, cfg, state, device = load_trained(target)
+    loaded = _load_or_report(target)
+    if loaded is None:
+        return 2
+    policy, cfg, state, device = loaded
     _, held = load_prompts(cfg)
     n = samples or cfg.data.eval_samples
     prompts = [held[i % len(held)] for i in range(n)]

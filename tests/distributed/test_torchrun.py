@@ -45,6 +45,8 @@ def test_ddp_run_writes_one_run_directory_from_rank_0(ddp_run):
     folder = ckpt.latest_checkpoint(ddp_run)
     assert folder.is_dir() and folder.name == "iter_000003"
     assert sorted(p.name for p in folder.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert {".metadata", "meta.json", "rng.safetensors", "manifest.json"} <= {
+        p.name for p in folder.iterdir()} and not (folder / "meta.pt").exists()
     assert [p.name for p in ckpt.checkpoints(ddp_run / "checkpoints")] == [
         "iter_000001", "iter_000002", "iter_000003"]
     assert not list((ddp_run / "checkpoints").glob("*.tmp"))
@@ -78,7 +80,7 @@ def test_fsdp2_run_matches_ddp(ddp_run, tmp_path, cache_dir):
 def test_kill_and_resume_on_two_and_on_one_rank(ddp_run, tmp_path, cache_dir):
     killed = tmp_path / "killed"
     args = small_args(cache_dir, killed, "dist.strategy=ddp")
-    run_until(2, killed / "checkpoints" / "iter_000002" / "meta.pt", "train", *args)
+    run_until(2, killed / "checkpoints" / "iter_000002" / "manifest.json", "train", *args)
     assert ckpt.iteration_of(ckpt.latest_checkpoint(killed)) in (2, 3)
     shutil.rmtree(killed / "checkpoints" / "iter_000003", ignore_errors=True)
     on_one = tmp_path / "on_one"
@@ -91,7 +93,7 @@ def test_kill_and_resume_on_two_and_on_one_rank(ddp_run, tmp_path, cache_dir):
     out = run(1, "train", "--resume", str(on_one))  # the 2-rank checkpoint on one process
     assert "at iteration 2" in out.stdout
     assert _iters(on_one) == [1, 2, 3]
-    assert ckpt.latest_checkpoint(on_one).name == "iter_000003.pt"
+    assert ckpt.latest_checkpoint(on_one).name == "iter_000003"
     assert _max_diff(_weights(on_one), a) < 1e-5
 
 

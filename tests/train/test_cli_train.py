@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,6 +43,11 @@ def test_cli_trains_two_iterations_end_to_end(tmp_path, cache_dir):
     assert "| judge |" in report and "before" in report
 
 
+def _rows(run_dir):
+    """metrics.jsonl without wall times (they differ between any two runs)."""
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in _metrics(run_dir)]
+
+
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, cache_dir):
     args = ["train.iterations=6", "log.checkpoint_every=1", "log.keep_last=10"]
     full = tmp_path / "full"
@@ -51,21 +57,133 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, cache_dir):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=cli_env())
     deadline = time.time() + 120
-    while not (killed / "checkpoints" / "iter_000002.pt").exists():
+    while not (killed / "checkpoints" / "iter_000002").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before the kill"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (killed / "checkpoints" / "iter_000006.pt").exists()
+    assert not (killed / "checkpoints" / "iter_000006").exists()
     out = run_cli("train", "--resume", str(killed))
     assert "resumed from" in out.stdout
-    a = ckpt.load_checkpoint(full / "checkpoints" / "iter_000006.pt")
-    b = ckpt.load_checkpoint(killed / "checkpoints" / "iter_000006.pt")
+    assert "warning" not in out.stderr, out.stderr  # same thread count: no warning
+    a = ckpt.load_checkpoint(full / "checkpoints" / "iter_000006")
+    b = ckpt.load_checkpoint(killed / "checkpoints" / "iter_000006")
     for k in a["policy"]:
         assert torch.equal(a["policy"][k], b["policy"][k]), k
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for name, st in a["optimizer"]["state"].items():
+        for key, v in st.items():
+            assert torch.equal(v, b["optimizer"]["state"][name][key]), (name, key)
+    assert a["scheduler"] == b["scheduler"]
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
     steps_a = [r["iteration"] for r in _metrics(full) if "eval/tag" not in r]
-    steps_b = [r["iteration"] for r in _metrics(killed) if "eval/tag" not in r]
-    assert steps_a == steps_b == [1, 2, 3, 4, 5, 6]
+    assert steps_a == [1, 2, 3, 4, 5, 6]
+    assert _rows(full) == _rows(killed)  # every logged value, evaluations included
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, cache_dir):
+    """A finished 2-iteration run with checkpoints after iterations 1 and 2."""
+    run = tmp_path_factory.mktemp("two") / "run"
+    run_cli("train", *small_args(cache_dir, run, "train.iterations=2", "log.checkpoint_every=1",
+                                 "log.keep_last=3"))
+    return run
+
+
+def _copy(run, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+def _rewrite(folder, name, tensors):
+    """Replace one safetensors file of a checkpoint and refresh its manifest (a checkpoint
+    that is intact but holds the wrong content)."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(folder / name))
+    man = json.loads((folder / "manifest.json").read_text())
+    data = (folder / name).read_bytes()
+    man["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(man))
+
+
+def test_truncated_newest_checkpoint_falls_back_for_resume_eval_and_sample(two_checkpoints,
+                                                                          tmp_path):
+    run = _copy(two_checkpoints, tmp_path)
+    newest = run / "checkpoints" / "iter_000002" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    warning = (f"warning: damaged checkpoint {run / 'checkpoints' / 'iter_000002'}: "
+               "model.safetensors has 1000 bytes")
+    ev = run_cli("eval", str(run), "--json", "--samples", "2")
+    assert json.loads(ev.stdout)["iteration"] == 1
+    assert warning in ev.stderr and "using iter_000001 instead" in ev.stderr, ev.stderr
+    sa = run_cli("sample", str(run), "--prompt", "one red circle", "--n", "1", "--out",
+                 str(tmp_path / "imgs"))
+    assert "(iteration 1)" in sa.stdout and warning in sa.stderr
+    env = {**cli_env(), "OMP_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-m", "branchgrpo", "train", "--resume", str(run)],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert warning in out.stderr and "resuming from iter_000001 instead" in out.stderr
+    assert "written with 1 torch threads, this run has 2" in out.stderr
+    assert "at iteration 1" in out.stdout
+    assert [r["iteration"] for r in _metrics(run) if "eval/tag" not in r] == [1, 2]
+    assert ckpt.load_checkpoint(run / "checkpoints" / "iter_000002")["iteration"] == 2
+
+
+def test_resume_before_the_first_checkpoint_is_a_clear_error(two_checkpoints, tmp_path):
+    import shutil
+
+    run = _copy(two_checkpoints, tmp_path)
+    shutil.rmtree(run / "checkpoints")
+    config = (run / "config.yaml").read_text()
+    out = run_cli("train", "--resume", str(run), "train.iterations=5", check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == (
+        f"resume error: no checkpoint in {run / 'checkpoints'} yet: the run stopped before its "
+        "first checkpoint (log.checkpoint_every=1); start it again without --resume")
+    assert (run / "config.yaml").read_text() == config
+
+
+def test_a_failed_resume_rewrites_nothing(two_checkpoints, tmp_path):
+    run = _copy(two_checkpoints, tmp_path)
+    for it in (1, 2):  # intact files, but weights of another model
+        _rewrite(run / "checkpoints" / f"iter_{it:06d}", "model.safetensors",
+                 {"other.weight": torch.zeros(2)})
+    before = {f: (run / f).read_text() for f in ("config.yaml", "metrics.jsonl")}
+    out = run_cli("train", "--resume", str(run), "train.iterations=5", check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "does not fit the model" in out.stderr and "unknown ['other.weight']" in out.stderr
+    assert {f: (run / f).read_text() for f in before} == before
+
+
+def test_eval_refuses_empty_and_crafted_checkpoints(two_checkpoints, tmp_path):
+    run = _copy(two_checkpoints, tmp_path)
+    empty = run / "checkpoints" / "iter_000002"
+    _rewrite(empty, "model.safetensors", {})
+    out = run_cli("eval", str(empty), check=False)
+    assert out.returncode == 2 and "holds no trained weights" in out.stderr, out.stderr
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    subprocess.run([sys.executable, "-c", "import os, torch\n"
+                    "class E:\n def __reduce__(self): return os.system, ('touch ' + "
+                    f"{str(marker)!r},)\ntorch.save({{'policy': E()}}, {str(evil)!r})"],
+                   check=True)
+    out = run_cli("eval", str(evil), check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "cannot be read as data" in out.stderr and not marker.exists()
+
+
+def test_a_start_that_fails_leaves_no_run_directory(tmp_path):
+    run = tmp_path / "r"
+    out = run_cli("train", f"log.run_dir={run}", "model.kind=flux",
+                  f"model.path={tmp_path / 'missing'}", check=False)
+    assert out.returncode != 0 and "cannot load" in out.stderr
+    assert not run.exists()
 
 
 @pytest.mark.parametrize("args,message", [
@@ -97,7 +215,7 @@ def test_nan_reward_stops_with_its_name_and_checkpoint_stays_loadable(tmp_path, 
     assert out.returncode == 1
     assert "nanny" in out.stderr and "iteration 2" in out.stderr, out.stderr
     last = ckpt.latest_checkpoint(run)
-    assert last is not None and last.name == "iter_000001.pt"
+    assert last is not None and last.name == "iter_000001"
     assert not list((run / "checkpoints").glob("*.tmp"))
     state = ckpt.load_checkpoint(last)
     assert state["iteration"] == 1 and state["policy"]
