@@ -17,6 +17,7 @@ from .methods import METHODS
 from .models.factory import build_policy, load_prompts
 from .models.families import module_of
 from .plans import build_plan
+from .preflight import check_prompts, check_rewards
 
 
 def resolve_checkpoint(target: str | Path) -> Path:
@@ -37,9 +38,11 @@ def resolve_checkpoint(target: str | Path) -> Path:
     return path
 
 
-def load_trained(target: str | Path) -> tuple[Any, Config, dict, torch.device]:
+def load_trained(target: str | Path, prompts: list[str] | None = None,
+                 ) -> tuple[Any, Config, dict, torch.device]:
     """(policy with trained weights (EMA if kept), config, checkpoint state, device). Raises
-    `checkpoint.CheckpointError` for a missing, damaged or mismatched checkpoint."""
+    `checkpoint.CheckpointError` for a missing, damaged or mismatched checkpoint, and
+    `ConfigError` before the model loads when the rewards or ``prompts`` do not fit it."""
     path = resolve_checkpoint(target)
     state = ckpt.load_checkpoint(path, check=False)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
@@ -50,6 +53,9 @@ def load_trained(target: str | Path) -> tuple[Any, Config, dict, torch.device]:
         raise ckpt.CheckpointError(f"the config stored in {path} does not load: {e}") from None
     finally:
         Path(fh.name).unlink()
+    check_rewards(cfg)
+    if prompts is not None:
+        check_prompts(cfg, prompts, "--prompt {line}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy = build_policy(cfg, device, progress=False)
     module = module_of(policy)
@@ -62,10 +68,11 @@ def load_trained(target: str | Path) -> tuple[Any, Config, dict, torch.device]:
     return policy, cfg, state, device
 
 
-def _load_or_report(target: str) -> tuple[Any, Config, dict, torch.device] | None:
+def _load_or_report(target: str, prompts: list[str] | None = None,
+                    ) -> tuple[Any, Config, dict, torch.device] | None:
     """`load_trained`, or None after printing its one-line error on stderr."""
     try:
-        return load_trained(target)
+        return load_trained(target, prompts)
     except ckpt.CheckpointError as e:
         print(f"checkpoint error: {e}", file=sys.stderr)
         return None
@@ -80,7 +87,7 @@ def sample_command(target: str, prompts: list[str], out: str, n: int, seed: int)
     """Write ``n`` PNG images per prompt and a grid into ``out``."""
     from PIL import Image
 
-    loaded = _load_or_report(target)
+    loaded = _load_or_report(target, prompts)
     if loaded is None:
         return 2
     policy, cfg, state, device = loaded

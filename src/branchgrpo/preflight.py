@@ -41,7 +41,7 @@ def check_run(cfg: Config) -> None:
     plan = _check_plan(cfg)
     _check_rules(cfg, plan)
     _check_dry_run(cfg)
-    _check_rewards(cfg)
+    check_rewards(cfg)
     _check_device(cfg)
     _check_prompts(cfg)
 
@@ -138,7 +138,7 @@ def _check_dry_run(cfg: Config) -> None:
             f"most {total} or raise {key}")
 
 
-def _check_rewards(cfg: Config) -> None:
+def check_rewards(cfg: Config) -> None:
     """Every training reward and the judge name something that can be built."""
     options = cfg.reward.options
     for name in cfg.reward.weights:
@@ -184,28 +184,37 @@ def _check_device(cfg: Config) -> None:
 
 
 def _check_prompts(cfg: Config) -> None:
-    """The prompt files exist, and every line fits the task: the tiny policy's word encoder
-    knows only the shapes vocabulary, and the shapes reward and judge parse each prompt."""
+    """The prompt files exist, and every line fits the task."""
     from .models.factory import load_prompts
-    from .tasks import shapes
 
     train, held = load_prompts(cfg)
+    check_prompts(cfg, train, f"data.prompts: {_where(cfg.data.prompts)}")
+    check_prompts(cfg, held, f"data.eval_prompts: {_where(cfg.data.eval_prompts)}")
+
+
+def check_prompts(cfg: Config, prompts: list[str], where: str) -> None:
+    """Every prompt fits the task: the tiny policy's word encoder knows only the shapes
+    vocabulary, and the shapes reward and judge parse each prompt. ``where`` names the source
+    in the error (``{line}`` is replaced by the 1-based line number)."""
+    from .tasks import shapes
+
     checks: list[tuple[str, Callable[[str], Any]]] = []
     if cfg.model.kind == "tiny":
         checks.append(("the tiny policy", lambda p: shapes.tokenize([p])))
     if "shapes" in cfg.reward.weights or cfg.reward.judge == "judge":
         checks.append(("the shapes reward and judge", shapes.parse))
-    for key, spec, prompts in (("data.prompts", cfg.data.prompts, train),
-                               ("data.eval_prompts", cfg.data.eval_prompts, held)):
-        for what, fn in checks:
-            for i, p in enumerate(prompts):
-                try:
-                    fn(p)
-                except ValueError as e:
-                    where = f"line {i + 1} of {spec}" if spec != "shapes" else spec
-                    raise ConfigError(f"{key}: {where} cannot be used by {what}: {_msg(e)}; "
-                                      "use prompts of the task's grammar, e.g. 'two red "
-                                      "circles on the left'") from None
+    for what, fn in checks:
+        for i, p in enumerate(prompts):
+            try:
+                fn(p)
+            except ValueError as e:
+                raise ConfigError(f"{where.format(line=i + 1)} cannot be used by {what}: "
+                                  f"{_msg(e)}; use prompts of the task's grammar, e.g. 'two red "
+                                  "circles on the left'") from None
+
+
+def _where(spec: str) -> str:
+    return "the built-in shapes prompts" if spec == "shapes" else f"line {{line}} of {spec}"
 
 
 def _keywords(fn: Callable[..., Any]) -> set[str]:
