@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from branchgrpo import cli
-from branchgrpo.config import load_config
+from branchgrpo.config import ConfigError, load_config
 from branchgrpo.evaluate import evaluate
 from branchgrpo.log import RunLogger, read_metrics
 from branchgrpo.methods import METHODS
@@ -188,3 +188,15 @@ def test_metrics_lines_stay_strict_json(tmp_path):
     assert read_metrics(tmp_path) == [{"iteration": 1, "a": None, "b": None, "c": 2.0,
                                        "d": "x", "e": True}]
 
+
+
+def test_sample_prompts_need_only_the_policy_vocabulary():
+    from branchgrpo.preflight import check_prompts
+
+    cfg = load_config(None, [])
+    check_prompts(cfg, ["one red circle"], "--prompt {line}", scored=False)
+    with pytest.raises(ConfigError, match="--prompt 2 cannot be used by the tiny policy.*'huge'"):
+        check_prompts(cfg, ["one red circle", "one huge circle"], "--prompt {line}",
+                      scored=False)
+    with pytest.raises(ConfigError, match="--prompt 1 cannot be used by the shapes reward"):
+        check_prompts(cfg, ["one red circle"], "--prompt {line}")

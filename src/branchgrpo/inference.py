@@ -55,7 +55,7 @@ def load_trained(target: str | Path, prompts: list[str] | None = None,
         Path(fh.name).unlink()
     check_rewards(cfg)
     if prompts is not None:
-        check_prompts(cfg, prompts, "--prompt {line}")
+        check_prompts(cfg, prompts, "--prompt {line}", scored=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy = build_policy(cfg, device, progress=False)
     module = module_of(policy)

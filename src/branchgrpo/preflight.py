@@ -192,16 +192,16 @@ def _check_prompts(cfg: Config) -> None:
     check_prompts(cfg, held, f"data.eval_prompts: {_where(cfg.data.eval_prompts)}")
 
 
-def check_prompts(cfg: Config, prompts: list[str], where: str) -> None:
+def check_prompts(cfg: Config, prompts: list[str], where: str, scored: bool = True) -> None:
     """Every prompt fits the task: the tiny policy's word encoder knows only the shapes
-    vocabulary, and the shapes reward and judge parse each prompt. ``where`` names the source
-    in the error (``{line}`` is replaced by the 1-based line number)."""
+    vocabulary, and (when the prompts will be ``scored``) the shapes reward and judge parse
+    each prompt. ``where`` names the source in the error (``{line}``: the 1-based line)."""
     from .tasks import shapes
 
     checks: list[tuple[str, Callable[[str], Any]]] = []
     if cfg.model.kind == "tiny":
         checks.append(("the tiny policy", lambda p: shapes.tokenize([p])))
-    if "shapes" in cfg.reward.weights or cfg.reward.judge == "judge":
+    if scored and ("shapes" in cfg.reward.weights or cfg.reward.judge == "judge"):
         checks.append(("the shapes reward and judge", shapes.parse))
     for what, fn in checks:
         for i, p in enumerate(prompts):
