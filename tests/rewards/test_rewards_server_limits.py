@@ -18,13 +18,11 @@ from server_testlib import (
     connect,
     good_request,
     launch,
-    memory_kb,
-    png_bomb,
     port_of,
-    post_head,
-    read_response,
     stop,
 )
+
+from branchgrpo.rewards.loadtest import memory_kb, png_bomb, post_head, read_response
 
 TOKEN = "t0ken"
 MB = 1024 * 1024
@@ -96,7 +94,7 @@ def test_slow_headers_and_idle_connections_are_closed(server):
 def test_unauthenticated_big_bodies_get_401_before_the_body_is_read(server):
     proc, url = server
     port, n, size = port_of(url), 10, 16 * MB
-    peak0 = memory_kb(proc.pid)
+    peak0 = memory_kb(proc.pid, "VmHWM")
     socks = [connect(port) for _ in range(n)]
     for s in socks:  # the headers and a first slice only: the 401 must not wait for the rest
         s.sendall(post_head(size, token="wrong") + b"x" * 65536)
@@ -118,7 +116,7 @@ def test_unauthenticated_big_bodies_get_401_before_the_body_is_read(server):
     for s in socks:
         s.close()
     assert healthy(url)
-    grown_mb = (memory_kb(proc.pid) - peak0) / 1024
+    grown_mb = (memory_kb(proc.pid, "VmHWM") - peak0) / 1024
     assert grown_mb < size / MB, f"peak RSS grew {grown_mb:.0f} MB for refused bodies"
 
 
@@ -146,13 +144,13 @@ def test_pixel_bomb_is_refused_from_the_header(server):
     proc, url = server
     bomb = png_bomb(4096, 4096)  # ~50 MB of RGB, 200 MB as float32
     assert len(bomb) < 200_000
-    peak0 = memory_kb(proc.pid)
+    peak0 = memory_kb(proc.pid, "VmHWM")
     t0 = time.monotonic()
     status, obj = post(url, {"media": {"format": "png", "data": [base64.b64encode(bomb).decode()]},
                              "prompts": ["x"]})
     assert status == 413 and "--max-pixels" in obj["error"], obj
     assert time.monotonic() - t0 < 2.0
-    assert (memory_kb(proc.pid) - peak0) / 1024 < 30
+    assert (memory_kb(proc.pid, "VmHWM") - peak0) / 1024 < 30
     # the limit is per request: two images of 0.64 Mpx each are over 1 Mpx, one is fine
     one = base64.b64encode(png_bomb(800, 800)).decode()
     assert post(url, {"media": {"format": "png", "data": [one, one]}, "prompts": ["a", "b"]})[

@@ -44,7 +44,7 @@ import re
 import socket
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +52,20 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+try:
+    import h11
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect, Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        f"the reward server needs starlette and uvicorn ({e}); pip install 'branchgrpo[serve]'"
+    ) from e
 
 from branchgrpo.rewards.base import REWARDS, RewardSet
 from branchgrpo.rewards.media import MediaTooLarge, decode_media
@@ -226,7 +240,9 @@ class Batcher:
     """Queue requests and score them in merged batches on one worker thread.
 
     ``max_batch``: images per merged batch (a larger request is scored alone). ``max_wait_s``:
-    how long the worker waits for more requests when the queue runs dry. ``merge=False``
+    how long the worker may wait for more requests when the queue runs dry; it waits only while
+    some request is still arriving (inside :meth:`arriving`: body being read or decoded), so a
+    lone client adds no latency. ``merge=False``
     scores one request at a time (for rewards whose scores depend on the batch composition).
     If a merged batch fails, each of its requests is rescored alone, so only the request that
     breaks the reward gets the error."""
@@ -245,6 +261,7 @@ class Batcher:
         self._wake = asyncio.Event()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="reward-score")
         self._task: asyncio.Task[None] | None = None
+        self._arriving = 0
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -255,6 +272,16 @@ class Batcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Mark a request as on its way (read and decode it inside this block)."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+            self._wake.set()
 
     async def score(self, job: Job) -> dict[str, list[float]]:
         """Queue ``job``; returns its scores (or raises what scoring it raised)."""
@@ -280,7 +307,7 @@ class Batcher:
                 n += taken[-1].job.size
                 continue
             remaining = deadline - loop.time()
-            if remaining <= 0:
+            if remaining <= 0 or not self._arriving:
                 break
             self._wake.clear()
             try:
@@ -290,25 +317,23 @@ class Batcher:
         return taken
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop, st = asyncio.get_running_loop(), self.stats
         while True:
-            taken = await self._take()
             by_key: dict[tuple[Any, ...], list[_Pending]] = {}
-            for p in taken:
+            for p in await self._take():
                 by_key.setdefault(p.job.key, []).append(p)
             for part in by_key.values():
                 jobs = [p.job for p in part]
                 results = await loop.run_in_executor(self._pool, self._score_isolated, jobs)
-                self.stats["requests"] += len(jobs)
-                self.stats["batches"] += 1
-                self.stats["images"] += sum(j.size for j in jobs)
-                self.stats["largest_batch"] = max(
-                    self.stats["largest_batch"], sum(j.size for j in jobs)
-                )
+                n = sum(j.size for j in jobs)
+                st["requests"] += len(jobs)
+                st["batches"] += 1
+                st["images"] += n
+                st["largest_batch"] = max(st["largest_batch"], n)
                 for p, r in zip(part, results, strict=True):
                     if p.future.done():
                         continue
-                    if isinstance(r, BaseException):
+                    if isinstance(r, Exception):
                         p.future.set_exception(r)
                     else:
                         p.future.set_result(r)
@@ -325,9 +350,7 @@ class Batcher:
 # --- HTTP -----------------------------------------------------------------------------------
 
 
-def _error(status: int, message: str) -> Any:
-    from starlette.responses import JSONResponse
-
+def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
@@ -343,23 +366,17 @@ async def _read_body(receive: AsyncIterator[bytes], max_bytes: int) -> bytes:
 
 def build_app(
     reward_set: RewardSet, batcher: Batcher, token: str | None = None, limits: Limits = Limits()
-) -> Any:
+) -> Starlette:
     """The Starlette app: ``GET /health`` and ``POST /score`` (see the module docstring)."""
-    from starlette.applications import Starlette
-    from starlette.exceptions import HTTPException
-    from starlette.requests import ClientDisconnect, Request
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
-
     expected = f"Bearer {token}".encode() if token is not None else None
     decode_pool = ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="decode")
 
-    async def health(request: Request) -> Any:
+    async def health(request: Request) -> JSONResponse:
         return JSONResponse(
             {"status": "ok", "rewards": reward_set.names, "batching": dict(batcher.stats)}
         )
 
-    async def score(request: Request) -> Any:
+    async def score(request: Request) -> JSONResponse:
         # everything from the headers first: no byte of the body is read for a refused request
         auth = request.headers.get("authorization", "").encode("latin-1")
         if expected is not None and not hmac.compare_digest(auth, expected):
@@ -370,12 +387,13 @@ def build_app(
             return _error(413, f"request body of {declared} bytes exceeds the limit of "
                           f"{limits.max_bytes} bytes (the server's --max-bytes)")
         try:
-            body = await asyncio.wait_for(
-                _read_body(request.stream(), limits.max_bytes), limits.read_timeout
-            )
-            job = await asyncio.get_running_loop().run_in_executor(
-                decode_pool, parse_request, body, reward_set.names, limits.max_pixels
-            )
+            with batcher.arriving():
+                body = await asyncio.wait_for(
+                    _read_body(request.stream(), limits.max_bytes), limits.read_timeout
+                )
+                job = await asyncio.get_running_loop().run_in_executor(
+                    decode_pool, parse_request, body, reward_set.names, limits.max_pixels
+                )
         except asyncio.TimeoutError:
             return _error(408, f"request body not received within {limits.read_timeout} s "
                           "(the server's --read-timeout)")
@@ -390,7 +408,7 @@ def build_app(
             return _error(500, f"{type(e).__name__}: {e}")
         return JSONResponse({"scores": scores})
 
-    async def not_found(request: Request, exc: Exception) -> Any:
+    async def not_found(request: Request, exc: Exception) -> JSONResponse:
         code = getattr(exc, "status_code", 404)
         return _error(code, f"no {request.method} {request.url.path}; use GET /health or "
                       "POST /score")
@@ -410,7 +428,7 @@ def build_app(
     )
 
 
-def guarded_h11(read_timeout: float, idle_timeout: float) -> type:
+def guarded_h11(read_timeout: float, idle_timeout: float) -> type[H11Protocol]:
     """uvicorn's h11 protocol with the two deadlines uvicorn lacks.
 
     - A new or idle connection that sends nothing for ``idle_timeout`` s is closed (uvicorn
@@ -418,9 +436,6 @@ def guarded_h11(read_timeout: float, idle_timeout: float) -> type:
     - Once a request's first byte arrives, the whole request (headers and body, or the unread
       rest of a refused body, which uvicorn discards) must arrive within ``read_timeout`` s.
       While the app works on a fully received request no deadline runs."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
     class GuardedH11(H11Protocol):
         _deadline: asyncio.TimerHandle | None = None
         _reading = False
@@ -470,7 +485,7 @@ def guarded_h11(read_timeout: float, idle_timeout: float) -> type:
 class RewardServer:
     """A bound, listening socket and the uvicorn server that will serve on it."""
 
-    server: Any
+    server: uvicorn.Server
     sock: socket.socket
 
     @property
@@ -501,8 +516,6 @@ def build_server(
 ) -> RewardServer:
     """Build the rewards, bind and listen (``port=0`` picks a free port, see ``.address``);
     ``reuse_port`` sets ``SO_REUSEPORT`` so several server processes can share one port."""
-    import uvicorn
-
     sources = parse_names(names)
     kw = {k: dict(v) for k, v in (kwargs or {}).items()}
     for alias, source in sources.items():
