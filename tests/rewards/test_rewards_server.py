@@ -237,8 +237,9 @@ def _concurrent_requests(url: str, n: int) -> tuple[list[dict], list[dict], dict
 
 
 def test_batching_merges_concurrent_requests_and_matches_scoring_alone():
+    # a long --max-wait-ms: the worker waits only while more requests are being read/decoded
     proc, url = start_server(*BATCHING_REWARDS, "picky=server_testlib:picky", "--max-wait-ms",
-                             "50", "--max-batch", "64", "--batch-size", "64")
+                             "2000", "--max-batch", "64", "--batch-size", "64")
     try:
         remote, local, stats = _concurrent_requests(url, 12)
         for r, loc in zip(remote, local, strict=True):
@@ -247,6 +248,9 @@ def test_batching_merges_concurrent_requests_and_matches_scoring_alone():
         # requests that queued behind a 0.1 s reward call were merged (two image sizes are
         # never merged with each other, so at least 2 batches)
         assert 2 <= stats["batches"] <= 8 and stats["largest_batch"] >= 6, stats
+        t0 = time.monotonic()  # so a lone request does not wait for company
+        RemoteClient(url, retries=0).score(torch.rand(1, 3, 4, 4), ["alone"], ["picky"])
+        assert time.monotonic() - t0 < 1.0
         # a request that breaks the reward gets 500; the one merged with it still gets scores
         client = RemoteClient(url, timeout=30, retries=0)
         x = (torch.rand(2, 3, 4, 4) * 255).round() / 255
