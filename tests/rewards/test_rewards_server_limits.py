@@ -231,3 +231,34 @@ def test_serve_reward_help_exits_0():
     )
     assert out.returncode == 0, out.stderr
     assert "--max-pixels" in out.stdout and "--read-timeout" in out.stdout
+
+
+def test_connections_over_the_cap_get_503_and_are_served_again_after():
+    proc, url = launch("-m", "branchgrpo.rewards.server", "jpeg_compressibility", "--port", "0",
+                       "--max-connections", "2", "--read-timeout", "2")
+    try:
+        port = port_of(url)
+        busy = [connect(port) for _ in range(2)]
+        for s in busy:  # two requests in progress hold both slots
+            s.sendall(post_head(1000) + b"{")
+        time.sleep(0.2)
+        with connect(port) as s:
+            s.sendall(post_head(2) + b"{}")
+            assert read_response_status(s) == 503
+        for s in busy:
+            assert read_response(s)[0] == 408
+            s.close()
+        assert post(url, good_request(), token=None)[0] == 200
+    finally:
+        stop(proc)
+
+
+def read_response_status(sock) -> int:
+    """The status of a response whose body may not be JSON (uvicorn's 503 is plain text)."""
+    buf = b""
+    while b"\r\n" not in buf:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"closed before a status line; got {buf!r}")
+        buf += chunk
+    return int(buf.split(b" ", 2)[1])

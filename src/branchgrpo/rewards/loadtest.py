@@ -222,41 +222,44 @@ def compare(
     repeats: int = 3,
 ) -> list[dict[str, float | str]]:
     """Images/s at each concurrency for a server with dynamic batching and the same server with
-    ``--no-batching`` (one request at a time, as under the old global lock); the best of
-    ``repeats`` runs (the machine may be shared). One server process per reward and mode,
-    started here on loopback and stopped after. ``rewards`` are classes of this module."""
+    ``--no-batching`` (one request at a time, as under the old global lock). Both servers run
+    at once (loopback, started here, stopped after) and their runs alternate, so load from
+    elsewhere on a shared machine hits both alike; each row is the best of ``repeats`` runs.
+    ``rewards`` are classes of this module."""
+    modes = {"batching": ["--max-wait-ms", str(max_wait_ms)], "no-batching": ["--no-batching"]}
     rows: list[dict[str, float | str]] = []
     for reward in rewards:
-        for mode, flags in [("batching", ["--max-wait-ms", str(max_wait_ms)]),
-                            ("no-batching", ["--no-batching"])]:
-            proc, url = start_server(f"r=branchgrpo.rewards.loadtest:{reward}",
-                                     "--batch-size", "64", *flags)
-            try:
-                for c in concurrencies:
-                    rows.append({"reward": reward, "mode": mode, "clients": c,
-                                 **_best_run(url, requests, c, batch, size, repeats)})
-            finally:
+        servers = {}
+        try:
+            for mode, flags in modes.items():
+                servers[mode] = start_server(f"r=branchgrpo.rewards.loadtest:{reward}",
+                                             "--batch-size", "64", *flags)
+            best: dict[tuple[str, int], dict[str, float]] = {}
+            for c in concurrencies:
+                for _, url in servers.values():
+                    run(url, c, c, batch, size, warmup=False)  # warm up
+                for _ in range(repeats):
+                    for mode, (_, url) in servers.items():
+                        r = _measured_run(url, requests, c, batch, size)
+                        if r["images_per_s"] > best.get((mode, c), {}).get("images_per_s", 0):
+                            best[mode, c] = r
+            rows += [{"reward": reward, "mode": m, "clients": c, **best[m, c]}
+                     for m in modes for c in concurrencies]
+        finally:
+            for proc, _ in servers.values():
                 proc.kill()
                 proc.wait()
     return rows
 
 
-def _best_run(
-    url: str, requests: int, clients: int, batch: int, size: int, repeats: int
-) -> dict[str, float]:
-    run(url, clients, clients, batch, size, warmup=False)  # warm up
-    best: dict[str, float] = {}
-    for _ in range(repeats):
-        before = RemoteClient(url, retries=0).health()["batching"]
-        r = run(url, requests, clients, batch, size, warmup=False)
-        after = RemoteClient(url, retries=0).health()["batching"]
-        if r["images_per_s"] > best.get("images_per_s", 0):
-            images = after["images"] - before["images"]
-            best = {"images_per_s": round(r["images_per_s"], 1),
-                    "mean_batch_images": round(images / max(after["batches"] -
-                                                            before["batches"], 1), 1),
-                    "p50_ms": round(r["p50_ms"], 1), "p95_ms": round(r["p95_ms"], 1)}
-    return best
+def _measured_run(url: str, requests: int, clients: int, batch: int, size: int) -> dict:
+    before = RemoteClient(url, retries=0).health()["batching"]
+    r = run(url, requests, clients, batch, size, warmup=False)
+    after = RemoteClient(url, retries=0).health()["batching"]
+    batches = max(after["batches"] - before["batches"], 1)
+    return {"images_per_s": round(r["images_per_s"], 1),
+            "mean_batch_images": round((after["images"] - before["images"]) / batches, 1),
+            "p50_ms": round(r["p50_ms"], 1), "p95_ms": round(r["p95_ms"], 1)}
 
 
 # --- the fault suite ---------------------------------------------------------------------------
