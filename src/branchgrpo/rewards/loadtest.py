@@ -450,10 +450,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--token", default=None)
     p.add_argument("--format", default="array", choices=["array", "png"])
     p.add_argument("--rewards", nargs="*", default=None, help="subset of served rewards")
+    p.add_argument("--repeats", type=int, default=3, help="--compare: best of this many runs")
     a = p.parse_args(argv)
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}", flush=True)
     if a.compare:
-        print(markdown(compare(a.requests, a.batch, a.size)))
+        print(markdown(compare(a.requests, a.batch, a.size, repeats=a.repeats)))
     elif a.faults:
         print(markdown(faults()))
     else:

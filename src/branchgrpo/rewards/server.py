@@ -181,7 +181,7 @@ def parse_request(body: bytes, served: Sequence[str], max_pixels: int) -> Job:
     prompts = req["prompts"]
     if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
         raise ClientError('"prompts" must be a list of strings')
-    names = req.get("rewards", list(served))
+    names = list(served) if req.get("rewards") is None else req["rewards"]
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise ClientError('"rewards" must be a list of reward names')
     unknown = [n for n in names if n not in served]
@@ -436,6 +436,7 @@ def guarded_h11(read_timeout: float, idle_timeout: float) -> type[H11Protocol]:
     - Once a request's first byte arrives, the whole request (headers and body, or the unread
       rest of a refused body, which uvicorn discards) must arrive within ``read_timeout`` s.
       While the app works on a fully received request no deadline runs."""
+
     class GuardedH11(H11Protocol):
         _deadline: asyncio.TimerHandle | None = None
         _reading = False
