@@ -183,6 +183,7 @@ def test_brackets_inside_strings_do_not_count_as_nesting(server):
     req = good_request()
     req["prompts"] = ['[[[[{{{{"' * 50]
     assert post(url, req)[0] == 200
+    assert post(url, {**req, "rewards": None})[0] == 200  # null: every reward, as before
 
 
 @pytest.mark.parametrize(

@@ -8,15 +8,12 @@ under ``alias``). ``--kwargs '{"hps": {"device": "cuda"}}'`` passes constructor 
 
 Protocol (JSON only, no pickle; see docs/rewards.md):
 
-- ``GET /health`` -> ``{"status": "ok", "rewards": [names], "batching": {counters}}``
-  (no token needed).
-- ``POST /score`` with ``{"media": <encoded media>, "prompts": [str], "rewards": [subset]?,
-  "group": [int]?}`` -> ``{"scores": {name: [float]}}``. Media encodings: see
-  :func:`branchgrpo.rewards.media.decode_media`.
-- Errors are JSON ``{"error": message}``: 400 malformed request, 401 missing or wrong bearer
-  token, 404/405 unknown path or method, 408 body not received within ``--read-timeout``, 413
-  body over ``--max-bytes`` or media over ``--max-pixels``, 500 when a reward fails, 503 over
-  ``--max-connections``. The server keeps serving after any of them.
+- ``GET /health`` -> ``{"status": "ok", "rewards": [names], "batching": {counters}}``.
+- ``POST /score`` with ``{"media": <see media.decode_media>, "prompts": [str], "rewards":
+  [subset]?, "group": [int]?}`` -> ``{"scores": {name: [float]}}``.
+- Errors are ``{"error": message}``: 400 malformed, 401 token, 404/405 path or method, 408 body
+  too slow, 413 too many bytes or pixels, 500 a reward failed, 503 (uvicorn) too many
+  connections. The server keeps serving after any of them.
 
 Why Starlette + uvicorn (not ``http.server``): ASGI reads the body as an async stream, so a slow
 or hostile client costs a coroutine, not a thread; the token and ``Content-Length`` are checked
@@ -541,16 +538,13 @@ def build_server(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The server's options (shared by ``python -m`` and ``branchgrpo serve-reward``)."""
+    """The server's options (``python -m`` and ``branchgrpo serve-reward`` both use them)."""
     lim = Limits()
     p.add_argument("names", nargs="+", help="rewards: NAME, pkg.mod:fn, or alias=source")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     p.add_argument("--port", type=int, default=8900, help="port; 0 picks a free one")
-    p.add_argument(
-        "--token",
-        default=os.environ.get("BRANCHGRPO_REWARD_TOKEN"),
-        help="bearer token required on /score (default $BRANCHGRPO_REWARD_TOKEN)",
-    )
+    p.add_argument("--token", default=os.environ.get("BRANCHGRPO_REWARD_TOKEN"),
+                   help="bearer token required on /score (default $BRANCHGRPO_REWARD_TOKEN)")
     p.add_argument("--reuse-port", action="store_true",
                    help="set SO_REUSEPORT: several server processes share one port (Linux)")
     g = p.add_argument_group("limits (per request / per connection)")
