@@ -121,7 +121,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _serve_reward(args: argparse.Namespace) -> int:
     from .rewards.server import main as serve_main
 
-    return int(serve_main(args.rest) or 0)
+    return serve_main(args.rest, prog="branchgrpo serve-reward")
 
 
 def _bench_iteration(args: argparse.Namespace) -> int:
@@ -270,7 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--samples", type=int, default=0, help="images (0: the config's)")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ev.set_defaults(fn=_eval)
-    se = sub.add_parser("serve-reward", help="serve rewards over HTTP", add_help=False)
+    # every argument, --help included, goes to rewards.server.main, which parses it (options
+    # before or after the names); prefix "+" keeps this parser from claiming "--port" itself
+    se = sub.add_parser("serve-reward", help="serve rewards over HTTP", add_help=False,
+                        prefix_chars="+")
     se.add_argument("rest", nargs=argparse.REMAINDER)
     se.set_defaults(fn=_serve_reward)
     bench = sub.add_parser("bench", help="benchmarks of the rollout engine and the methods")

@@ -4,36 +4,19 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from server_testlib import launch, picky, start_server, stop
 
 from branchgrpo.rewards import AsyncScorer, RewardError, RewardSet, build_reward
 from branchgrpo.rewards.client import RemoteClient
 
-HERE = Path(__file__).parent
 TOKEN = "s3cret"
-
-
-def start_server(*args: str) -> tuple[subprocess.Popen, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "branchgrpo.rewards.server", *args, "--port", "0"]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
-    line = proc.stdout.readline()  # "serving [...] on http://127.0.0.1:PORT"
-    if "http://" not in line:
-        proc.kill()
-        raise RuntimeError(f"server did not start: {line}{proc.stdout.read()}")
-    return proc, line.strip().rsplit(" ", 1)[1]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +55,8 @@ def health(url: str) -> dict:
 
 def test_roundtrip_matches_in_process(server):
     _, url = server
-    assert health(url) == {"status": "ok", "rewards": ["jpeg_compressibility", "mean"]}
+    h = health(url)
+    assert h["status"] == "ok" and h["rewards"] == ["jpeg_compressibility", "mean"]
     torch.manual_seed(0)
     media = (torch.rand(5, 3, 16, 16) * 255).round() / 255  # exactly representable in uint8
     prompts = ["a", "bb", "ccc", "", "eeeee"]
@@ -197,3 +181,113 @@ def test_client_raises_after_retries_when_server_is_dead():
     ):
         r(torch.ones(1, 3, 4, 4), ["x"])
     assert time.monotonic() - t0 < 2.0  # backoff 0.05 + 0.1
+
+
+def test_50_concurrent_clients_all_get_their_own_scores(server):
+    _, url = server
+    torch.manual_seed(2)
+    media = [(torch.rand(2, 3, 8, 8) * 255).round() / 255 for _ in range(50)]
+    local = RewardSet(
+        {"jpeg_compressibility": 1.0, "mean": 1.0},
+        {"mean": {"source": "rewards_testlib:mean_pixel"}},
+    )
+
+    def one(i: int) -> dict[str, torch.Tensor]:
+        return RemoteClient(url, TOKEN, timeout=30, retries=0).score(media[i], [f"p{i}", "q"])
+
+    with ThreadPoolExecutor(50) as pool:
+        results = list(pool.map(one, range(50)))
+    for i, r in enumerate(results):
+        expected = local.score(media[i], [f"p{i}", "q"])
+        assert torch.equal(r["jpeg_compressibility"], expected["jpeg_compressibility"])
+        assert torch.allclose(r["mean"], expected["mean"], atol=1e-6)
+
+
+BATCHING_REWARDS = (
+    "slow=server_testlib:slow_mean",
+    "rank=rewards_testlib:RankInGroup",
+    "jpeg_compressibility",
+)
+
+
+def _concurrent_requests(url: str, n: int) -> tuple[list[dict], list[dict], dict]:
+    """n concurrent requests of 3 images (two image sizes, arbitrary group ids) -> (remote
+    scores, the same requests scored alone in this process, /health batching counters)."""
+    torch.manual_seed(3)
+    sizes = [8 if i % 3 else 16 for i in range(n)]
+    media = [(torch.rand(3, 3, s, s) * 255).round() / 255 for s in sizes]
+    groups = [torch.tensor([7 + i, 7 + i, 1000 * i]) for i in range(n)]
+    prompts = [[f"a{i}", "b", "c"] for i in range(n)]
+
+    def one(i: int) -> dict[str, torch.Tensor]:
+        client = RemoteClient(url, timeout=60, retries=0)
+        return client.score(media[i], prompts[i], ["slow", "rank", "jpeg_compressibility"],
+                            groups[i])
+
+    with ThreadPoolExecutor(n) as pool:
+        remote = list(pool.map(one, range(n)))
+    local_set = RewardSet(
+        dict.fromkeys(["slow", "rank", "jpeg_compressibility"], 1.0),
+        {"slow": {"source": "server_testlib:slow_mean"},
+         "rank": {"source": "rewards_testlib:RankInGroup"}},
+    )
+    local = [local_set.score(media[i], prompts[i], groups[i]) for i in range(n)]
+    stats = RemoteClient(url, retries=0).health()["batching"]
+    return remote, local, stats
+
+
+def test_batching_merges_concurrent_requests_and_matches_scoring_alone():
+    # a long --max-wait-ms: the worker waits only while more requests are being read/decoded
+    proc, url = start_server(*BATCHING_REWARDS, "picky=server_testlib:picky", "--max-wait-ms",
+                             "2000", "--max-batch", "64", "--batch-size", "64")
+    try:
+        remote, local, stats = _concurrent_requests(url, 12)
+        for r, loc in zip(remote, local, strict=True):
+            assert r.keys() == loc.keys() and all(torch.equal(r[k], loc[k]) for k in r)
+        assert stats["requests"] == 12 and stats["images"] == 36
+        # requests that queued behind a 0.1 s reward call were merged (two image sizes are
+        # never merged with each other, so at least 2 batches)
+        assert 2 <= stats["batches"] <= 8 and stats["largest_batch"] >= 6, stats
+        t0 = time.monotonic()  # so a lone request does not wait for company
+        RemoteClient(url, retries=0).score(torch.rand(1, 3, 4, 4), ["alone"], ["picky"])
+        assert time.monotonic() - t0 < 1.0
+        # a request that breaks the reward gets 500; the one merged with it still gets scores
+        client = RemoteClient(url, timeout=30, retries=0)
+        x = (torch.rand(2, 3, 4, 4) * 255).round() / 255
+        with ThreadPoolExecutor(2) as pool:
+            bad = pool.submit(client.score, x, ["boom", "x"], ["picky"])
+            good = pool.submit(RemoteClient(url, retries=0).score, x, ["ok", "x"], ["picky"])
+            assert torch.allclose(good.result()["picky"], picky(x, ["ok", "x"]), atol=1e-6)
+            with pytest.raises(RewardError, match="HTTP 500.*refuses the prompt 'boom'"):
+                bad.result()
+    finally:
+        stop(proc)
+
+
+def test_no_batching_scores_one_request_per_batch():
+    proc, url = start_server(*BATCHING_REWARDS, "--no-batching")
+    try:
+        remote, local, stats = _concurrent_requests(url, 6)
+        for r, loc in zip(remote, local, strict=True):
+            assert all(torch.equal(r[k], loc[k]) for k in r)
+        assert stats == {"merging": False, "requests": 6, "batches": 6, "images": 18,
+                         "largest_batch": 3}
+    finally:
+        stop(proc)
+
+
+def test_reuse_port_lets_two_servers_share_a_port():
+    first, url = start_server("jpeg_compressibility", "--reuse-port")
+    port = url.rsplit(":", 1)[1]
+    try:
+        second, url2 = launch("-m", "branchgrpo.rewards.server", "jpeg_compressibility",
+                              "--reuse-port", "--port", port)
+        try:
+            assert url2 == url
+            x = torch.rand(1, 3, 4, 4)
+            for _ in range(4):
+                assert RemoteClient(url, retries=0).score(x, ["x"])["jpeg_compressibility"].shape
+        finally:
+            stop(second)
+    finally:
+        stop(first)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -124,53 +125,88 @@ def encode_media(media: Tensor, fmt: str = "array", dtype: str = "uint8") -> dic
     raise ValueError(f"media format must be 'png' or 'array', got {fmt!r}")
 
 
-def decode_media(obj: Any) -> Tensor:
+class MediaTooLarge(ValueError):
+    """Encoded media that would decode to more pixels than allowed (the server answers 413)."""
+
+
+def _is_count(x: Any) -> bool:
+    """A positive int that is not a bool (JSON ``true`` is a Python int)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x > 0
+
+
+def _check_pixels(pixels: int, max_pixels: int | None, what: str) -> None:
+    if max_pixels is not None and pixels > max_pixels:
+        raise MediaTooLarge(
+            f"{what} would decode to {pixels} pixels, over the limit of {max_pixels} "
+            "(send fewer or smaller images per request, or raise the server's --max-pixels)"
+        )
+
+
+def decode_media(obj: Any, max_pixels: int | None = None) -> Tensor:
     """Inverse of :func:`encode_media`: -> float32 ``[B, C, H, W]`` or ``[B, F, C, H, W]`` in
-    [0, 1]. Raises ``ValueError`` with a readable message on any malformed input."""
+    [0, 1]. Raises ``ValueError`` with a readable message on any malformed input.
+
+    ``max_pixels`` bounds the decoded pixels (images x frames x H x W) of the whole request. It is
+    checked from the declared array shape or the PNG headers *before* anything is decoded, and
+    exceeding it raises :class:`MediaTooLarge` (a ``ValueError``)."""
     if not isinstance(obj, dict) or "format" not in obj or "data" not in obj:
         raise ValueError('media must be an object {"format": "png"|"array", "data": ...}')
     fmt, data = obj["format"], obj["data"]
     if fmt == "array":
-        if not isinstance(data, dict) or not {"dtype", "shape", "b64"} <= set(data):
-            raise ValueError('array media data must be {"dtype", "shape", "b64"}')
-        if data["dtype"] not in _DTYPES:
-            raise ValueError(f"array dtype must be one of {sorted(_DTYPES)}, got {data['dtype']!r}")
-        shape = data["shape"]
-        if (
-            not isinstance(shape, list)
-            or len(shape) not in (4, 5)
-            or not all(isinstance(d, int) and d > 0 for d in shape)
-        ):
-            raise ValueError(f"array shape must be 4 or 5 positive ints, got {shape!r}")
-        try:
-            raw = base64.b64decode(data["b64"], validate=True)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"array b64 is not valid base64: {e}") from e
-        np_dtype = _DTYPES[data["dtype"]]
-        if len(raw) != int(np.prod(shape)) * np.dtype(np_dtype).itemsize:
-            raise ValueError(f"array has {len(raw)} bytes, which does not match shape {shape}")
-        if shape[-3] not in (1, 3):
-            raise ValueError(f"array media must be channel-first with 1 or 3 channels: {shape}")
-        arr = np.frombuffer(raw, dtype=np_dtype).reshape(shape)
-        x = torch.from_numpy(arr.copy())
-        return x.float() / 255 if np_dtype is np.uint8 else x.float()
+        return _decode_array(data, max_pixels)
     if fmt == "png":
-        return _decode_png(data, obj.get("frames"))
+        return _decode_png(data, obj.get("frames"), max_pixels)
     raise ValueError(f"media format must be 'png' or 'array', got {fmt!r}")
 
 
-def _decode_png(data: Any, frames: Any) -> Tensor:
+def _decode_array(data: Any, max_pixels: int | None) -> Tensor:
+    if not isinstance(data, dict) or not {"dtype", "shape", "b64"} <= set(data):
+        raise ValueError('array media data must be {"dtype", "shape", "b64"}')
+    if data["dtype"] not in _DTYPES:
+        raise ValueError(f"array dtype must be one of {sorted(_DTYPES)}, got {data['dtype']!r}")
+    shape = data["shape"]
+    if not isinstance(shape, list) or len(shape) not in (4, 5) or not all(map(_is_count, shape)):
+        raise ValueError(f"array shape must be 4 or 5 positive ints, got {shape!r}")
+    if shape[-3] not in (1, 3):
+        raise ValueError(f"array media must be channel-first with 1 or 3 channels: {shape}")
+    _check_pixels(math.prod(shape) // shape[-3], max_pixels, f"array media of shape {shape}")
+    if not isinstance(data["b64"], str):
+        raise ValueError("array b64 must be a base64 string")
+    try:
+        raw = base64.b64decode(data["b64"], validate=True)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"array b64 is not valid base64: {e}") from e
+    np_dtype = _DTYPES[data["dtype"]]
+    if len(raw) != math.prod(shape) * np.dtype(np_dtype).itemsize:
+        raise ValueError(f"array has {len(raw)} bytes, which does not match shape {shape}")
+    x = torch.from_numpy(np.frombuffer(raw, dtype=np_dtype).reshape(shape).copy())
+    return x.float() / 255 if np_dtype is np.uint8 else x.float()
+
+
+def _decode_png(data: Any, frames: Any, max_pixels: int | None) -> Tensor:
     from PIL import Image
 
     if not isinstance(data, list) or not data or not all(isinstance(d, str) for d in data):
         raise ValueError("png media data must be a non-empty list of base64 strings")
-    images = []
-    for i, d in enumerate(data):
+    if frames is not None and (not _is_count(frames) or len(data) % frames):
+        raise ValueError(f"frames={frames!r} does not divide {len(data)} png images")
+    opened, pixels = [], 0
+    for i, d in enumerate(data):  # headers only: Image.open does not decode the pixels
         try:
             img = Image.open(io.BytesIO(base64.b64decode(d, validate=True)))
+        except Image.DecompressionBombError as e:
+            raise MediaTooLarge(f"png image {i}: {e}") from e
+        except Exception as e:  # PIL raises many types on bad data
+            raise ValueError(f"png image {i} cannot be decoded: {e}") from e
+        pixels += img.size[0] * img.size[1]
+        _check_pixels(pixels, max_pixels, f"png images 0..{i} ({img.size[0]}x{img.size[1]} last)")
+        opened.append(img)
+    images = []
+    for i, img in enumerate(opened):
+        try:
             img = img.convert("RGB") if img.mode not in ("RGB", "L") else img
             arr = np.asarray(img)
-        except Exception as e:  # PIL raises many types on bad data
+        except Exception as e:  # truncated or corrupt pixel data
             raise ValueError(f"png image {i} cannot be decoded: {e}") from e
         arr = arr[..., None] if arr.ndim == 2 else arr
         images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
@@ -179,6 +215,4 @@ def _decode_png(data: Any, frames: Any) -> Tensor:
     x = torch.stack(images).float() / 255
     if frames is None:
         return x
-    if not isinstance(frames, int) or frames < 1 or len(images) % frames:
-        raise ValueError(f"frames={frames!r} does not divide {len(images)} png images")
     return x.reshape(len(images) // frames, frames, *x.shape[1:])
