@@ -62,7 +62,7 @@ def test_flow_sde_matches_flow_grpo_form_and_guards_sigma_one():
     torch.testing.assert_close(mean, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(std, s_t * (s - n).sqrt())
     assert s[0] == 1 and torch.isfinite(std).all()
-    # the clamp-to-0.999 alternative is several times larger at sigma = 1 (ALG 13.4)
+    # the clamp-to-0.999 alternative is several times larger at sigma = 1 (docs/algorithms.md §13.4)
     clamped = a * math.sqrt(0.999 / 0.001) * math.sqrt(s[0] - n[0])
     assert clamped / std[0] > 5
 

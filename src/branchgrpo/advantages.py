@@ -1,4 +1,4 @@
-"""Advantage rules over a rollout `Tree` (ALGORITHMS.md 1.5, 5.2-5.3, 6.2).
+"""Advantage rules over a rollout `Tree` (docs/algorithms.md §1.5, §5.2-5.3, §6.2).
 
 Rewards arrive per leaf ([L], in ``tree.leaf_ids`` order); a rule returns an advantage per
 node [N], and an edge parent -> child is trained with the child's advantage. All rules are
@@ -75,7 +75,7 @@ def path_log_prob(tree: Tree) -> Tensor:
 
 
 def fuse(tree: Tree, leaf_reward: Tensor, rule: str = "mean", alpha: float = 1.0) -> Tensor:
-    """Node rewards R [N] from leaf rewards [L] (ALGORITHMS.md 5.2, 13.5).
+    """Node rewards R [N] from leaf rewards [L] (docs/algorithms.md §5.2, §13.5).
 
     - ``mean``: R(n) = mean of R over all leaf descendants of n (published default).
     - ``child_softmax``: R(n) = sum_c softmax_c(alpha * l_c) R(c) over n's children, l_c the
@@ -154,7 +154,7 @@ def group_advantage(tree: Tree, leaf_reward: Tensor, eps: float = 1e-8) -> Tenso
 def prompt_global_std_advantage(tree: Tree, leaf_reward: Tensor, eps: float = 1e-4,
                                 global_std: float | None = None) -> Tensor:
     """Flow-GRPO's tracker: per-prompt mean, population std over all rewards of the batch
-    (``global_std`` overrides it, e.g. gathered over ranks), + 1e-4 (ALGORITHMS.md 3.1)."""
+    (``global_std`` overrides it, e.g. gathered over ranks), + 1e-4 (docs/algorithms.md §3.1)."""
     g = _leaf_groups(tree)
     r = leaf_reward.cpu().double()
     std = r.std(unbiased=False) if global_std is None else torch.tensor(global_std)
@@ -165,7 +165,7 @@ def prompt_global_std_advantage(tree: Tree, leaf_reward: Tensor, eps: float = 1e
 def depth_advantage(tree: Tree, leaf_reward: Tensor, fusion: str = "mean", alpha: float = 1.0,
                     eps: float = 1e-8, min_std: float = 1e-6) -> Tensor:
     """BranchGRPO: fuse leaf rewards to every node, then normalise per (tree, depth) with
-    unbiased std; depths with one node or std < 1e-6 get 0 (ALGORITHMS.md 5.3)."""
+    unbiased std; depths with one node or std < 1e-6 get 0 (docs/algorithms.md §5.3)."""
     r = fuse(tree, leaf_reward, fusion, alpha).cpu()
     has_edge = tree.edge_mask.cpu()
     key = tree.group.cpu() * (int(tree.depth.max()) + 1) + tree.depth.cpu()
@@ -186,9 +186,9 @@ def sde_ancestor(tree: Tree) -> Tensor:
 
 @ADVANTAGES.register("g2rpo")
 def g2rpo_advantage(tree: Tree, leaf_reward: Tensor, eps: float = 1e-8) -> Tensor:
-    """G2RPO multi-granularity advantage (ALGORITHMS.md 6.2): for the SDE child c_j of a split,
-    A(c_j) = sum_g (r_g(c_j) - mean_j r_g) / (std_j r_g + eps), siblings j of one split, g the
-    tail lane (granularity). Leaves without a stochastic step above them (the anchor) are
+    """G2RPO multi-granularity advantage (docs/algorithms.md §6.2): for the SDE child c_j of a
+    split, A(c_j) = sum_g (r_g(c_j) - mean_j r_g) / (std_j r_g + eps), siblings j of one split,
+    g the tail lane (granularity). Leaves without a stochastic step above them (the anchor) are
     logged but not used. Needs exactly one stochastic step on every path."""
     anc = sde_ancestor(tree)
     sde, par = tree.sde.cpu(), tree.parent.cpu()

@@ -1,5 +1,5 @@
 """``branchgrpo bench credit``: how much of the advantage a method gives each trained edge its
-own action earned (the G2RPO paper's "cleaner credit" claim, ALGORITHMS.md 6.1, measured).
+own action earned (the G2RPO paper's "cleaner credit" claim, docs/algorithms.md §6.1, measured).
 
 For a trained edge e = (u -> v) at grid step t, the *true* advantage of its action is
 
@@ -23,7 +23,7 @@ every step the reward deviation that all T steps caused together, so each step's
 mostly other steps' noise: ``corr`` ~ sqrt(share of the reward variance that step caused).
 With ODE everywhere but the trained step (G2RPO) the reward differences within a group are
 that step's doing alone. The last step of a chain has A* = 0 exactly: the image is the x0
-prediction of its parent's forward (ALGORITHMS.md 1.8).
+prediction of its parent's forward (docs/algorithms.md §1.8).
 """
 
 from __future__ import annotations

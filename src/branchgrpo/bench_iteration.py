@@ -99,7 +99,7 @@ def iteration_table(policy: Policy, prompts: Sequence[str], reward: Callable, *,
     ``plan_kw`` overrides apply to every method's plan where the plan takes the key (e.g. the
     model's schedule), so all methods see the same sigma schedule. ``per_sample_baseline``
     adds the baseline run the way the published DanceGRPO and BranchGRPO code runs it, one
-    sample per forward and one edge per backward (ALGORITHMS.md 4 and 5.1), as a last row
+    sample per forward and one edge per backward (docs/algorithms.md §2.1, §5.1), as a last row
     ``<baseline> (batch 1)``, and every row's ``ratio_batch1`` to it."""
     from tqdm import tqdm
 

@@ -1,4 +1,4 @@
-"""Policy losses over edges, with the statistics worth logging (ALGORITHMS.md 1.4, 3.3, 9).
+"""Policy losses over edges, with the statistics worth logging (docs/algorithms.md §1.4, §3.3, §9).
 
 All inputs are per edge [E]; log-probs and means in fp32. Each function is pure.
 """
@@ -21,7 +21,7 @@ def clipped_surrogate(log_ratio: Tensor, adv: Tensor, clip_eps: float) -> Tensor
 
 def guard_log_ratio(log_prob: Tensor, old_log_prob: Tensor, mean: Tensor, old_mean: Tensor,
                     std: Tensor) -> Tensor:
-    """GRPO-Guard's normalised log-ratio (Flow-Factory's form, ALGORITHMS.md 3.3):
+    """GRPO-Guard's normalised log-ratio (Flow-Factory's form, docs/algorithms.md §3.3):
     log r' = s (l_new - l_old) + mean((mu_new - mu_old)^2) / (2 s), s the step std [E]. For a
     per-dim-mean Gaussian log-prob this equals mean(xi * (mu_new - mu_old)): the negative
     bias -|dmu|^2 / (2 s^2) is removed and every step is put on the same scale."""

@@ -1,5 +1,5 @@
 """Method presets: each method is a plan, an advantage rule and an edge selection, plus the
-loss settings the papers ship (ALGORITHMS.md 10). The trainer's config starts from these.
+loss settings the papers ship (docs/algorithms.md §10). The trainer's config starts from these.
 """
 
 from __future__ import annotations

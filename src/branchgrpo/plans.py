@@ -1,4 +1,4 @@
-"""The rollout plan of every method (DESIGN.md 1; ALGORITHMS.md 2-6, 10).
+"""The rollout plan of every method (docs/algorithms.md §7, §2-6, §10).
 
 Each builder is a registered function of keyword parameters, defaulting to the published
 FLUX.1-dev setting, that returns a `RolloutPlan`. Plans that change over training (MixGRPO's
@@ -35,8 +35,8 @@ def dance(
     shift: float = 3.0, schedule: str = "shifted", image_seq_len: int = 256,
     shared_noise: bool = True, iteration: int = 0,
 ) -> RolloutPlan:
-    """DanceGRPO: one shared x_T per tree, split into G at step 0, SDE at every step (ALG 2.1).
-    NFE per tree = 1 + G (T - 1) (the root is evaluated once)."""
+    """DanceGRPO: one shared x_T per tree, split into G at step 0, SDE at every step
+    (docs/algorithms.md §2.1). NFE per tree = 1 + G (T - 1) (the root is evaluated once)."""
     _check_group(group_size)
     t = num_steps
     return chain_plan("dance", _sigmas(t, schedule, shift, image_seq_len),
@@ -50,8 +50,9 @@ def flow_grpo(
     shift: float = 3.0, schedule: str = "shifted", image_seq_len: int = 256,
     shared_noise: bool = False, iteration: int = 0,
 ) -> RolloutPlan:
-    """Flow-GRPO: G independent roots (own x_T each), SDE at every step (ALG 3.1). Defaults
-    follow the FLUX comparisons (T = 16, G = 12); the SD3.5 recipe sets T = 10, G = 24."""
+    """Flow-GRPO: G independent roots (own x_T each), SDE at every step
+    (docs/algorithms.md §3.1). Defaults follow the FLUX comparisons (T = 16, G = 12); the SD3.5
+    recipe sets T = 10, G = 24."""
     _check_group(group_size)
     t = num_steps
     return chain_plan("flow_grpo", _sigmas(t, schedule, shift, image_seq_len), [1] * t,
@@ -60,7 +61,7 @@ def flow_grpo(
 
 
 def mix_window_start(iteration: int, num_steps: int, iters_per_shift: int, stride: int) -> int:
-    """MixGRPO's sliding window start l (ALG 4.1): advances by ``stride`` every
+    """MixGRPO's sliding window start l (docs/algorithms.md §4.1): advances by ``stride`` every
     ``iters_per_shift`` iterations and rolls back to 0 once past T - 2. stride 0 freezes it."""
     if stride == 0:
         return 0
@@ -69,7 +70,7 @@ def mix_window_start(iteration: int, num_steps: int, iters_per_shift: int, strid
 
 
 def _mix_window(iteration, num_steps, window, iters_per_shift, stride) -> range:
-    """W(l) = {l, ..., min(l + w, T - 2) - 1} (ALG 4.1)."""
+    """W(l) = {l, ..., min(l + w, T - 2) - 1} (docs/algorithms.md §4.1)."""
     lo = mix_window_start(iteration, num_steps, iters_per_shift, stride)
     return range(lo, max(min(lo + window, num_steps - 2), lo + 1))
 
@@ -82,7 +83,7 @@ def mix(
     iteration: int = 0,
 ) -> RolloutPlan:
     """MixGRPO: Euler ODE before the window, computed once per tree; split into G at the window
-    start; Flow-SDE inside the window only; ODE after it (ALG 4.1)."""
+    start; Flow-SDE inside the window only; ODE after it (docs/algorithms.md §4.1)."""
     _check_group(group_size)
     t = num_steps
     w = _mix_window(iteration, t, window, iters_per_shift, stride)
@@ -102,8 +103,8 @@ def mix_flash(
 ) -> RolloutPlan:
     """MixGRPO-Flash: as `mix`, but after the window a DPM-Solver++(2M) ODE on a compressed
     schedule of n_post = int(max((T - e) r, 1)) points from the unshifted time 1 - (e+1)/T to 0
-    (ALG 4.1; Flash* is stride 0, compression 0.2, NFE 7 at T = 25). Needs the 'shifted'
-    schedule, whose unshifted times the compression is defined on."""
+    (docs/algorithms.md §4.1; Flash* is stride 0, compression 0.2, NFE 7 at T = 25). Needs the
+    'shifted' schedule, whose unshifted times the compression is defined on."""
     _check_group(group_size)
     if schedule != "shifted":
         raise ValueError("mix_flash compresses the 'shifted' schedule; set schedule: shifted")
@@ -132,7 +133,8 @@ def g2rpo(
 ) -> RolloutPlan:
     """G2RPO: an ODE anchor from a shared x_T; at each k in M one SDE step into G children of
     the anchor state; from each child an ODE tail over sigma[k+1], sigma[k+2], then
-    sigma[k+2::g] for every granularity g, each tail ending in a rewarded leaf (ALG 6.1-6.2).
+    sigma[k+2::g] for every granularity g, each tail ending in a rewarded leaf
+    (docs/algorithms.md §6.1-6.2).
 
     Lanes: 0 is the anchor; lane 1 + a * |G| + b is the tail of split M[a] at granularity
     G[b]. The first tail step and the forward at sigma[k+2] are shared by all granularities,
@@ -190,12 +192,13 @@ def branch(
     iteration: int = 0,
 ) -> RolloutPlan:
     """BranchGRPO: one shared x_T per tree; at each split step every frontier node gets K
-    children (split noise lambda, default 1 so leaf marginals are preserved, ALG 13.2).
+    children (split noise lambda, default 1 so leaf marginals are preserved,
+    docs/algorithms.md §13.2).
     ``roots`` > 1 grows a forest per prompt: that many independent x_T, each branching, for
     exploration in what the initial noise decides (layout) at the same prefix sharing.
 
     ``mix_window`` > 0 gives BranchGRPO-Mix: step i is SDE iff i mod q < w or i is a split
-    step (q = ``mix_stride``), else Euler ODE (ALG 5.6)."""
+    step (q = ``mix_stride``), else Euler ODE (docs/algorithms.md §5.6)."""
     s = _check_splits(split_steps, num_steps, branch_factor)
     t = num_steps
     branch_ = [branch_factor if i in s else 1 for i in range(t)]

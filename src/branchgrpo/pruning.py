@@ -2,7 +2,7 @@
 
 A selector maps (tree, node advantages [N], iteration, generator) to a mask [N] over the edges
 into each node; only SDE edges can be selected (an ODE edge has no density). Sampling and
-rewards are unchanged by selection (ALGORITHMS.md 2.1 step 7, 5.5, 5.6).
+rewards are unchanged by selection (docs/algorithms.md §2.1 step 7, §5.5, §5.6).
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def timestep_fraction(tree: Tree, adv: Tensor, iteration: int = 0,
 @SELECTORS.register("width")
 def width(tree: Tree, adv: Tensor, iteration: int = 0,
           generator: torch.Generator | None = None, ratio: float = 0.5) -> Tensor:
-    """BranchGRPO width pruning (published mode 2, ALGORITHMS.md 5.5, 13.6): among edges below
-    the last split (whose parent has one leaf), keep the chains of the best and worst
+    """BranchGRPO width pruning (published mode 2, docs/algorithms.md §5.5, §13.6): among edges
+    below the last split (whose parent has one leaf), keep the chains of the best and worst
     ratio * L / 2 leaves of each tree by advantage; edges above the last split are all kept."""
     if not 0 < ratio <= 1:
         raise ValueError(f"width ratio must lie in (0, 1], got {ratio}")
@@ -117,7 +117,8 @@ def depth(tree: Tree, adv: Tensor, iteration: int = 0,
           generator: torch.Generator | None = None,
           depths: Sequence[int] = (16, 17, 18, 19, 20)) -> Tensor:
     """BranchGRPO depth pruning: drop edges whose child depth is in ``depths``. The default
-    drops 5 full-width depths, giving the published 138 trained edges per tree (ALG 5.5)."""
+    drops 5 full-width depths, giving the published 138 trained edges per tree
+    (docs/algorithms.md §5.5)."""
     return _depth_mask(tree, depths)
 
 

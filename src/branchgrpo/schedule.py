@@ -1,4 +1,4 @@
-"""Sigma schedules (ALGORITHMS.md 1.1). Every schedule returns sigmas [T + 1], sigma_0 = 1 >
+"""Sigma schedules (docs/algorithms.md §1.1). Every schedule returns sigmas [T + 1], sigma_0 = 1 >
 sigma_1 > ... > sigma_T = 0, in fp32."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stateless step kernels and the Gaussian log-prob of a transition (ALGORITHMS.md 1.2-1.3).
+"""Stateless step kernels and the Gaussian log-prob of a transition (docs/algorithms.md §1.2-1.3).
 
 Every kernel maps one step ``sigma -> sigma_next`` (sigma > sigma_next) to the Gaussian
 transition ``x_next ~ N(mean, std^2 I)``. All math runs in fp32. Notation: ``delta = sigma -
@@ -50,8 +50,8 @@ def ode(v: Tensor, x: Tensor, sigma: Tensor, sigma_next: Tensor, level: float = 
 
 
 def _score_sde(v: Tensor, x: Tensor, sigma: Tensor, sigma_next: Tensor, g: Tensor):
-    """Shared form of Dance-SDE and Flow-SDE with diffusion coefficient g [N] (ALG 1.2):
-    mean = x - delta [v + g^2/(2 sigma) x1_hat], std = g sqrt(delta)."""
+    """Shared form of Dance-SDE and Flow-SDE with diffusion coefficient g [N]
+    (docs/algorithms.md §1.2): mean = x - delta [v + g^2/(2 sigma) x1_hat], std = g sqrt(delta)."""
     v, x = v.float(), x.float()
     delta = (sigma - sigma_next).float()
     s = _col(sigma, x)
@@ -73,7 +73,8 @@ def flow_sde(v: Tensor, x: Tensor, sigma: Tensor, sigma_next: Tensor, level: flo
     """Flow-GRPO's SDE: g = a sqrt(sigma / (1 - sigma)), a = ``level``.
 
     At sigma = 1 the denominator takes ``1 - sigma_next`` (as Flow-GRPO's ``sigma_max`` guard);
-    clamping sigma to 0.999 instead would make the std ~20x too large (ALGORITHMS.md 13.4).
+    clamping sigma to 0.999 instead would make the std 4-6x and the drift's s^2 14-36x too
+    large at T = 10-25, shift 3 (docs/algorithms.md §13.4).
     """
     _check_steps(sigma, sigma_next)
     sigma32, nxt = sigma.float(), sigma_next.float()
@@ -128,7 +129,7 @@ def log_prob(x_next: Tensor, mean: Tensor, std: Tensor, reduce: Reduce = "mean")
     """Gaussian log-density of ``x_next`` under N(mean, std^2 I), reduced over latent dims.
 
     ``reduce="mean"`` averages the per-element log-density over all non-batch dims, as every
-    published repository does (ALGORITHMS.md 1.3), which is why clip ranges are 1e-5..1e-3;
+    published repository does (docs/algorithms.md §1.3), which is why clip ranges are 1e-5..1e-3;
     ``"sum"`` gives the true joint log-density. x_next, mean [N, ...]; std [N] > 0 -> [N] fp32.
     """
     if bool((std <= 0).any()):
@@ -142,7 +143,7 @@ def log_prob(x_next: Tensor, mean: Tensor, std: Tensor, reduce: Reduce = "mean")
 
 def cps_log_prob(x_next: Tensor, mean: Tensor, std: Tensor, reduce: Reduce = "mean") -> Tensor:
     """CPS's published surrogate ``-mean((x_next - mean)^2)`` (no constants, no 1/(2 std^2)),
-    kept so CPS hyper-parameters (clip 1e-5) transfer (ALGORITHMS.md 1.3). [N, ...] -> [N]."""
+    kept so CPS hyper-parameters (clip 1e-5) transfer (docs/algorithms.md §1.3). [N, ...] -> [N]."""
     flat = (-((x_next.float() - mean.float()) ** 2)).flatten(1)
     return flat.mean(1) if reduce == "mean" else flat.sum(1)
 

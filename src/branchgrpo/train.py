@@ -4,7 +4,7 @@ Readable top to bottom. Every phase is timed (``time/<phase>``). Every source of
 is a generator seeded from (seed, iteration, purpose), so a resumed run draws exactly the
 noise, prompts and shuffles the uninterrupted run would have drawn.
 
-How this differs from the published scripts (ALGORITHMS.md 13): one batched tree engine for
+How this differs from the published scripts (docs/algorithms.md §13): one batched tree engine for
 every method; the optimizer cadence is ``train.updates_per_rollout`` (not a by-product of
 gradient accumulation over edges); split noise lambda defaults to 1 and is scored with the
 std actually sampled with; rollout latents are round-tripped through their storage dtype

@@ -1,7 +1,7 @@
 """Rollout plans, the batched tree-rollout engine, and the flat `Tree` it returns.
 
-Every method is one rollout tree (DESIGN.md 1). A `RolloutPlan` holds a sigma grid and one or
-more *lanes*; a lane is an increasing sequence of grid indices (its *track*) and, at each
+Every method is one rollout tree (docs/algorithms.md §7). A `RolloutPlan` holds a sigma grid and
+one or more *lanes*; a lane is an increasing sequence of grid indices (its *track*) and, at each
 track position but the last, the `Fork`s a node there gets: how many children, by which solver
 (SDE kernel, Euler ODE or DPM-Solver++ 2M), into which lane, with which split noise scale
 lambda. A node at the last position of its lane is a leaf. Most methods need one lane (the full
@@ -14,8 +14,8 @@ on the chunking: ``max_batch=1`` reproduces the published per-node evaluation ex
 
 A sampled latent is round-tripped through the storage dtype *before* its log-prob is computed,
 and the child continues from the rounded value, so recomputing the log-prob from the stored
-tensors gives a ratio of exactly 1 (ALGORITHMS.md 1.7, 13.3). With lambda != 1 the stored
-log-prob uses the std actually sampled with, lambda * std (ALGORITHMS.md 13.2).
+tensors gives a ratio of exactly 1 (docs/algorithms.md §1.7, §13.3). With lambda != 1 the stored
+log-prob uses the std actually sampled with, lambda * std (docs/algorithms.md §13.2).
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ class Tree:
     Parents precede their children (parent[n] < n). Shapes: N nodes, L leaves, D latent dims.
     ``log_prob``/``sde``/``noise_scale`` describe the edge into a node (0/False/1 for roots and
     deterministic edges). ``leaf_x0`` [L, *D] is the image latent of each leaf (x0_hat predicted
-    at the last model call, ALGORITHMS.md 1.8), in ``leaf_ids`` order.
+    at the last model call, docs/algorithms.md §1.8), in ``leaf_ids`` order.
     """
 
     latents: Tensor  # [N, *D] storage dtype
@@ -211,7 +211,7 @@ class Tree:
 
     def edges(self, select: Tensor | None = None, adv: Tensor | None = None) -> EdgeBatch:
         """The edges into the nodes where ``select`` [N] is True (default: every SDE edge), with
-        per-node advantages ``adv`` [N] (the child's, ALGORITHMS.md 5.3) or zeros."""
+        per-node advantages ``adv`` [N] (the child's, docs/algorithms.md §5.3) or zeros."""
         mask = self.edge_mask & (self.sde if select is None else select.to(self.parent.device))
         if bool((mask & ~self.sde).any()):
             raise ValueError("selected a deterministic (ODE) edge: it has no density to train")

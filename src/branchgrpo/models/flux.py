@@ -6,7 +6,7 @@ Latents are the packed tokens the transformer sees: ``latent_shape = (S, 4 C)`` 
 ``S = (H / 2f)(W / 2f)`` for VAE factor f (16 channels, f = 8 for FLUX.1-dev: 720 px ->
 (2025, 64)). The transformer gets ``timestep = sigma`` exactly as diffusers' FluxPipeline
 passes it ((1000 sigma) / 1000 in fp32); ``quantize_timestep=True`` gives the FastVideo repos'
-``int(1000 sigma) / 1000`` (DanceGRPO / BranchGRPO, ALGORITHMS.md 1.1) instead.
+``int(1000 sigma) / 1000`` (DanceGRPO / BranchGRPO, docs/algorithms.md §1.1) instead.
 """
 
 from __future__ import annotations

@@ -264,7 +264,7 @@ def _device_of(m: nn.Module) -> torch.device:
 def weight_dtype(dtype: torch.dtype, lora: LoraSpec | None, full_finetune: bool,
                  master_dtype: torch.dtype = torch.float32) -> torch.dtype:
     """Storage dtype of the transformer weights: ``master_dtype`` (fp32) when they are trained
-    in full (ALGORITHMS.md 1.7: fp32 master weights, bf16 autocast), else ``dtype``."""
+    in full (docs/algorithms.md §1.7: fp32 master weights, bf16 autocast), else ``dtype``."""
     return master_dtype if full_finetune and lora is None else dtype
 
 

@@ -3,7 +3,7 @@ in the diffusers format, so ``pipeline.load_lora_weights(path)`` loads what we s
 
 LoRA is injected with diffusers' ``ModelMixin.add_adapter`` (peft underneath), so the
 transformer keeps its class and forward signature; only the LoRA matrices train, kept in fp32
-while the frozen base may be bf16 (ALGORITHMS.md 1.7).
+while the frozen base may be bf16 (docs/algorithms.md §1.7).
 """
 
 from __future__ import annotations

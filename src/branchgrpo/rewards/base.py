@@ -3,7 +3,7 @@
 Media convention: images are float tensors ``[B, C, H, W]`` in ``[0, 1]``; videos are
 ``[B, F, C, H, W]`` in ``[0, 1]``. A reward returns fp32 scores ``[B]``, higher is better.
 
-Combining several rewards (ALGORITHMS.md 1.6): Flow-GRPO sums weighted raw rewards
+Combining several rewards (docs/algorithms.md §1.6): Flow-GRPO sums weighted raw rewards
 (``r = sum_k w_k r_k``, :func:`weighted_sum`); MixGRPO and G2RPO normalise each reward within its
 group and sum the advantages. :class:`RewardSet` therefore returns one score tensor per reward
 and leaves the choice to the advantage rule.

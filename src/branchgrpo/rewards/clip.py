@@ -1,7 +1,7 @@
 """CLIP score, and the CLIP embedding code shared by PickScore, HPS-v2.1 and the aesthetic head.
 
 CLIP score (Radford et al. 2021; Hessel et al. 2021, arXiv 2104.08718): cosine similarity of the
-L2-normalised image and text embeddings. Scales used by the papers (ALGORITHMS.md 1.6):
+L2-normalised image and text embeddings. Scales used by the papers (docs/algorithms.md §1.6):
 
 - ``form="cos"``: the raw cosine (about 0.2-0.35 for matching pairs). G2RPO's hps_clip recipe
   and DanceGRPO's HPS+CLIP combination use a raw-cosine CLIP score.

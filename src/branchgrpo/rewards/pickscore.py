@@ -4,7 +4,7 @@ A CLIP ViT-H/14 fine-tuned on human preferences: weights ``yuvalkirstain/PickSco
 tokenizer/processor of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (224 px, OpenAI mean/std).
 The paper's score is ``logit_scale.exp() * cos(image, text)`` (about 18-23).
 
-Scales in the RL papers (ALGORITHMS.md 1.6):
+Scales in the RL papers (docs/algorithms.md §1.6):
 
 - ``form="cos"`` (default): the raw cosine, about 0.22-0.23 on FLUX; DanceGRPO and BranchGRPO
   train and report this.
