@@ -193,9 +193,10 @@ def credit(methods: Sequence[str], num_prompts: int, k: int, overrides: Sequence
     policy ``branchgrpo train`` starts from, with ``overrides`` applied); write credit.md,
     credit.json and credit_by_step.png to ``out_dir``."""
     from .bench import machine
-    from .config import advantage_kw, load_config, plan_params, resolved_rules
+    from .config import advantage_kw, load_config, resolved_rules
     from .models.factory import build_policy, load_prompts
     from .rewards import RewardSet
+    from .spec import resolve
 
     base = load_config(None, list(overrides))
     policy = build_policy(base, torch.device("cpu"), progress=progress)
@@ -209,7 +210,7 @@ def credit(methods: Sequence[str], num_prompts: int, k: int, overrides: Sequence
         cfg = load_config(None, [*overrides, f"rollout.method={m}"])
         rules = resolved_rules(cfg)
         t = time.perf_counter()
-        row = measure(policy, prompts, m, plan_params(cfg), reward_set, rules,
+        row = measure(policy, prompts, m, resolve(cfg).plan_kwargs, reward_set, rules,
                       advantage_kw(cfg, rules[0]), k=k, seed=seed,
                       max_batch=cfg.rollout.max_batch)
         row["seconds"] = time.perf_counter() - t

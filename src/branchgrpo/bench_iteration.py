@@ -91,13 +91,15 @@ def one_iteration(policy: Policy, prompts: Sequence[str], method: str,
 
 def iteration_table(policy: Policy, prompts: Sequence[str], reward: Callable, *,
                     methods: Sequence[str] = DEFAULT_METHODS, baseline: str = "dance_full",
-                    plan_kw: dict | None = None, repeats: int = 1, lr: float = 1e-5,
+                    plan_kw: dict | Callable[[str], dict] | None = None, repeats: int = 1,
+                    lr: float = 1e-5,
                     per_sample_baseline: bool = True, progress: bool = True,
                     **kw) -> list[dict]:
     """Rows per method (best of ``repeats`` after a warm-up) with ratios to ``baseline``.
 
-    ``plan_kw`` overrides apply to every method's plan where the plan takes the key (e.g. the
-    model's schedule), so all methods see the same sigma schedule. ``per_sample_baseline``
+    ``plan_kw`` overrides apply to every method's plan where the plan takes the key, or, when
+    it is a function of the method's name, give each method its own (its resolved
+    `branchgrpo.spec.RunSpec.plan_kwargs`). ``per_sample_baseline``
     adds the baseline run the way the published DanceGRPO and BranchGRPO code runs it, one
     sample per forward and one edge per backward (docs/algorithms.md §2.1, §5.1), as a last row
     ``<baseline> (batch 1)``, and every row's ``ratio_batch1`` to it."""
@@ -110,7 +112,8 @@ def iteration_table(policy: Policy, prompts: Sequence[str], reward: Callable, *,
     def best(name: str, warm_up: bool, **over) -> IterationTiming:
         """The fastest of ``repeats`` timed iterations of ``name`` (after one untimed)."""
         valid = plan_parameters(METHODS.get(name).plan)
-        own = {k: v for k, v in (plan_kw or {}).items() if k in valid}
+        kw_ = plan_kw(name) if callable(plan_kw) else plan_kw or {}
+        own = {k: v for k, v in kw_.items() if k in valid}
         args = {**kw, **over}
         if warm_up:
             one_iteration(policy, prompts, name, reward, opt, plan_kw=own, **args)

@@ -15,6 +15,7 @@ MixGRPO, G2RPO) with one batched tree-rollout engine.
 commands:
   train [CONFIG] [key=value ...]   train (no arguments: the embedded shapes default)
   train --resume RUN_DIR           continue a stopped run from its newest checkpoint
+  plan [CONFIG] [key=value ...]    the resolved run (schedule, level, tree sizes), no weights
   sample CHECKPOINT --prompt P     write images from a checkpoint
   eval RUN_DIR|CHECKPOINT          held-out prompts, every configured reward, a table
   serve-reward NAME ...            serve rewards over HTTP (see docs/rewards.md)
@@ -84,6 +85,15 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .plan_report import format_report, plan_report
+
+    report = plan_report(load_config(args.config, args.overrides))
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
 def _split_config_args(args: argparse.Namespace) -> None:
     """``train a.yaml k=v`` and ``train k=v``: the one argument without '=' is the config."""
     files = [a for a in args.rest if "=" not in a]
@@ -133,7 +143,7 @@ def _bench_iteration(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     policy, _, prompts = bench_policy(args.model, args.prompts, device)
     if args.model == "flux-dev":
-        plan_kw = policy.plan_kwargs()
+        plan_kw = _flux_dev_plan_kw(policy)
         reward = lambda media, p: media.float().flatten(1).mean(1)  # noqa: E731
         extra = {"storage_dtype": torch.bfloat16, "autocast": torch.bfloat16}
     else:
@@ -149,6 +159,23 @@ def _bench_iteration(args: argparse.Namespace) -> int:
     print(json.dumps({**info, "rows": rows}, indent=2) if args.json else
           f"{json.dumps(info)}\n\n" + markdown(rows))
     return 0
+
+
+def _flux_dev_plan_kw(policy):
+    """Per method: the plan kwargs FLUX.1-dev at the bench's size resolves to (the family's
+    documented schedule config), setting the policy's timestep quantisation to match."""
+    from .config import load_config
+    from .models.flux import FLUX_DEV
+    from .spec import resolve
+
+    def kw(method: str) -> dict:
+        spec = resolve(load_config(None, [
+            "model.kind=flux", f"model.path={FLUX_DEV}", f"model.height={policy.height}",
+            f"model.width={policy.width}", f"rollout.method={method}"]))
+        policy.quantize_timestep = spec.quantize_timestep
+        return spec.plan_kwargs
+
+    return kw
 
 
 def _bench_learn(args: argparse.Namespace) -> int:
@@ -258,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "checkpoint (overrides still apply, e.g. train.iterations=100)")
     tr.add_argument("--help-config", action="store_true", help="list every config key")
     tr.set_defaults(fn=_train)
+    pl = sub.add_parser("plan", help="show the resolved run without loading weights",
+                        description="The run a config resolves to, with the checkpoint's "
+                        "schedule (its config files only): sigmas, timesteps, kernel, level, "
+                        "branch factors, forwards/edges/leaves, batch geometry (WORLD_SIZE), "
+                        "dtypes.")
+    pl.add_argument("rest", nargs="*", metavar="[CONFIG] [key=value ...]",
+                    help="optional YAML file, then overrides like rollout.method=dance")
+    pl.add_argument("--json", action="store_true", help="print one JSON object")
+    pl.set_defaults(fn=_plan)
     sa = sub.add_parser("sample", help="write images from a checkpoint")
     sa.add_argument("checkpoint", help="a checkpoint file or a run directory (newest one)")
     sa.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
@@ -349,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     from .rewards.base import RewardError
 
     try:
-        if args.command == "train":
+        if args.command in ("train", "plan"):
             _split_config_args(args)
         return int(args.fn(args) or 0)
     except ConfigError as e:

@@ -62,10 +62,16 @@ class RolloutConfig:
                                               "leaf marginals)")
     granularities: list[int] | None = f(None, "ODE tail strides (g2rpo)")
     kernel: str | None = f(None, "SDE kernel: dance, flow or cps")
-    level: float | None = f(1.0, "noise level: eta (dance) or a (flow, cps); null: the "
-                                 "method's published value (eta 0.3, a 0.7)")
-    shift: float | None = f(None, "sigma schedule shift")
-    schedule: str | None = f(None, "sigma schedule: shifted or flux_dynamic")
+    level: float | None = f(None, "noise level: eta (dance) or a (flow, cps); null: the "
+                                  "method's published value on real models (eta 0.3, a 0.7), "
+                                  "1.0 on the tiny family")
+    shift: float | None = f(None, "sigma schedule shift (null: 3 for shifted, the "
+                                  "checkpoint's shift / flow_shift for diffusers)")
+    schedule: str | None = f(None, "sigma schedule: shifted, flux_dynamic or diffusers (null: "
+                                   "the method and family's rule, see `branchgrpo plan`)")
+    quantize_timestep: bool | None = f(None, "give the transformer int(1000 sigma) (FastVideo) "
+                                             "instead of 1000 sigma (null: the method and "
+                                             "family's rule)")
     window: int | None = f(None, "SDE window size (mix, mix_flash)")
     iters_per_shift: int | None = f(None, "iterations per window move (mix, mix_flash)")
     stride: int | None = f(None, "window move per shift, 0 freezes it (mix, mix_flash)")
@@ -267,12 +273,13 @@ def to_yaml(cfg: Config) -> str:
 
 
 def plan_params(cfg: Config) -> dict[str, Any]:
-    """The plan keyword arguments of the method: its preset, then every rollout field set."""
+    """The plan keyword arguments of the method: its preset, then every rollout field set (the
+    config alone; `branchgrpo.spec.resolve` adds the model's schedule and the family's level)."""
     from .methods import METHODS
 
     m = METHODS.get(cfg.rollout.method)
     params = dict(m.plan_kw)
-    skip = {"method", "max_batch"}
+    skip = {"method", "max_batch", "quantize_timestep"}
     for fl in fields(RolloutConfig):
         v = getattr(cfg.rollout, fl.name)
         if fl.name not in skip and v is not None:
@@ -320,7 +327,8 @@ RANGES: dict[str, str] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.kind": ("tiny", "flux", "sd3", "wan"), "model.dtype": ("fp32", "bf16", "fp16"),
     "model.storage_dtype": ("fp32", "bf16", "fp16"), "model.finetune": ("full", "lora"),
-    "rollout.kernel": ("dance", "flow", "cps"), "rollout.schedule": ("shifted", "flux_dynamic"),
+    "rollout.kernel": ("dance", "flow", "cps"),
+    "rollout.schedule": ("shifted", "flux_dynamic", "diffusers"),
     "advantage.fusion": ("mean", "child_softmax", "path"),
     "advantage.combine": ("reward_sum", "advantage_sum"),
     "train.lr_schedule": ("constant", "linear", "cosine"), "train.ratio": ("standard", "guard"),

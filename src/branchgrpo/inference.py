@@ -11,12 +11,10 @@ from typing import Any
 import torch
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, load_config, plan_params
+from .config import Config, ConfigError, load_config
 from .evaluate import evaluate, sample, save_grid
-from .methods import METHODS
 from .models.factory import build_policy, load_prompts
 from .models.families import module_of
-from .plans import build_plan
 from .preflight import check_prompts, check_rewards
 
 
@@ -79,8 +77,9 @@ def _load_or_report(target: str, prompts: list[str] | None = None,
 
 
 def _sigmas(cfg: Config) -> torch.Tensor:
-    plan = build_plan(METHODS.get(cfg.rollout.method).plan, **plan_params(cfg))
-    return torch.tensor(plan.sigmas)
+    from .spec import resolve
+
+    return torch.tensor(resolve(cfg).sigmas)
 
 
 def sample_command(target: str, prompts: list[str], out: str, n: int, seed: int) -> int:

@@ -2,7 +2,8 @@
 
 Each builder is a registered function of keyword parameters, defaulting to the published
 FLUX.1-dev setting, that returns a `RolloutPlan`. Plans that change over training (MixGRPO's
-sliding window) take ``iteration``.
+sliding window) take ``iteration``. ``sigmas`` (T + 1 floats) replaces the builder's own
+``schedule``/``shift``/``image_seq_len`` grid: `branchgrpo.spec` passes the model's resolved one.
 """
 
 from __future__ import annotations
@@ -20,8 +21,16 @@ PlanBuilder = Callable[..., RolloutPlan]
 PLANS: Registry[PlanBuilder] = Registry("rollout plan")
 
 
-def _sigmas(num_steps: int, schedule: str, shift: float, image_seq_len: int):
-    return make_sigmas(schedule, num_steps, shift, image_seq_len)
+def _sigmas(num_steps: int, schedule: str, shift: float, image_seq_len: int,
+            sigmas: Sequence[float] | None = None) -> torch.Tensor:
+    """The grid [T + 1]: ``sigmas`` when given (a schedule resolved by `branchgrpo.spec`),
+    else ``make_sigmas(schedule, ...)``."""
+    if sigmas is None:
+        return make_sigmas(schedule, num_steps, shift, image_seq_len)
+    if len(sigmas) != num_steps + 1:
+        raise ValueError(f"sigmas must hold num_steps + 1 = {num_steps + 1} values, "
+                         f"got {len(sigmas)}")
+    return torch.tensor([float(x) for x in sigmas], dtype=torch.float32)
 
 
 def _check_group(group_size: int) -> None:
@@ -33,13 +42,14 @@ def _check_group(group_size: int) -> None:
 def dance(
     num_steps: int = 16, group_size: int = 12, kernel: str = "dance", level: float = 0.3,
     shift: float = 3.0, schedule: str = "shifted", image_seq_len: int = 256,
+    sigmas: Sequence[float] | None = None,
     shared_noise: bool = True, iteration: int = 0,
 ) -> RolloutPlan:
     """DanceGRPO: one shared x_T per tree, split into G at step 0, SDE at every step
     (docs/algorithms.md §2.1). NFE per tree = 1 + G (T - 1) (the root is evaluated once)."""
     _check_group(group_size)
     t = num_steps
-    return chain_plan("dance", _sigmas(t, schedule, shift, image_seq_len),
+    return chain_plan("dance", _sigmas(t, schedule, shift, image_seq_len, sigmas),
                       [group_size] + [1] * (t - 1), ["sde"] * t, kernel=kernel, level=level,
                       shared_noise=shared_noise, info={"group_size": group_size})
 
@@ -48,6 +58,7 @@ def dance(
 def flow_grpo(
     num_steps: int = 16, group_size: int = 12, kernel: str = "flow", level: float = 0.7,
     shift: float = 3.0, schedule: str = "shifted", image_seq_len: int = 256,
+    sigmas: Sequence[float] | None = None,
     shared_noise: bool = False, iteration: int = 0,
 ) -> RolloutPlan:
     """Flow-GRPO: G independent roots (own x_T each), SDE at every step
@@ -55,7 +66,7 @@ def flow_grpo(
     recipe sets T = 10, G = 24."""
     _check_group(group_size)
     t = num_steps
-    return chain_plan("flow_grpo", _sigmas(t, schedule, shift, image_seq_len), [1] * t,
+    return chain_plan("flow_grpo", _sigmas(t, schedule, shift, image_seq_len, sigmas), [1] * t,
                       ["sde"] * t, roots=group_size, kernel=kernel, level=level,
                       shared_noise=shared_noise, info={"group_size": group_size})
 
@@ -79,7 +90,8 @@ def _mix_window(iteration, num_steps, window, iters_per_shift, stride) -> range:
 def mix(
     num_steps: int = 25, group_size: int = 12, kernel: str = "flow", level: float = 0.7,
     window: int = 4, iters_per_shift: int = 25, stride: int = 1, shift: float = 3.0,
-    schedule: str = "shifted", image_seq_len: int = 256, shared_noise: bool = True,
+    schedule: str = "shifted", image_seq_len: int = 256,
+    sigmas: Sequence[float] | None = None, shared_noise: bool = True,
     iteration: int = 0,
 ) -> RolloutPlan:
     """MixGRPO: Euler ODE before the window, computed once per tree; split into G at the window
@@ -89,7 +101,7 @@ def mix(
     w = _mix_window(iteration, t, window, iters_per_shift, stride)
     branch = [group_size if i == w.start else 1 for i in range(t)]
     solver = ["sde" if i in w else "ode" for i in range(t)]
-    return chain_plan("mix", _sigmas(t, schedule, shift, image_seq_len), branch, solver,
+    return chain_plan("mix", _sigmas(t, schedule, shift, image_seq_len, sigmas), branch, solver,
                       kernel=kernel, level=level, shared_noise=shared_noise,
                       info={"group_size": group_size, "window": list(w)})
 
@@ -99,6 +111,7 @@ def mix_flash(
     num_steps: int = 25, group_size: int = 12, kernel: str = "flow", level: float = 0.7,
     window: int = 4, iters_per_shift: int = 20, stride: int = 1, compression: float = 0.4,
     shift: float = 3.0, schedule: str = "shifted", image_seq_len: int = 256,
+    sigmas: Sequence[float] | None = None,
     shared_noise: bool = True, iteration: int = 0,
 ) -> RolloutPlan:
     """MixGRPO-Flash: as `mix`, but after the window a DPM-Solver++(2M) ODE on a compressed
@@ -106,9 +119,10 @@ def mix_flash(
     (docs/algorithms.md §4.1; Flash* is stride 0, compression 0.2, NFE 7 at T = 25). Needs the
     'shifted' schedule, whose unshifted times the compression is defined on."""
     _check_group(group_size)
-    if schedule != "shifted":
-        raise ValueError("mix_flash compresses the 'shifted' schedule; set schedule: shifted")
     t = num_steps
+    if schedule != "shifted" or (sigmas is not None and not torch.allclose(
+            _sigmas(t, schedule, shift, image_seq_len, sigmas), make_sigmas("shifted", t, shift))):
+        raise ValueError("mix_flash compresses the 'shifted' schedule; set schedule: shifted")
     w = _mix_window(iteration, t, window, iters_per_shift, stride)
     e = w[-1]
     n_post = int(max((t - e) * compression, 1))
@@ -129,6 +143,7 @@ def g2rpo(
     num_steps: int = 16, group_size: int = 12, kernel: str = "flow", level: float = 0.7,
     split_steps: Sequence[int] = tuple(range(8)), granularities: Sequence[int] = (1, 2, 3),
     shift: float = 3.0, schedule: str = "shifted", image_seq_len: int = 256,
+    sigmas: Sequence[float] | None = None,
     shared_noise: bool = True, iteration: int = 0,
 ) -> RolloutPlan:
     """G2RPO: an ODE anchor from a shared x_T; at each k in M one SDE step into G children of
@@ -166,7 +181,7 @@ def g2rpo(
                     forks[pos] += tuple(Fork(1, "ode", first + j) for j in range(1, len(gs))
                                         if (len(tracks[j]) == 2) == (pos == 0))
             lanes.append(Lane(track, tuple(forks)))
-    sig = tuple(float(s) for s in _sigmas(t, schedule, shift, image_seq_len))
+    sig = tuple(float(s) for s in _sigmas(t, schedule, shift, image_seq_len, sigmas))
     return RolloutPlan("g2rpo", sig, tuple(lanes), kernel=kernel, level=level,
                        shared_noise=shared_noise,
                        info={"group_size": group_size, "split_steps": ks, "granularities": gs})
@@ -188,6 +203,7 @@ def branch(
     num_steps: int = 20, split_steps: Sequence[int] = (0, 3, 6, 9), branch_factor: int = 2,
     split_noise_scale: float = 1.0, kernel: str = "dance", level: float = 0.3,
     shift: float = 3.0, schedule: str = "shifted", image_seq_len: int = 256,
+    sigmas: Sequence[float] | None = None,
     shared_noise: bool = True, mix_window: int = 0, mix_stride: int = 30, roots: int = 1,
     iteration: int = 0,
 ) -> RolloutPlan:
@@ -208,8 +224,9 @@ def branch(
         solver = ["sde"] * t
     lam = [split_noise_scale if i in s else 1.0 for i in range(t)]
     name = "branch_mix" if mix_window > 0 else "branch"
-    return chain_plan(name, _sigmas(t, schedule, shift, image_seq_len), branch_, solver, lam,
-                      kernel=kernel, level=level, shared_noise=shared_noise, roots=roots,
+    sig = _sigmas(t, schedule, shift, image_seq_len, sigmas)
+    return chain_plan(name, sig, branch_, solver, lam, kernel=kernel, level=level,
+                      shared_noise=shared_noise, roots=roots,
                       info={"split_steps": s, "branch_factor": branch_factor,
                             "group_size": roots * branch_factor ** len(s)})
 

@@ -27,6 +27,7 @@ from .config import (
     prompts_per_rank,
     resolved_rules,
 )
+from .spec import RunSpec, resolve
 
 MAX_LEAVES = 4096
 """Leaves (decoded images, reward calls) per tree: 14x the largest published tree (G2RPO's
@@ -38,18 +39,26 @@ _SELECTOR_ARGS = {"tree", "adv", "iteration", "generator"}
 
 def check_run(cfg: Config) -> None:
     """Raise `ConfigError` for the first problem of the run ``cfg`` describes."""
-    plan = _check_plan(cfg)
-    _check_rules(cfg, plan)
-    _check_dry_run(cfg)
+    check_plan(cfg)
     check_rewards(cfg)
     _check_device(cfg)
     _check_prompts(cfg)
 
 
-def _check_plan(cfg: Config) -> Any:
-    """The method's plan builds, takes every rollout key set, and its trees stay bounded."""
+def check_plan(cfg: Config) -> RunSpec:
+    """The checks of the run's plan alone (no rewards, devices or prompt files): its
+    `RunSpec`, or `ConfigError` for the first problem."""
+    spec, plan = _check_plan(cfg)
+    _check_rules(cfg, plan)
+    _check_dry_run(cfg, spec)
+    return spec
+
+
+def _check_plan(cfg: Config) -> tuple[RunSpec, Any]:
+    """The method's plan builds with the model's schedule, takes every rollout key set, and
+    its trees stay bounded."""
     from .methods import METHODS
-    from .plans import build_plan, plan_parameters
+    from .plans import plan_parameters
 
     method = cfg.rollout.method
     if method not in METHODS:
@@ -60,10 +69,8 @@ def _check_plan(cfg: Config) -> Any:
         if k not in valid:
             raise ConfigError(f"rollout.{k} is not used by method {method!r}; remove it (it "
                               "applies to other methods)")
-    try:
-        plan = build_plan(METHODS.get(method).plan, **plan_params(cfg))
-    except (ValueError, KeyError, ZeroDivisionError) as e:
-        raise ConfigError(f"method {method!r}: {_msg(e)}") from None
+    spec = resolve(cfg)
+    plan = spec.build_plan()
     nodes, leaves = plan.size()
     if leaves > MAX_LEAVES or nodes > MAX_NODES:
         raise ConfigError(
@@ -74,7 +81,7 @@ def _check_plan(cfg: Config) -> Any:
         raise ConfigError(
             f"method {method!r} makes one leaf per tree: a group-relative advantage is then 0 "
             "and nothing trains; raise rollout.branch_factor or rollout.group_size to >= 2")
-    return plan
+    return spec, plan
 
 
 def _check_rules(cfg: Config, plan: Any) -> None:
@@ -103,26 +110,33 @@ def _check_rules(cfg: Config, plan: Any) -> None:
                           "train.ratio=standard")
 
 
-def _check_dry_run(cfg: Config) -> None:
-    """One tree on the analytic policy: plan, rule and selection fit, and there are enough
-    trained edges for the update cadence."""
+def dry_run_counts(cfg: Config, spec: RunSpec) -> dict[str, int]:
+    """One tree of ``spec``'s plan on the analytic policy, scored and selected as ``cfg``
+    says: its forwards, nodes, edges, trained edges and leaves."""
     from .advantages import compute_advantages
-    from .methods import METHODS
     from .models.analytic import GaussianPolicy
-    from .plans import build_plan
     from .pruning import select_edges
     from .tree import rollout
 
     rule, sel, sel_kw = resolved_rules(cfg)
     try:
-        plan = build_plan(METHODS.get(cfg.rollout.method).plan, **plan_params(cfg))
         pol = GaussianPolicy(2)
-        tree = rollout(pol, pol.encode(["x"]), plan, generator=torch.Generator())
+        tree = rollout(pol, pol.encode(["x"]), spec.build_plan(), generator=torch.Generator())
         adv = compute_advantages(tree, {"r": torch.randn(int(tree.leaf.sum()))}, rule,
                                  **advantage_kw(cfg, rule))
         n = int(select_edges(tree, adv, sel, **sel_kw).sum())
     except (ValueError, KeyError, TypeError, ZeroDivisionError) as e:
         raise ConfigError(f"method {cfg.rollout.method!r}: {_msg(e)}") from None
+    return {"forwards": int(tree.forwards), "nodes": int(tree.num_nodes),
+            "edges": int(tree.edge_mask.sum()), "trained_edges": n,
+            "leaves": int(tree.leaf.sum())}
+
+
+def _check_dry_run(cfg: Config, spec: RunSpec) -> None:
+    """One tree on the analytic policy: plan, rule and selection fit, and there are enough
+    trained edges for the update cadence."""
+    _, sel, _ = resolved_rules(cfg)
+    n = dry_run_counts(cfg, spec)["trained_edges"]
     if n == 0:
         raise ConfigError(f"method {cfg.rollout.method!r} with selection {sel!r} trains no edge "
                           "of a tree; select more (e.g. fewer selection.depths)")

@@ -1,5 +1,12 @@
-"""Sigma schedules (docs/algorithms.md §1.1). Every schedule returns sigmas [T + 1], sigma_0 = 1 >
-sigma_1 > ... > sigma_T = 0, in fp32."""
+"""Sigma schedules (docs/algorithms.md §1.1). Every schedule returns sigmas [T + 1],
+sigma_0 = 1 > sigma_1 > ... > sigma_T = 0, in fp32.
+
+- `shifted`: the FastVideo repos' shifted linspace (DanceGRPO, BranchGRPO, MixGRPO, G2RPO).
+- `flux_pipeline`: FluxPipeline's grid (linspace(1, 1/T, T), dynamic shift mu or a static shift).
+- `diffusers_static`: FlowMatchEulerDiscreteScheduler.set_timesteps(T) (StableDiffusion3Pipeline).
+- `flow_sigmas`: UniPCMultistepScheduler's ``use_flow_sigmas`` grid (WanPipeline).
+- `transformer_timesteps`: the timestep a transformer receives for each sigma.
+"""
 
 from __future__ import annotations
 
@@ -43,15 +50,67 @@ def flux_mu(
 def flux_dynamic(num_steps: int, image_seq_len: int) -> Tensor:
     """Flow-GRPO's / diffusers' FLUX schedule: t = linspace(1, 1/T, T), sigma = e^mu /
     (e^mu + 1/t - 1) with mu = flux_mu(image_seq_len), then a final 0."""
+    return flux_pipeline(num_steps, mu=flux_mu(image_seq_len))
+
+
+def time_shift(mu: float, t: Tensor) -> Tensor:
+    """Diffusers' exponential time shift ``e^mu / (e^mu + 1/t - 1)`` of times t in (0, 1]."""
+    em = math.exp(mu)
+    return em / (em + (1.0 / t - 1.0))
+
+
+def flux_pipeline(num_steps: int, mu: float | None = None, shift: float = 1.0) -> Tensor:
+    """FluxPipeline: ``sigmas = linspace(1, 1/T, T)`` passed to the scheduler, which applies
+    the dynamic shift ``mu`` (``use_dynamic_shifting``) or else its static ``shift``; then a
+    final 0."""
     _check_steps(num_steps)
     t = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
-    em = math.exp(flux_mu(image_seq_len))
-    sig = em / (em + (1.0 / t - 1.0))
+    sig = time_shift(mu, t) if mu is not None else shift_sigmas(t, shift)
     return torch.cat([sig, sig.new_zeros(1)]).float()
 
 
+def diffusers_static(
+    num_steps: int, shift: float = 3.0, num_train_timesteps: int = 1000, mu: float | None = None,
+) -> Tensor:
+    """``FlowMatchEulerDiscreteScheduler.set_timesteps(T)`` without ``sigmas`` (what
+    StableDiffusion3Pipeline calls): times linspace(sigma_max, sigma_min, T) of the scheduler's
+    own training grid (sigma_min = the shifted 1/N, N = ``num_train_timesteps``; unshifted
+    under dynamic shifting), shifted again (``shift``, or ``mu`` when dynamic), then a final 0.
+    SD3.5 (shift 3) at T = 6: [1, .923, .819, .668, .432, .009, 0]."""
+    _check_steps(num_steps)
+    lo = 1.0 / num_train_timesteps
+    sigma_min = lo if mu is not None else float(shift_sigmas(torch.tensor(lo), shift))
+    t = torch.linspace(1.0, sigma_min, num_steps, dtype=torch.float64)
+    sig = time_shift(mu, t) if mu is not None else shift_sigmas(t, shift)
+    return torch.cat([sig, sig.new_zeros(1)]).float()
+
+
+def flow_sigmas(num_steps: int, flow_shift: float = 3.0, num_train_timesteps: int = 1000,
+                ) -> Tensor:
+    """UniPCMultistepScheduler's ``use_flow_sigmas`` grid (WanPipeline's ``set_timesteps(T)``):
+    linspace(1, 1/N, T + 1)[:-1] shifted by ``flow_shift``, then a final 0
+    (``final_sigmas_type="zero"``). UniPC also lowers sigma_0 = 1 by 1e-6 to keep its log-SNR
+    finite; SDE steps need sigma_0 = 1 exactly (Flow-SDE's guard at sigma 1), so it stays 1."""
+    _check_steps(num_steps)
+    t = torch.linspace(1.0, 1.0 / num_train_timesteps, num_steps + 1, dtype=torch.float64)[:-1]
+    sig = shift_sigmas(t, flow_shift)
+    return torch.cat([sig, sig.new_zeros(1)]).float()
+
+
+def transformer_timesteps(sigmas: Tensor, scale: float = 1000.0, quantize: bool = False,
+                          ) -> Tensor:
+    """The transformer's ``timestep`` [N] fp32 for sigmas [N]: ``1000 sigma`` (SD3, Wan:
+    ``scale`` 1000) or ``(1000 sigma) / 1000`` (FLUX, which diffusers calls with timestep /
+    1000: ``scale`` 1). ``quantize`` floors 1000 sigma first: the FastVideo repos' ``int(1000
+    sigma)`` (FLUX: int(1000 sigma) / 1000)."""
+    t = sigmas.float() * 1000
+    if quantize:
+        t = t.double().floor().float()
+    return t if scale == 1000.0 else t / 1000
+
+
 def make_sigmas(kind: str, num_steps: int, shift: float = 3.0, image_seq_len: int = 256) -> Tensor:
-    """Dispatch by name: ``"shifted"`` or ``"flux_dynamic"``."""
+    """Dispatch by name: ``"shifted"`` or ``"flux_dynamic"`` (FLUX.1-dev's mu constants)."""
     if kind == "shifted":
         return shifted(num_steps, shift)
     if kind == "flux_dynamic":

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 import sys
 import time
@@ -34,18 +35,18 @@ from torch import Tensor
 from . import dist
 from . import resume as resume_io
 from .advantages import RewardValueError, compute_advantages, zero_std_fraction
-from .config import Config, advantage_kw, clip_eps, plan_params, resolved_rules, to_yaml
+from .config import Config, advantage_kw, clip_eps, resolved_rules, to_yaml
 from .evaluate import evaluate, group_diversity, image_stats, save_grid
 from .log import RunLogger, Timer
 from .losses import guard_log_ratio, kl_v, kl_x, policy_loss
-from .methods import METHODS
 from .models.base import select_cond
 from .models.factory import build_policy, load_prompts
 from .models.families import module_of
-from .plans import build_plan
+from .plan_report import plan_report
 from .preflight import check_run
 from .pruning import select_edges
 from .rewards import RewardError, RewardSet
+from .spec import RunSpec, resolve
 from .tree import EdgeBatch, RolloutPlan, Tree, decode_leaves, edge_log_prob, rollout
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -85,6 +86,7 @@ class State:
     dist: dist.Dist = field(default_factory=dist.Dist)
     prompts_per_rank: int = 1
     param_names: list[str] = field(default_factory=list)  # names of ``params`` (unwrapped)
+    spec: RunSpec | None = None  # the resolved schedule and plan parameters (`resolve`)
 
     def purpose(self, name: str) -> str:
         """A generator purpose, with the rank folded in on ranks > 0 (rank 0 keeps the
@@ -185,8 +187,7 @@ def iteration(s: State) -> dict[str, float]:
     """One rollout batch and its updates."""
     cfg, it, timer = s.cfg, s.iteration, Timer()
     t0 = time.perf_counter()
-    method = METHODS.get(cfg.rollout.method)
-    plan = build_plan(method.plan, iteration=it, **plan_params(cfg))
+    plan = s.spec.build_plan(it)
     prompts, first = _prompt_batch(s)
     rule, sel, sel_kw = resolved_rules(cfg)
     with timer("rollout"):
@@ -333,7 +334,7 @@ def setup(cfg: Config, resume: Path | None) -> State:
     s = State(cfg, run_dir, device, policy, params, opt, sched, scorers, judge,
               train_prompts, eval_prompts,  # a logger that writes nothing until _open_run_dir
               RunLogger(run_dir, tensorboard=False, enabled=False), dist=d,
-              prompts_per_rank=per_rank, param_names=param_names)
+              prompts_per_rank=per_rank, param_names=param_names, spec=resolve(cfg))
     if cfg.train.ema_decay > 0:
         s.ema = [p.detach().clone() for p in params]
     if cfg.train.kl_coef > 0:
@@ -349,10 +350,12 @@ def setup(cfg: Config, resume: Path | None) -> State:
 
 def _open_run_dir(s: State, restored: dict | None) -> None:
     """Write the run directory (rank 0), only now that the policy is built and a resumed
-    checkpoint has loaded: ``config.yaml``, ``metrics.jsonl`` cut back to the checkpoint."""
+    checkpoint has loaded: ``config.yaml``, ``plan.json`` (`plan_report`), ``metrics.jsonl``
+    cut back to the checkpoint."""
     if s.dist.main:
         s.run_dir.mkdir(parents=True, exist_ok=True)
         (s.run_dir / "config.yaml").write_text(to_yaml(s.cfg))
+        (s.run_dir / "plan.json").write_text(json.dumps(plan_report(s.cfg), indent=1) + "\n")
     s.logger = RunLogger(s.run_dir, s.cfg.log.tensorboard, enabled=s.dist.main)
     if restored is not None:
         s.logger.truncate(restored["metrics_lines"])
@@ -361,7 +364,7 @@ def _open_run_dir(s: State, restored: dict | None) -> None:
 def run_eval(s: State, tag: str) -> dict[str, float]:
     """Held-out evaluation (with EMA weights when enabled), logged and gridded."""
     cfg = s.cfg
-    plan = build_plan(METHODS.get(cfg.rollout.method).plan, **plan_params(cfg))
+    plan = s.spec.build_plan()
     n = cfg.data.eval_samples
     prompts = [s.eval_prompts[i % len(s.eval_prompts)] for i in range(n)]
     scorers = {"judge": s.judge} if s.judge is not None else {}

@@ -15,6 +15,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def build(cfg: Config, device: torch.device) -> Any:
     """Load ``cfg.model.path`` (Hub id or local folder) as the policy of ``cfg.model.kind``;
     fails fast with `ModelNotAvailableError` when the weights are not on this machine."""
+    from ..spec import resolve
     from .lora import LoraSpec
 
     m = cfg.model
@@ -23,6 +24,7 @@ def build(cfg: Config, device: torch.device) -> Any:
         "dtype": DTYPES[m.dtype], "device": device, "lora": lora,
         "full_finetune": m.finetune == "full", "height": m.height, "width": m.width,
         "guidance_scale": m.guidance, "gradient_checkpointing": m.gradient_checkpointing,
+        "quantize_timestep": resolve(cfg).quantize_timestep,
     }
     if m.kind == "flux":
         from .flux import FluxPolicy

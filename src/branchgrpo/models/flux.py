@@ -169,8 +169,9 @@ class FluxPolicy(DiffusersPolicy):
 
     def timestep(self, sigma: Tensor) -> Tensor:
         """The transformer's timestep [N] fp32 from sigma [N] (see the module docstring)."""
-        t = sigma.to(self.device, torch.float32) * 1000
-        return (t.double().floor() / 1000).float() if self.quantize_timestep else t / 1000
+        from ..schedule import transformer_timesteps
+
+        return transformer_timesteps(sigma.to(self.device), 1.0, self.quantize_timestep)
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """v [N, S, 4C] fp32 at packed latents x [N, S, 4C], sigma [N]."""

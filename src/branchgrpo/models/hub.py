@@ -342,19 +342,28 @@ class ShiftedCFGPolicy(DiffusersPolicy):
 
     ``guidance_scale`` <= 1 turns CFG off (one forward per row); ``negative_prompt`` is encoded
     once and stored per row beside the prompt embeddings; ``shift`` is the family's resolved
-    schedule shift; ``detach_uncond`` stops gradients through the unconditional half (Flow-GRPO's
+    schedule shift; ``quantize_timestep`` floors the transformer's timestep 1000 sigma;
+    ``detach_uncond`` stops gradients through the unconditional half (Flow-GRPO's
     Jul-2025 code). ``base`` goes to `DiffusersPolicy` (device, dtype, LoRA, ...)."""
 
     def __init__(self, pipe: Any, *, guidance_scale: float, negative_prompt: str,
                  max_sequence_length: int, shift: float, detach_uncond: bool,
-                 decode_batch: int, **base: Any) -> None:
+                 decode_batch: int, quantize_timestep: bool = False, **base: Any) -> None:
         self.guidance_scale = guidance_scale
         self.negative_prompt = negative_prompt
         self.max_sequence_length = max_sequence_length
         self.shift = float(shift)
         self.detach_uncond = detach_uncond
         self.decode_batch = decode_batch
+        self.quantize_timestep = quantize_timestep
         super().__init__(pipe.transformer, pipe, **base)
+
+    def timestep(self, sigma: Tensor) -> Tensor:
+        """The transformer's timestep [N] fp32: 1000 sigma, floored with ``quantize_timestep``
+        (the FastVideo repos' int(1000 sigma))."""
+        from ..schedule import transformer_timesteps
+
+        return transformer_timesteps(sigma.to(self.device), 1000.0, self.quantize_timestep)
 
     @property
     def do_cfg(self) -> bool:

@@ -46,7 +46,8 @@ class SD3Policy(ShiftedCFGPolicy):
         device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
         lora: LoraSpec | None = None, full_finetune: bool = False,
         gradient_checkpointing: bool = False, offload_encoders: bool = False,
-        detach_uncond: bool = False, decode_batch: int = 4,
+        detach_uncond: bool = False, quantize_timestep: bool = False,
+        decode_batch: int = 4,
     ) -> None:
         from diffusers import StableDiffusion3Pipeline
 
@@ -63,6 +64,7 @@ class SD3Policy(ShiftedCFGPolicy):
         super().__init__(
             pipe, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
             max_sequence_length=max_sequence_length, detach_uncond=detach_uncond,
+            quantize_timestep=quantize_timestep,
             shift=shift if shift is not None else pipe.scheduler.config.get("shift", 3.0),
             decode_batch=decode_batch, device=device, dtype=dtype, lora=lora,
             full_finetune=full_finetune, gradient_checkpointing=gradient_checkpointing,
@@ -100,7 +102,7 @@ class SD3Policy(ShiftedCFGPolicy):
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """Guided v [N, C, H, W] fp32: u + g (c - u), with [uncond; cond] in one forward."""
-        t = sigma.to(self.device, torch.float32) * 1000
+        t = self.timestep(sigma)
         emb, pooled = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
         if self.do_cfg:
             x = torch.cat([x, x])

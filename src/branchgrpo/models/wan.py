@@ -45,7 +45,9 @@ class WanPolicy(ShiftedCFGPolicy):
         shift: float | None = None, device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32, lora: LoraSpec | None = None,
         full_finetune: bool = False, gradient_checkpointing: bool = False,
-        offload_encoders: bool = False, detach_uncond: bool = False, decode_batch: int = 1,
+        offload_encoders: bool = False, detach_uncond: bool = False,
+        quantize_timestep: bool = False,
+        decode_batch: int = 1,
     ) -> None:
         from diffusers import WanPipeline
 
@@ -67,6 +69,7 @@ class WanPolicy(ShiftedCFGPolicy):
         super().__init__(
             pipe, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
             max_sequence_length=max_sequence_length, detach_uncond=detach_uncond,
+            quantize_timestep=quantize_timestep,
             shift=shift,
             decode_batch=decode_batch, device=device, dtype=dtype, lora=lora,
             full_finetune=full_finetune, gradient_checkpointing=gradient_checkpointing,
@@ -105,7 +108,7 @@ class WanPolicy(ShiftedCFGPolicy):
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
         """Guided v [N, C, F, H, W] fp32: u + g (c - u), [cond; uncond] in one forward."""
-        t = sigma.to(self.device, torch.float32) * 1000
+        t = self.timestep(sigma)
         emb = cond["prompt_embeds"]
         if self.do_cfg:
             x, t = torch.cat([x, x]), torch.cat([t, t])

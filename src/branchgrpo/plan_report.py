@@ -1,0 +1,130 @@
+"""``branchgrpo plan``: the resolved run, before any weights load.
+
+`plan_report` is one JSON-ready dict: the method, kernel and level; the sigma grid [T + 1]
+and the transformer's timesteps [T]; guidance; each step's branch factor and solvers; the
+forwards, edges, trained edges and leaves of one tree (the plan's own count and the analytic
+dry run that `branchgrpo.preflight` runs), per rank and per iteration; the batch geometry over
+``WORLD_SIZE`` ranks; and the dtype of each module group. ``branchgrpo train`` writes the same
+object to ``RUN/plan.json``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .config import Config, prompts_per_rank
+from .spec import RunSpec
+
+PER_TREE = ("forwards", "nodes", "edges", "trained_edges", "leaves")
+
+
+def plan_report(cfg: Config, spec: RunSpec | None = None) -> dict[str, Any]:
+    """The resolved run of ``cfg`` (see the module docstring); `ConfigError` on bad input."""
+    from .preflight import check_plan, dry_run_counts
+
+    spec = spec or check_plan(cfg)
+    plan = spec.build_plan()
+    counts = dry_run_counts(cfg, spec)
+    counts["nodes"], counts["leaves"] = plan.size()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    per_rank = prompts_per_rank(cfg, world)
+    t = cfg.train
+    return {
+        "method": spec.method, "plan": spec.plan, "family": spec.family,
+        "model": cfg.model.path or "tiny (embedded default)", "model_config": spec.model_source,
+        "schedule": spec.schedule, "schedule_rule": spec.rule, "shift": spec.shift,
+        "mu": spec.mu, "image_seq_len": spec.image_seq_len, "num_steps": len(spec.sigmas) - 1,
+        "sigmas": list(spec.sigmas), "timesteps": list(spec.timesteps),
+        "quantize_timestep": spec.quantize_timestep, "kernel": spec.kernel, "level": spec.level,
+        "guidance": _guidance(cfg, spec), "steps": _steps(plan),
+        **{k: counts[k] for k in PER_TREE},
+        "per_rank": {k: counts[k] * per_rank for k in PER_TREE},
+        "per_iteration": {k: counts[k] * per_rank * world for k in PER_TREE},
+        "batch": {"world_size": world, "prompts_per_rank": per_rank,
+                  "prompts_per_iteration": per_rank * world,
+                  "updates_per_rollout": t.updates_per_rollout,
+                  "trained_edges_per_update": counts["trained_edges"] * per_rank
+                  / t.updates_per_rollout,
+                  "edge_chunk": t.edge_chunk, "max_batch": cfg.rollout.max_batch},
+        "dtypes": _dtypes(cfg), "notes": list(spec.notes),
+    }
+
+
+def _steps(plan: Any) -> list[dict[str, Any]]:
+    """Per grid step i (sigma_i -> next): lane 0's branch factor, and the solvers of every
+    lane's forks at i."""
+    out = []
+    for i in range(len(plan.sigmas) - 1):
+        solvers: set[str] = set()
+        branch = 0
+        for li, lane in enumerate(plan.lanes):
+            if i in lane.track[:-1]:
+                forks = lane.forks[lane.track.index(i)]
+                solvers |= {f.solver for f in forks}
+                branch += sum(f.count for f in forks) if li == 0 else 0
+        out.append({"step": i, "sigma": plan.sigmas[i], "branch": branch,
+                    "solvers": sorted(solvers)})
+    return out
+
+
+def _guidance(cfg: Config, spec: RunSpec) -> str:
+    fam, g = cfg.model.kind, cfg.model.guidance
+    if fam == "tiny":
+        return "none (tiny policy)"
+    if fam == "flux":
+        return f"guidance embedding {g:g}"
+    return (f"classifier-free, scale {g:g} (cond and uncond rows in one forward)" if g > 1
+            else "off (scale <= 1)")
+
+
+def _dtypes(cfg: Config) -> dict[str, str]:
+    """The dtype of each module group as `branchgrpo.models.families.build` loads it."""
+    m = cfg.model
+    math = {"step math": "fp32", "rollout latents": m.storage_dtype,
+            "autocast": cfg.train.amp}
+    if m.kind == "tiny":
+        return {"policy": "fp32", **math}
+    out = {"transformer compute": m.dtype,
+           "transformer weights": "fp32 (master)" if m.finetune == "full" else m.dtype,
+           "text encoders": m.dtype, "vae": "fp32" if m.kind == "wan" else m.dtype}
+    if m.finetune == "lora":
+        out["lora adapters"] = "fp32"
+    if m.kind == "wan" and m.dtype != "fp32":
+        out["transformer fp32 modules"] = ", ".join(_wan_fp32_modules())
+    return {**out, **math}
+
+
+def _wan_fp32_modules() -> list[str]:
+    from diffusers import WanTransformer3DModel
+
+    return list(WanTransformer3DModel._keep_in_fp32_modules or [])
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The report as text for a terminal."""
+    f6 = lambda xs: "[" + ", ".join(f"{x:.6g}" for x in xs) + "]"  # noqa: E731
+    lines = [
+        f"method {r['method']} (plan {r['plan']}), model {r['model']} [{r['family']}]",
+        f"model config: {r['model_config']}",
+        f"schedule: {r['schedule']} ({r['schedule_rule']}); shift {r['shift']}, mu {r['mu']}, "
+        f"image tokens {r['image_seq_len']}",
+        f"sigmas [{r['num_steps'] + 1}]: {f6(r['sigmas'])}",
+        f"timesteps [{r['num_steps']}]{' (quantised)' if r['quantize_timestep'] else ''}: "
+        f"{f6(r['timesteps'])}",
+        f"kernel {r['kernel']}, level {r['level']:g}; guidance: {r['guidance']}",
+        "steps (branch x solvers): " + "  ".join(
+            f"{s['step']}:{s['branch']}x{'/'.join(s['solvers'])}" for s in r["steps"]),
+        "                 " + "  ".join(f"{k:>13}" for k in PER_TREE),
+    ]
+    for name, row in (("per tree", r), ("per rank", r["per_rank"]),
+                      ("per iteration", r["per_iteration"])):
+        lines.append(f"{name:>16} " + "  ".join(f"{row[k]:>13,}" for k in PER_TREE))
+    b = r["batch"]
+    lines.append(f"batch: {b['world_size']} rank(s) x {b['prompts_per_rank']} prompts = "
+                 f"{b['prompts_per_iteration']} per iteration; {b['updates_per_rollout']} "
+                 f"update(s) per rollout ({b['trained_edges_per_update']:g} edges each per "
+                 f"rank, chunks of {b['edge_chunk']}); {b['max_batch']} rows per forward")
+    lines.append("dtypes: " + "; ".join(f"{k} {v}" for k, v in r["dtypes"].items()))
+    lines += [f"note: {n}" for n in r["notes"]]
+    return "\n".join(lines)

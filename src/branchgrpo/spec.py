@@ -1,0 +1,307 @@
+"""The resolved run: a method's plan parameters with the model's schedule, without weights.
+
+`resolve` reads the config and, for a real model, the checkpoint's config files
+(``model_index.json``, ``scheduler/scheduler_config.json``, ``transformer/config.json``,
+``vae/config.json``) from the local folder ``model.path``, or the Hugging Face cache for a Hub
+id; with neither it uses the family's documented defaults (`FAMILY_DEFAULTS`) and says so in
+`RunSpec.notes`. Training, preflight, ``branchgrpo plan`` and the benchmarks build their plans
+from the one `RunSpec` it returns.
+
+The schedule rule (``rollout.schedule`` / ``rollout.quantize_timestep`` null), by plan and
+model family:
+
+================  ==========================================  =====================  ==========
+family            plan                                        sigma grid             timestep
+================  ==========================================  =====================  ==========
+flux              dance, branch, branch_mix, mix, mix_flash,  shifted (FastVideo,    quantised
+                  g2rpo                                       shift 3)
+flux              flow_grpo                                   diffusers (FluxPipe-   1000 sigma
+                                                              line: dynamic mu)
+sd3               every plan (Flow-GRPO: its grid)            diffusers              1000 sigma
+                                                              (set_timesteps(T))
+wan               every plan                                  diffusers (UniPC flow  1000 sigma
+                                                              sigmas, flow_shift)
+tiny              every plan                                  shifted (shift 3)      sigma
+================  ==========================================  =====================  ==========
+
+"shifted" is linspace(1, 0, T + 1) shifted by ``rollout.shift`` (3); "diffusers" is what the
+family's diffusers pipeline runs for T steps with the checkpoint's scheduler config (FLUX:
+``sigmas = linspace(1, 1/T, T)`` with mu from the image token count (H/16)(W/16), or its static
+shift without ``use_dynamic_shifting``; SD3: ``set_timesteps(T)`` with the config ``shift``; Wan:
+UniPC's ``use_flow_sigmas`` grid with ``flow_shift``); ``rollout.shift`` overrides the
+checkpoint's static shift. "flux_dynamic" is FLUX's dynamic-mu grid even where the rule says
+otherwise. "Quantised" is the FastVideo repos' int(1000 sigma) (FLUX: int(1000 sigma) / 1000).
+``rollout.level`` null: the plan's published level (eta 0.3 Dance-SDE, a 0.7 Flow-SDE), 1.0
+on the tiny family (the embedded default).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import schedule as sch
+from .config import Config, ConfigError, plan_params
+from .tree import RolloutPlan
+
+FASTVIDEO_PLANS = frozenset({"dance", "branch", "branch_mix", "mix", "mix_flash", "g2rpo"})
+"""Plans whose published FLUX code (the FastVideo repos) runs the shifted linspace, shift 3,
+and gives the transformer int(1000 sigma) / 1000."""
+TINY_LEVEL = 1.0
+"""The tiny family's noise level (the embedded default's, which its benches are measured at)."""
+PIPELINES = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "wan": "WanPipeline"}
+
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "flux": {"scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler",
+                           "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+                           "base_image_seq_len": 256, "max_image_seq_len": 4096, "shift": 3.0,
+                           "num_train_timesteps": 1000},
+             "transformer": {"patch_size": 1, "in_channels": 64, "guidance_embeds": True},
+             "vae_scale_factor": 8},
+    "sd3": {"scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0,
+                          "num_train_timesteps": 1000},
+            "transformer": {"patch_size": 2, "in_channels": 16}, "vae_scale_factor": 8},
+    "wan": {"scheduler": {"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True,
+                          "flow_shift": 3.0, "prediction_type": "flow_prediction",
+                          "final_sigmas_type": "zero", "num_train_timesteps": 1000},
+            "transformer": {"patch_size": [1, 2, 2], "in_channels": 16}, "vae_scale_factor": 8},
+}
+"""The released checkpoints' config values that decide the schedule (FLUX.1-dev,
+SD3.5-medium, Wan2.1-T2V-1.3B-Diffusers), used when no config file can be read."""
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """The checkpoint's config values a schedule needs: where they came from (``source``),
+    the pipeline class, the scheduler and transformer configs, and the VAE's spatial factor."""
+
+    source: str
+    pipeline: str | None
+    scheduler: dict[str, Any]
+    transformer: dict[str, Any]
+    vae_scale_factor: int
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A run's resolved schedule and method parameters.
+
+    ``sigmas`` [T + 1] is the grid the plan steps on; ``timesteps`` [T] what the transformer
+    gets at steps 0..T-1 (``timestep=`` of its forward: sigma-scaled for FLUX, 1000 sigma for
+    SD3/Wan); ``plan_kwargs`` the keyword arguments of `branchgrpo.plans.build_plan` (with
+    ``sigmas``); ``rule`` why this schedule was chosen; ``notes`` what else to know."""
+
+    method: str
+    plan: str
+    family: str
+    model_source: str
+    schedule: str
+    rule: str
+    shift: float | None
+    mu: float | None
+    image_seq_len: int | None
+    sigmas: tuple[float, ...]
+    timesteps: tuple[float, ...]
+    quantize_timestep: bool
+    kernel: str
+    level: float
+    plan_kwargs: dict[str, Any]
+    notes: tuple[str, ...] = field(default=())
+
+    def build_plan(self, iteration: int = 0) -> RolloutPlan:
+        """The plan at ``iteration`` (MixGRPO's window moves with it)."""
+        from .plans import build_plan
+
+        return build_plan(self.plan, iteration=iteration, **self.plan_kwargs)
+
+
+def resolve(cfg: Config) -> RunSpec:
+    """The `RunSpec` of ``cfg`` (see the module docstring); `ConfigError` on a problem."""
+    from .methods import METHODS
+    from .plans import build_plan
+
+    method = cfg.rollout.method
+    if method not in METHODS:
+        from .config import near
+
+        raise ConfigError(f"rollout.method={method!r} is unknown; valid: {METHODS.names()}"
+                          + near(method, METHODS.names()))
+    plan_name, family, r = METHODS.get(method).plan, cfg.model.kind, cfg.rollout
+    files = read_model_files(cfg)
+    rule_kind, rule_q = schedule_rule(plan_name, family)
+    kind = r.schedule or rule_kind
+    why = (f"rollout.schedule={kind}" if r.schedule else
+           f"rule for {family} x {plan_name}: {_RULE_WHY[(rule_kind, rule_q)]}")
+    params = plan_params(cfg)
+    steps = int(params.get("num_steps") or _plan_default(plan_name, "num_steps"))
+    sig, shift, mu, seq = _grid(cfg, files, kind, steps)
+    quant = r.quantize_timestep if r.quantize_timestep is not None else rule_q
+    if quant and family == "tiny":
+        raise ConfigError("rollout.quantize_timestep=true needs a diffusers model (model.kind "
+                          "flux, sd3 or wan); the tiny policy takes sigma itself")
+    params |= {"sigmas": tuple(float(x) for x in sig)}
+    if kind == "shifted":
+        params |= {"schedule": "shifted", "shift": shift}
+    if r.level is None and family == "tiny":
+        params["level"] = TINY_LEVEL
+    try:
+        plan = build_plan(plan_name, **params)
+    except (ValueError, KeyError, ZeroDivisionError) as e:
+        raise ConfigError(f"method {method!r}: {e}") from None
+    scale = 1.0 if family in ("flux", "tiny") else 1000.0
+    ts = sch.transformer_timesteps(torch.tensor(plan.sigmas[:-1]), scale, bool(quant))
+    notes = [f"model config: {files.source}"] if files else []
+    if files and files.scheduler.get("use_flow_sigmas") and kind == "diffusers":
+        notes.append("UniPC lowers sigma_0 by 1e-6 for its own solver; SDE steps use 1 exactly")
+    return RunSpec(method, plan_name, family, files.source if files else "tiny (embedded)",
+                   kind, why, shift, mu, seq, tuple(plan.sigmas), tuple(ts.tolist()), bool(quant),
+                   plan.kernel, float(plan.level), params, tuple(notes))
+
+
+_RULE_WHY = {("shifted", True): "FastVideo's shifted linspace and int(1000 sigma) timestep",
+             ("diffusers", False): "the diffusers pipeline's schedule for this checkpoint",
+             ("shifted", False): "the shifted linspace of the embedded default"}
+
+
+def schedule_rule(plan: str, family: str) -> tuple[str, bool]:
+    """(schedule, quantize_timestep) of ``plan`` on ``family`` when the config leaves them null
+    (the module docstring's table)."""
+    if family == "tiny":
+        return "shifted", False
+    if family == "flux" and plan in FASTVIDEO_PLANS:
+        return "shifted", True
+    return "diffusers", False
+
+
+def _plan_default(plan: str, name: str) -> Any:
+    import inspect
+
+    from .plans import PLANS, branch
+
+    fn = branch if plan == "branch_mix" else PLANS.get(plan)
+    return inspect.signature(fn).parameters[name].default
+
+
+def _grid(cfg: Config, files: ModelFiles | None, kind: str, steps: int,
+          ) -> tuple[torch.Tensor, float | None, float | None, int | None]:
+    """(sigmas [T + 1], static shift or None, mu or None, image tokens or None)."""
+    r, fam = cfg.rollout, cfg.model.kind
+    if steps < 1:
+        raise ConfigError(f"rollout.num_steps must be >= 1, got {steps}")
+    if kind == "shifted":
+        shift = r.shift if r.shift is not None else 3.0
+        return sch.shifted(steps, shift), shift, None, None
+    if files is None:
+        if kind == "flux_dynamic":  # the tiny policy: FLUX.1-dev's mu at 256 tokens
+            return sch.flux_dynamic(steps, 256), None, sch.flux_mu(256), 256
+        raise ConfigError(f"rollout.schedule={kind} needs a diffusers checkpoint (model.kind "
+                          "flux, sd3 or wan); use shifted or flux_dynamic on the tiny family")
+    sc = files.scheduler
+    n_train = int(sc.get("num_train_timesteps", 1000))
+    if fam == "flux":
+        seq = _image_tokens(cfg, files, 2 * files.vae_scale_factor)
+        if kind == "flux_dynamic" or sc.get("use_dynamic_shifting"):
+            if r.shift is not None:
+                raise ConfigError(f"rollout.shift is not used by FLUX's dynamic schedule "
+                                  f"({kind}: mu from the image size); remove it, or set "
+                                  "rollout.schedule=shifted")
+            mu = sch.flux_mu(seq, sc.get("base_image_seq_len", 256),
+                             sc.get("max_image_seq_len", 4096), sc.get("base_shift", 0.5),
+                             sc.get("max_shift", 1.15))
+            return sch.flux_pipeline(steps, mu=mu), None, mu, seq
+        shift = r.shift if r.shift is not None else float(sc.get("shift", 1.0))
+        return sch.flux_pipeline(steps, shift=shift), shift, None, seq
+    if kind == "flux_dynamic":
+        raise ConfigError(f"rollout.schedule=flux_dynamic is FLUX's schedule, not "
+                          f"model.kind={fam}'s; use diffusers or shifted")
+    cls = sc.get("_class_name", "")
+    if cls == "UniPCMultistepScheduler" and sc.get("use_flow_sigmas"):
+        shift = r.shift if r.shift is not None else float(sc.get("flow_shift", 1.0))
+        return sch.flow_sigmas(steps, shift, n_train), shift, None, None
+    if cls == "FlowMatchEulerDiscreteScheduler" and not sc.get("use_dynamic_shifting"):
+        shift = r.shift if r.shift is not None else float(sc.get("shift", 1.0))
+        return sch.diffusers_static(steps, shift, n_train), shift, None, None
+    raise ConfigError(f"{files.source}: scheduler {cls or '?'} (dynamic shifting "
+                      f"{bool(sc.get('use_dynamic_shifting'))}) has no diffusers grid here; set "
+                      "rollout.schedule=shifted")
+
+
+def _image_tokens(cfg: Config, files: ModelFiles, factor: int) -> int:
+    """Image tokens the transformer sees: (H / factor)(W / factor) (FLUX: 2 f, 2x2 packing)."""
+    h, w = cfg.model.height, cfg.model.width
+    if h % factor or w % factor:
+        raise ConfigError(f"model.height and model.width must be multiples of {factor} for "
+                          f"this {cfg.model.kind} checkpoint, got {h}x{w}")
+    return (h // factor) * (w // factor)
+
+
+def read_model_files(cfg: Config) -> ModelFiles | None:
+    """The checkpoint's config values (None for the tiny family): the local folder
+    ``model.path``, else the Hugging Face cache, else `FAMILY_DEFAULTS` (offline: no download)."""
+    kind, path = cfg.model.kind, cfg.model.path
+    if kind == "tiny":
+        return None
+    p = Path(path).expanduser()
+    if p.is_dir():
+        files = {n: _read_json(p / n, required=n != "vae/config.json")
+                 for n in ("model_index.json", "scheduler/scheduler_config.json",
+                           "transformer/config.json", "vae/config.json")}
+        return _model_files(kind, f"local folder {str(p)!r}", files)
+    cached = {n: _cached(path, n) for n in ("model_index.json", "scheduler/scheduler_config.json",
+                                             "transformer/config.json", "vae/config.json")}
+    if cached["scheduler/scheduler_config.json"] and cached["transformer/config.json"]:
+        files = {n: _read_json(Path(f), required=False) if f else None for n, f in cached.items()}
+        return _model_files(kind, f"Hugging Face cache of {path!r}", files)
+    d = FAMILY_DEFAULTS[kind]
+    return ModelFiles(f"{kind} defaults (no local config files for {path!r}; the released "
+                      "checkpoint's values)", PIPELINES[kind], dict(d["scheduler"]),
+                      dict(d["transformer"]), d["vae_scale_factor"])
+
+
+def _model_files(kind: str, source: str, files: dict[str, dict | None]) -> ModelFiles:
+    index = files["model_index.json"] or {}
+    pipe = index.get("_class_name")
+    if pipe and pipe != PIPELINES[kind]:
+        other = {v: k for k, v in PIPELINES.items()}.get(pipe)
+        hint = f"set model.kind={other}" if other else f"use a {PIPELINES[kind]} checkpoint"
+        raise ConfigError(f"model.path {source} holds a {pipe}, not model.kind={kind}'s "
+                          f"{PIPELINES[kind]}; {hint}")
+    vae = files["vae/config.json"]
+    factor = (2 ** (len(vae["block_out_channels"]) - 1) if vae and "block_out_channels" in vae
+              else FAMILY_DEFAULTS[kind]["vae_scale_factor"])
+    return ModelFiles(source, pipe, files["scheduler/scheduler_config.json"] or {},
+                      files["transformer/config.json"] or {}, factor)
+
+
+def _read_json(path: Path, required: bool) -> dict | None:
+    if not path.is_file():
+        if required:
+            raise ConfigError(f"model.path: {str(path)!r} is missing; pass a folder in the "
+                              "diffusers layout (model_index.json, scheduler/, transformer/)")
+        return None
+    try:
+        out = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"model.path: {str(path)!r} is not valid JSON ({e})") from None
+    if not isinstance(out, dict):
+        raise ConfigError(f"model.path: {str(path)!r} must hold a JSON object")
+    return out
+
+
+def _cached(repo: str, filename: str) -> str | None:
+    """The cached file of a Hub repository, or None (never a download)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        got = try_to_load_from_cache(repo, filename)
+    except (ValueError, OSError):  # not a valid repository id
+        return None
+    return got if isinstance(got, str) else None
+
+
+__all__ = ["RunSpec", "ModelFiles", "resolve", "schedule_rule", "read_model_files",
+           "FAMILY_DEFAULTS", "FASTVIDEO_PLANS"]
