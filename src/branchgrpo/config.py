@@ -126,7 +126,7 @@ class TrainConfig:
     clip_eps: float | None = f(None, "PPO clip range (null: the method's, 1e-3 or 1e-4)")
     ratio: str = f("standard", "importance ratio: standard or guard (GRPO-Guard)")
     kl_coef: float = f(0.0, "KL penalty to the base policy (0: off, no reference copy)")
-    kl_kind: str = f("x", "KL estimator: x (means) or v (velocities)")
+    kl_kind: str = f("x", "KL estimator: x, v, or x_flow_grpo (x / (2 s_i^2), Flow-GRPO's)")
     ema_decay: float = f(0.0, "EMA of trainable weights (0: off); eval uses the EMA")
     amp: str = f("none", "autocast dtype for forwards: none, bf16 or fp16")
     device: str = f("auto", "auto, cpu or cuda")
@@ -332,7 +332,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "advantage.fusion": ("mean", "child_softmax", "path"),
     "advantage.combine": ("reward_sum", "advantage_sum"),
     "train.lr_schedule": ("constant", "linear", "cosine"), "train.ratio": ("standard", "guard"),
-    "train.kl_kind": ("x", "v"), "train.amp": ("none", "bf16", "fp16"),
+    "train.kl_kind": ("x", "v", "x_flow_grpo"), "train.amp": ("none", "bf16", "fp16"),
     "train.device": ("auto", "cpu", "cuda"), "dist.strategy": ("auto", "ddp", "fsdp"),
     "dist.backend": ("auto", "nccl", "gloo"), "dist.noise": ("rank", "prompt"),
 }

@@ -36,8 +36,59 @@ def kl_x(mean: Tensor, ref_mean: Tensor) -> Tensor:
 
 
 def kl_v(v: Tensor, ref_v: Tensor) -> Tensor:
-    """v-based KL surrogate mean((v_theta - v_ref)^2) per edge [E]."""
+    """v-based KL surrogate mean((v_theta - v_ref)^2) per edge [E] (Flow-Factory, no 1/std^2)."""
     return (v.float() - ref_v.float()).pow(2).flatten(1).mean(1)
+
+
+def flow_grpo_kl_std(sigma: Tensor, sigma_next: Tensor, level: float) -> Tensor:
+    """Flow-GRPO's KL denominator coefficient s_i = a sqrt(sigma_i / (1 - sigma_i)) per edge [E]
+    (docs/algorithms.md §9): the Flow-SDE coefficient without the sqrt(delta_i) of the step std.
+    At sigma_i = 1 the denominator is 1 - sigma_next, the Flow-SDE kernel's guard
+    (docs/algorithms.md §13.4), so s_i there is a sqrt(1 / (1 - sigma_next)).
+
+    sigma, sigma_next [E] -> [E] fp32; a = ``level`` > 0."""
+    if level <= 0:
+        raise ValueError(f"the Flow-GRPO KL divides by the Flow-SDE level a; got a = {level}: "
+                         "set rollout.level > 0 or use train.kl_kind x or v")
+    s, nxt = sigma.float(), sigma_next.float()
+    denom = torch.where(s >= 1.0, 1.0 - nxt, 1.0 - s)
+    return float(level) * (s / denom).sqrt()
+
+
+def kl_x_flow_grpo(mean: Tensor, ref_mean: Tensor, sigma: Tensor, sigma_next: Tensor,
+                   level: float) -> Tensor:
+    """Flow-GRPO's KL per edge [E] (docs/algorithms.md §9):
+    mean((mu_theta - mu_ref)^2) / (2 s_i^2), s_i from `flow_grpo_kl_std`.
+
+    Equals `kl_x` times 1 / (2 s_i^2), so a Flow-GRPO beta keeps its meaning. mean, ref_mean
+    [E, *D]; sigma, sigma_next [E]; a = ``level``."""
+    s = flow_grpo_kl_std(sigma.to(mean.device), sigma_next.to(mean.device), level)
+    return kl_x(mean, ref_mean) / (2.0 * s.pow(2))
+
+
+KL_KINDS = ("x", "v", "x_flow_grpo")
+"""``train.kl_kind`` values: Flow-Factory's undivided x and v forms, and Flow-GRPO's form."""
+
+
+def kl_penalty(
+    kind: str, *, mean: Tensor, ref_mean: Tensor, v: Tensor, ref_v: Tensor, sigma: Tensor,
+    sigma_next: Tensor, kernel: str, level: float,
+) -> Tensor:
+    """The KL estimator ``kind`` (one of `KL_KINDS`) per edge [E] (docs/algorithms.md §9).
+
+    mean, ref_mean, v, ref_v [E, *D]; sigma, sigma_next [E]; ``kernel`` and ``level`` are the
+    rollout's SDE kernel and its level (``x_flow_grpo`` needs the Flow-SDE kernel ``flow``)."""
+    if kind == "x":
+        return kl_x(mean, ref_mean)
+    if kind == "v":
+        return kl_v(v, ref_v)
+    if kind == "x_flow_grpo":
+        if kernel != "flow":
+            raise ValueError(f"train.kl_kind=x_flow_grpo is Flow-GRPO's KL for the Flow-SDE "
+                             f"kernel; this rollout uses kernel {kernel!r}: set rollout.kernel "
+                             "flow (method flow_grpo) or use train.kl_kind x or v")
+        return kl_x_flow_grpo(mean, ref_mean, sigma, sigma_next, level)
+    raise ValueError(f"unknown train.kl_kind {kind!r}; choose one of {KL_KINDS}")
 
 
 def policy_loss(

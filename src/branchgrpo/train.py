@@ -38,7 +38,7 @@ from .advantages import RewardValueError, compute_advantages, zero_std_fraction
 from .config import Config, advantage_kw, clip_eps, resolved_rules, to_yaml
 from .evaluate import evaluate, group_diversity, image_stats, save_grid
 from .log import RunLogger, Timer
-from .losses import guard_log_ratio, kl_v, kl_x, policy_loss
+from .losses import guard_log_ratio, kl_penalty, policy_loss
 from .models.base import select_cond
 from .models.factory import build_policy, load_prompts
 from .models.families import module_of
@@ -272,7 +272,9 @@ def _loss_backward(s: State, e: EdgeBatch, cond: dict, plan: RolloutPlan,
         with torch.no_grad(), _autocast(s):
             _, ref_mean, _, ref_v = edge_log_prob(s.reference, e, cond, plan,
                                                   max_batch=cfg.rollout.max_batch)
-        kl = kl_x(mean, ref_mean) if cfg.train.kl_kind == "x" else kl_v(v, ref_v)
+        kl = kl_penalty(cfg.train.kl_kind, mean=mean, ref_mean=ref_mean, v=v, ref_v=ref_v,
+                        sigma=e.sigma, sigma_next=e.sigma_next, kernel=plan.kernel,
+                        level=plan.level)
     loss, st = policy_loss(lp, e.old_log_prob, e.adv, clip_eps(cfg), step=e.step,
                            log_ratio=log_ratio, kl=kl, kl_coef=cfg.train.kl_coef)
     if not torch.isfinite(loss):

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .hub import (
     DiffusersPolicy,
+    cast_weights,
     default_device,
     load_pipeline,
     prompt_seed,
@@ -128,7 +129,7 @@ class FluxPolicy(DiffusersPolicy):
         from diffusers import FluxPipeline
 
         pipe = load_pipeline(FluxPipeline, model_id_or_path, SUBFOLDERS, dtype, cache_dir)
-        pipe.transformer.to(weight_dtype(dtype, lora, full_finetune, master_dtype))
+        cast_weights(pipe.transformer, weight_dtype(dtype, lora, full_finetune, master_dtype))
         return cls(pipe, device=device or default_device(), dtype=dtype, lora=lora,
                    full_finetune=full_finetune, **kw)
 

@@ -181,8 +181,9 @@ class DiffusersPolicy:
         setup_finetune(self.transformer, lora=lora, full_finetune=full_finetune,
                        gradient_checkpointing=gradient_checkpointing,
                        default_targets=self.default_lora_targets)
-        self._model_dtype = next(p.dtype for p in self.transformer.parameters()
-                                 if not p.requires_grad or lora is None)
+        self._model_dtype = next(p.dtype for n, p in self.transformer.named_parameters()
+                                 if (not p.requires_grad or lora is None)
+                                 and not keeps_fp32(self.transformer, n))
 
     # ---- family hooks -------------------------------------------------------------------
     def text_encoders(self) -> list[nn.Module]:
@@ -259,6 +260,32 @@ class DiffusersPolicy:
 def _device_of(m: nn.Module) -> torch.device:
     p = next(m.parameters(), None)
     return p.device if p is not None else torch.device("cpu")
+
+
+def keeps_fp32(module: nn.Module, name: str) -> bool:
+    """Whether diffusers keeps tensor ``name`` of ``module`` in fp32 whatever ``torch_dtype``:
+    a component of the dotted name is in the class's ``_keep_in_fp32_modules`` (diffusers'
+    own test in ``load_model_dict_into_meta``; e.g. Wan's time_embedder, scale_shift_table,
+    norm1-3)."""
+    keep = getattr(type(module), "_keep_in_fp32_modules", None) or ()
+    return bool(keep) and any(k in name.split(".") for k in keep)
+
+
+def cast_weights(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the floating parameters and persistent buffers of a diffusers model to ``dtype``
+    as ``from_pretrained(torch_dtype=dtype)`` leaves them: tensors under the class's
+    ``_keep_in_fp32_modules`` (`keeps_fp32`) stay fp32. ``module.to(dtype)`` would cast those
+    too. Non-persistent buffers are left as they are (from_pretrained does not cast them)."""
+    persistent = set(module.state_dict(keep_vars=True))
+    with torch.no_grad():
+        tensors = list(module.named_parameters()) + list(module.named_buffers())
+        for name, t in tensors:
+            if name not in persistent or not t.is_floating_point():
+                continue
+            target = torch.float32 if keeps_fp32(module, name) else dtype
+            if t.dtype != target:
+                t.data = t.data.to(target)
+    return module
 
 
 def weight_dtype(dtype: torch.dtype, lora: LoraSpec | None, full_finetune: bool,

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .hub import (
     ShiftedCFGPolicy,
+    cast_weights,
     default_device,
     load_pipeline,
     tiny_clip_encoder,
@@ -84,7 +85,7 @@ class SD3Policy(ShiftedCFGPolicy):
 
         pipe = load_pipeline(StableDiffusion3Pipeline, model_id_or_path, SUBFOLDERS, dtype,
                              cache_dir)
-        pipe.transformer.to(weight_dtype(dtype, lora, full_finetune, master_dtype))
+        cast_weights(pipe.transformer, weight_dtype(dtype, lora, full_finetune, master_dtype))
         return cls(pipe, device=device or default_device(), dtype=dtype, lora=lora,
                    full_finetune=full_finetune, **kw)
 

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .hub import (
     ShiftedCFGPolicy,
+    cast_weights,
     default_device,
     load_pipeline,
     tiny_t5_encoder,
@@ -94,7 +95,7 @@ class WanPolicy(ShiftedCFGPolicy):
         vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=vae_dtype,
                                                local_files_only=True)
         pipe = load_pipeline(WanPipeline, path, SUBFOLDERS, dtype, vae=vae)
-        pipe.transformer.to(weight_dtype(dtype, lora, full_finetune, master_dtype))
+        cast_weights(pipe.transformer, weight_dtype(dtype, lora, full_finetune, master_dtype))
         return cls(pipe, device=device or default_device(), dtype=dtype, lora=lora,
                    full_finetune=full_finetune, **kw)
 

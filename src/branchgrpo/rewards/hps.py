@@ -7,16 +7,22 @@ same network with transformers' ``CLIPModel`` and convert the open_clip key name
 
 Score (HPSv2 ``img_score.py``, and DanceGRPO / BranchGRPO / MixGRPO training): the dot product of
 the L2-normalised image and text features, no logit scale, about 0.24-0.37 (FLUX.1-dev: 0.313).
+
+Preprocessing is HPSv2's evaluation transform (its open_clip ``image_transform`` with
+``resize_longest_max=True``), not CLIP's short-side crop: bicubic resize of the longest side to
+224, zero padding to a square (centred, the odd pixel at the bottom/right), OpenAI mean/std
+(:func:`hps_preprocess`). A 480x832 video frame is scored whole, letterboxed, as HPSv2 does.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from branchgrpo.rewards.base import REWARDS, RewardError
@@ -153,6 +159,54 @@ def load_open_clip(path: str, config: Any) -> Any:
     return model
 
 
+def hps_preprocess(
+    images: Tensor,
+    size: int = 224,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> Tensor:
+    """HPSv2's evaluation preprocessing in torch, batched (``ResizeMaxSize`` + normalise):
+    bicubic, antialiased resize so the longest side is ``size`` (the other side
+    ``round(side * size / longest)``), pad with 0 to ``size x size`` (left/top ``pad // 2``,
+    right/bottom the rest), then ``(x - mean) / std``.
+
+    images ``[N, 3, H, W]`` (or ``[N, 1, H, W]``) in [0, 1] -> ``[N, 3, size, size]`` (same
+    dtype/device). A square image gives exactly what :func:`preprocess` gives (resize, no crop).
+    Unlike HPSv2, an image whose longest side is already ``size`` is still padded to a square
+    (HPSv2 would pass it through unpadded, which its ViT cannot take)."""
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images [N, 3, H, W], got {tuple(images.shape)}")
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    dtype = images.dtype
+    x = images.float()
+    h, w = x.shape[-2:]
+    scale = size / float(max(h, w))
+    nh, nw = round(h * scale), round(w * scale)
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+        x = x.clamp(0, 1)
+    ph, pw = size - nh, size - nw
+    if ph or pw:
+        x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=0.0)
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return ((x - m) / s).to(dtype)
+
+
+class HpsEmbedder(ClipEmbedder):
+    """A :class:`ClipEmbedder` whose images go through :func:`hps_preprocess` (HPSv2's
+    longest-side resize and zero padding) instead of the short-side resize and centre crop."""
+
+    @torch.no_grad()
+    def images(self, images: Tensor) -> Tensor:
+        """images ``[N, 3, H, W]`` in [0, 1] -> normalised features ``[N, D]`` fp32."""
+        x = hps_preprocess(images.to(self.device).float(), self.image_size, self.mean, self.std)
+        out = self.model.vision_model(pixel_values=x.to(self.dtype))
+        f = self.model.visual_projection(out.pooler_output).float()
+        return f / f.norm(dim=-1, keepdim=True)
+
+
 @REWARDS.register("hpsv2")
 def hpsv2(
     checkpoint: str = "xswu/HPSv2",
@@ -177,5 +231,5 @@ def hpsv2(
         model = load_open_clip(hub_file(checkpoint, filename, "HPS-v2.1"), config)
     tok = load_pretrained(AutoTokenizer.from_pretrained, tokenizer, "HPS-v2.1 tokenizer")
     size = int(model.config.vision_config.image_size)
-    embedder = ClipEmbedder(model, tok, size, CLIP_MEAN, CLIP_STD, device, dtype)
+    embedder = HpsEmbedder(model, tok, size, CLIP_MEAN, CLIP_STD, device, dtype)
     return ClipReward(embedder, "hpsv2", "cos", 1.0)
