@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+TABLE_DEFAULT = Path(__file__).resolve().parents[2] / "docs" / "recipes.md"
 DESCRIPTION = """\
 branchgrpo: online RL for flow-matching generators (BranchGRPO, DanceGRPO, Flow-GRPO,
 MixGRPO, G2RPO) with one batched tree-rollout engine.
@@ -16,6 +17,7 @@ commands:
   train [CONFIG] [key=value ...]   train (no arguments: the embedded shapes default)
   train --resume RUN_DIR           continue a stopped run from its newest checkpoint
   plan [CONFIG] [key=value ...]    the resolved run (schedule, level, tree sizes), no weights
+  recipes [--check]                configs/*.yaml beside the published values (docs/recipes.md)
   sample CHECKPOINT --prompt P     write images from a checkpoint
   eval RUN_DIR|CHECKPOINT          held-out prompts, every configured reward, a table
   serve-reward NAME ...            serve rewards over HTTP (see docs/rewards.md)
@@ -92,6 +94,25 @@ def _plan(args: argparse.Namespace) -> int:
     report = plan_report(load_config(args.config, args.overrides))
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    from .recipes import build, problems
+
+    recipes = build()
+    out = Path(args.out)
+    if args.check:
+        found = problems(recipes, out)
+        for msg in found:
+            print(f"recipes: {msg}", file=sys.stderr)
+        return 1 if found else 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(recipes.markdown, encoding="utf-8")
+    for msg in recipes.errors:
+        print(f"recipes: {msg}", file=sys.stderr)
+    print(f"wrote {out} ({sum(map(len, recipes.rows.values()))} rows, "
+          f"{len(recipes.rows)} configs)")
+    return 1 if recipes.errors else 0
 
 
 def _split_config_args(args: argparse.Namespace) -> None:
@@ -294,6 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="optional YAML file, then overrides like rollout.method=dance")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
     pl.set_defaults(fn=_plan)
+    rc = sub.add_parser("recipes", help="paper configs beside the published values",
+                        description="Resolve every configs/*.yaml (no weights) and write a "
+                        "table per config beside the published values of docs/published.json.")
+    rc.add_argument("--check", action="store_true", help="write nothing; exit 1 if the table "
+                    "is stale or a value differs from the published one without a note")
+    rc.add_argument("--out", default=str(TABLE_DEFAULT), help="the table (default: "
+                    "docs/recipes.md of this checkout)")
+    rc.set_defaults(fn=_recipes)
     sa = sub.add_parser("sample", help="write images from a checkpoint")
     sa.add_argument("checkpoint", help="a checkpoint file or a run directory (newest one)")
     sa.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")

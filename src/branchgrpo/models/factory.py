@@ -9,6 +9,23 @@ import torch
 
 from ..config import Config, ConfigError
 
+SOURCES = Path(__file__).resolve().parents[3] / "data" / "sources.json"
+
+
+def fetch_hint(spec: str) -> str:
+    """How to get the prompt file ``spec``: its command from ``data/sources.json``, else the
+    general rule."""
+    import json
+
+    try:
+        sources = json.loads(SOURCES.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        sources = {}
+    key = Path(spec).as_posix().removeprefix("./")
+    if key in sources:
+        return f"fetch it with: {sources[key]} (data/README.md)"
+    return "give a text file with one prompt per line, or 'shapes'"
+
 
 def load_prompts(cfg: Config) -> tuple[list[str], list[str]]:
     """(training prompts, held-out prompts): the built-in shapes split or text files."""
@@ -19,8 +36,7 @@ def load_prompts(cfg: Config) -> tuple[list[str], list[str]]:
             return split_prompts()[which]
         path = Path(spec).expanduser()
         if not path.is_file():
-            raise ConfigError(f"prompt file {spec!r} not found; give a text file with one "
-                              "prompt per line, or 'shapes'")
+            raise ConfigError(f"prompt file {spec!r} not found; {fetch_hint(spec)}")
         lines = [x.strip() for x in path.read_text().splitlines() if x.strip()]
         if not lines:
             raise ConfigError(f"prompt file {spec!r} is empty")
