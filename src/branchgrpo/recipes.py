@@ -137,6 +137,8 @@ def resolved(cfg: Config) -> dict[str, Any]:
             "train.prompts_per_iteration": t.prompts_per_iteration,
             "train.iterations": t.iterations, "train.kl_coef": t.kl_coef,
             "train.ema_decay": t.ema_decay, "train.amp": t.amp, "model.finetune": m.finetune}
+    if t.kl_coef > 0:
+        out["train.kl_kind"] = t.kl_kind
     if m.finetune == "lora":
         out |= {"model.lora_rank": m.lora_rank, "model.lora_alpha": m.lora_alpha}
     res = f"{m.height}x{m.width}" + (f"x{m.num_frames}" if m.kind == "wan" else "")
