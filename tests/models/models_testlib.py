@@ -47,3 +47,71 @@ def run_pipeline(family: str, pipe, policy, latents: Tensor, sigmas: Tensor,
         set_pipeline_sigmas(pipe, sigmas)
         return pipe(num_frames=policy.num_frames, **kw).frames
     return pipe(sigmas=sigmas[:-1].tolist(), **kw).images
+
+
+# ---- replica checkpoints (complete tiny pipelines with the released configs) -------------
+REPLICA_SIZE = {"flux": {"model.height": 64, "model.width": 64},
+                "sd3": {"model.height": 64, "model.width": 64},
+                "wan": {"model.height": 32, "model.width": 32, "model.num_frames": 5}}
+"""Image (video) sizes of the replica tests: small, but FLUX sees 16 image tokens (so a mu of
+its own) and Wan 2 latent frames."""
+RECIPES = {"flux": ["rollout.method=branch", "rollout.split_steps=[0,1]",
+                    "rollout.schedule=flux_dynamic", "rollout.quantize_timestep=false"],
+           "sd3": ["rollout.method=flow_grpo"],
+           "wan": ["rollout.method=branch", "rollout.split_steps=[0,1]"]}
+"""Configs whose schedule rule is the family pipeline's own (`branchgrpo.spec`)."""
+PIPELINE_CLASSES = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline",
+                    "wan": "WanPipeline"}
+
+
+def pipeline_default(family: str, name: str) -> Any:
+    """The default of ``name`` in the family pipeline's ``__call__`` (what a user gets)."""
+    import inspect
+
+    import diffusers
+
+    cls = getattr(diffusers, PIPELINE_CLASSES[family])
+    return inspect.signature(cls.__call__).parameters[name].default
+
+
+def replica_config(family: str, path: Any, *extra: str):
+    """The config of a run on the replica at ``path``: the family's `RECIPES` entry, the
+    pipeline's default guidance, `REPLICA_SIZE`, then ``extra`` overrides."""
+    from branchgrpo.config import load_config
+
+    args = [f"model.kind={family}", f"model.path={path}",
+            f"model.guidance={pipeline_default(family, 'guidance_scale')}",
+            *(f"{k}={v}" for k, v in REPLICA_SIZE[family].items()), *RECIPES[family], *extra]
+    return load_config(None, args)
+
+
+def load_replica_pipeline(family: str, path: Any, dtype: torch.dtype = torch.float32):
+    """``<Family>Pipeline.from_pretrained(path)`` in ``dtype``, progress bar off."""
+    import diffusers
+
+    from branchgrpo.models.hub import dtype_kwarg
+
+    pipe = getattr(diffusers, PIPELINE_CLASSES[family]).from_pretrained(
+        path, **{dtype_kwarg(): dtype})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_default_pipeline(family: str, pipe, cfg, latents: Tensor, steps: int,
+                         prompts=PROMPTS, **kw: Any) -> Tensor:
+    """The pipeline on its own default schedule: only ``num_inference_steps``, the size, the
+    initial ``latents`` and ``output_type="latent"`` are passed (plus ``kw``)."""
+    m = cfg.model
+    args: dict[str, Any] = dict(prompt=list(prompts), num_inference_steps=steps, height=m.height,
+                                width=m.width, latents=latents, output_type="latent", **kw)
+    if family == "wan":
+        return pipe(num_frames=m.num_frames, **args).frames
+    return pipe(**args).images
+
+
+def ode_rollout(policy, sigmas: Tensor, prompts=PROMPTS, seed: int = 0) -> Tree:
+    """A deterministic (all-ODE: Euler) rollout of ``policy`` on ``sigmas`` [T + 1]."""
+    steps = len(sigmas) - 1
+    plan = chain_plan("ode", sigmas, [1] * steps, ["ode"] * steps)
+    return rollout(policy, policy.encode(prompts), plan,
+                   generator=torch.Generator().manual_seed(seed))

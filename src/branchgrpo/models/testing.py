@@ -1,13 +1,27 @@
-"""Replica checkpoints for tests: diffusers-layout folders holding only the config files of a
-released checkpoint (``model_index.json``, ``scheduler/``, ``transformer/``, ``vae/``), with
-the values that decide the schedule, so `branchgrpo.spec.resolve` and ``branchgrpo plan`` see
-what the real checkpoint would make them do. No weights: building a policy from one fails."""
+"""Replica checkpoints for tests, in two kinds.
+
+- `write_replica`: a diffusers-layout folder holding only the config files of a released
+  checkpoint (``model_index.json``, ``scheduler/``, ``transformer/``, ``vae/``), with the values
+  that decide the schedule, so `branchgrpo.spec.resolve` and ``branchgrpo plan`` see what the
+  real checkpoint would make them do. No weights: building a policy from one fails.
+- `write_replica_pipeline`: a complete tiny pipeline saved with ``pipeline.save_pretrained``
+  (random transformer, VAE, text encoders, real tokenizer classes with a character vocab), so
+  ``FluxPipeline.from_pretrained(folder)`` and our policies load it. Layers and widths are
+  shrunk; every behaviour-changing value is the released one: the whole scheduler config,
+  FLUX's ``guidance_embeds`` and VAE factors, SD3.5's patch size, ``qk_norm`` and dual-attention
+  layers, Wan's ``qk_norm``, ``cross_attn_norm``, ``freq_dim`` and VAE latents mean/std, and
+  the VAE's spatial (8) and Wan's temporal (4) factors.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
+
+import torch
+
+from .hub import tiny_clip_encoder, tiny_clip_tokenizer, tiny_t5_encoder, tiny_t5_tokenizer
 
 REPLICAS: dict[str, dict[str, dict[str, Any]]] = {
     "flux": {
@@ -52,7 +66,9 @@ REPLICAS: dict[str, dict[str, dict[str, Any]]] = {
         "scheduler/scheduler_config.json": {
             "_class_name": "UniPCMultistepScheduler", "flow_shift": 3.0,
             "final_sigmas_type": "zero", "num_train_timesteps": 1000,
-            "prediction_type": "flow_prediction", "solver_order": 2, "use_flow_sigmas": True},
+            "prediction_type": "flow_prediction", "solver_order": 2, "use_flow_sigmas": True,
+            "predict_x0": True, "solver_type": "bh2", "lower_order_final": True,
+            "disable_corrector": [], "timestep_spacing": "linspace", "steps_offset": 0},
         "transformer/config.json": {
             "_class_name": "WanTransformer3DModel", "attention_head_dim": 128,
             "cross_attn_norm": True, "ffn_dim": 8960, "freq_dim": 256, "in_channels": 16,
@@ -74,3 +90,91 @@ def write_replica(kind: str, folder: str | Path, scheduler: dict[str, Any] | Non
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(json.dumps(data, indent=2))
     return root
+
+
+def _scheduler(kind: str, overrides: dict[str, Any] | None) -> Any:
+    """The released scheduler of ``kind`` (its whole config, ``overrides`` applied)."""
+    import diffusers
+
+    cfg = {**REPLICAS[kind]["scheduler/scheduler_config.json"], **(overrides or {})}
+    return getattr(diffusers, cfg.pop("_class_name")).from_config(cfg)
+
+
+def _image_vae(kind: str, seed: int) -> Any:
+    """A random 4-level AutoencoderKL (spatial factor 8, 16 latent channels, widths 8) with the
+    released checkpoint's scaling/shift factors and no (post-)quant conv."""
+    from diffusers import AutoencoderKL
+
+    vae = REPLICAS[kind]["vae/config.json"]
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1, latent_channels=vae["latent_channels"], norm_num_groups=4,
+        use_quant_conv=False, use_post_quant_conv=False, sample_size=32,
+        scaling_factor=vae["scaling_factor"], shift_factor=vae["shift_factor"]).eval()
+
+
+def _flux_parts(seed: int) -> dict[str, Any]:
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=(4, 4, 8), guidance_embeds=True)
+    return dict(transformer=transformer, vae=_image_vae("flux", seed),
+                text_encoder=tiny_clip_encoder(32, None, seed), tokenizer=tiny_clip_tokenizer(),
+                text_encoder_2=tiny_t5_encoder(32, False, seed),
+                tokenizer_2=tiny_t5_tokenizer(512))
+
+
+def _sd3_parts(seed: int) -> dict[str, Any]:
+    from diffusers import SD3Transformer2DModel
+
+    tr = REPLICAS["sd3"]["transformer/config.json"]
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=tr["sample_size"], patch_size=tr["patch_size"], in_channels=16,
+        out_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=32,
+        pos_embed_max_size=tr["pos_embed_max_size"], qk_norm=tr["qk_norm"],
+        dual_attention_layers=(0,))
+    return dict(transformer=transformer, vae=_image_vae("sd3", seed),
+                text_encoder=tiny_clip_encoder(16, 16, seed), tokenizer=tiny_clip_tokenizer(),
+                text_encoder_2=tiny_clip_encoder(16, 16, seed + 1),
+                tokenizer_2=tiny_clip_tokenizer(), text_encoder_3=tiny_t5_encoder(32, False, seed),
+                tokenizer_3=tiny_t5_tokenizer(512))
+
+
+def _wan_parts(seed: int) -> dict[str, Any]:
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    tr = REPLICAS["wan"]["transformer/config.json"]
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=tuple(tr["patch_size"]), num_attention_heads=2, attention_head_dim=12,
+        in_channels=16, out_channels=16, text_dim=32, freq_dim=tr["freq_dim"], ffn_dim=32,
+        num_layers=2, cross_attn_norm=tr["cross_attn_norm"], qk_norm=tr["qk_norm"])
+    return dict(transformer=transformer, vae=vae, text_encoder=tiny_t5_encoder(32, True, seed),
+                tokenizer=tiny_t5_tokenizer(512))
+
+
+_PARTS = {"flux": _flux_parts, "sd3": _sd3_parts, "wan": _wan_parts}
+
+
+def write_replica_pipeline(kind: str, folder: str | Path,
+                           scheduler: dict[str, Any] | None = None, seed: int = 0) -> Path:
+    """Save a complete tiny pipeline of ``kind`` (flux, sd3, wan) into ``folder`` with
+    ``save_pretrained`` (see the module docstring); ``scheduler`` overrides released scheduler
+    values (e.g. ``{"flow_shift": 5.0}``). Weights are random from ``seed``; a few seconds on
+    a CPU. Returns the folder."""
+    import diffusers
+
+    pipe_cls = getattr(diffusers, REPLICAS[kind]["model_index.json"]["_class_name"])
+    pipe = pipe_cls(scheduler=_scheduler(kind, scheduler), **_PARTS[kind](seed))
+    pipe.save_pretrained(folder)
+    return Path(folder)
