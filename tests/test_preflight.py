@@ -200,3 +200,16 @@ def test_sample_prompts_need_only_the_policy_vocabulary():
                       scored=False)
     with pytest.raises(ConfigError, match="--prompt 1 cannot be used by the shapes reward"):
         check_prompts(cfg, ["one red circle"], "--prompt {line}")
+
+
+def test_config_is_a_pure_schema():
+    """Loading and validating a config imports nothing of the engine (spec and preflight do)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from branchgrpo.config import load_config; load_config(None, "
+            "['rollout.method=dance']); bad = [m for m in sys.modules if m.split('.')[:2] in "
+            "(['branchgrpo', n] for n in ('tree', 'methods', 'plans', 'spec', 'models', "
+            "'rewards', 'advantages', 'pruning'))]; print(bad); sys.exit(bool(bad))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -193,10 +193,10 @@ def credit(methods: Sequence[str], num_prompts: int, k: int, overrides: Sequence
     policy ``branchgrpo train`` starts from, with ``overrides`` applied); write credit.md,
     credit.json and credit_by_step.png to ``out_dir``."""
     from .bench import machine
-    from .config import advantage_kw, load_config, resolved_rules
+    from .config import load_config
     from .models.factory import build_policy, load_prompts
     from .rewards import RewardSet
-    from .spec import resolve
+    from .spec import advantage_kw, resolve, resolved_rules
 
     base = load_config(None, list(overrides))
     policy = build_policy(base, torch.device("cpu"), progress=progress)

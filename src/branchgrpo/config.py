@@ -3,7 +3,11 @@
 Every field has a default and a one-line doc (``metadata["doc"]``, shown by ``branchgrpo train
 --help-config``). YAML files hold only overrides; ``key.sub=value`` arguments override them.
 Unknown keys and wrong types are rejected with the key's name and the nearest valid key;
-derived values are checked in `validate`, with errors that say what to change.
+each value is checked on its own in `validate`, with errors that say what to change.
+
+A pure schema: it imports nothing of the engine. What the values mean together, with the
+method's preset and the model's schedule, is resolved in `branchgrpo.spec` and checked in
+`branchgrpo.preflight`.
 """
 
 from __future__ import annotations
@@ -272,21 +276,6 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def plan_params(cfg: Config) -> dict[str, Any]:
-    """The plan keyword arguments of the method: its preset, then every rollout field set (the
-    config alone; `branchgrpo.spec.resolve` adds the model's schedule and the family's level)."""
-    from .methods import METHODS
-
-    m = METHODS.get(cfg.rollout.method)
-    params = dict(m.plan_kw)
-    skip = {"method", "max_batch", "quantize_timestep"}
-    for fl in fields(RolloutConfig):
-        v = getattr(cfg.rollout, fl.name)
-        if fl.name not in skip and v is not None:
-            params[fl.name] = tuple(v) if isinstance(v, list) else v
-    return params
-
-
 def near(name: str, valid: list[str]) -> str:
     """``"; did you mean 'x'?"`` for the nearest valid name, or ``""``."""
     close = difflib.get_close_matches(name, valid, n=1)
@@ -399,37 +388,6 @@ def prompts_per_rank(cfg: Config, world: int) -> int:
             f"of {world} (e.g. {hi}" + (f" or {lo}" if lo else "") + ") or run on "
             f"{', '.join(map(str, fits))} ranks")
     return gp // world
-
-
-def resolved_rules(cfg: Config) -> tuple[str, str, dict[str, Any]]:
-    """(advantage rule, selector, selector kwargs): the method's, overridden by the config."""
-    from .methods import METHODS
-
-    m = METHODS.get(cfg.rollout.method)
-    rule = cfg.advantage.rule or m.advantage
-    sel = cfg.selection.name or m.selection
-    kw = dict(m.selection_kw) if sel == m.selection else {}
-    for k in ("fraction", "random", "ratio", "depths", "interval", "stop_depth"):
-        v = getattr(cfg.selection, k)
-        if v is not None:
-            kw[k] = tuple(v) if isinstance(v, list) else v
-    return rule, sel, kw
-
-
-def advantage_kw(cfg: Config, rule: str) -> dict[str, Any]:
-    kw: dict[str, Any] = {"clip": cfg.advantage.clip, "combine": cfg.advantage.combine}
-    if rule == "depth":
-        kw |= {"fusion": cfg.advantage.fusion, "alpha": cfg.advantage.alpha}
-    return kw
-
-
-def clip_eps(cfg: Config) -> float:
-    """``train.clip_eps``, or the method's published clip range when it is null."""
-    from .methods import METHODS
-
-    if cfg.train.clip_eps is not None:
-        return cfg.train.clip_eps
-    return METHODS.get(cfg.rollout.method).clip_eps
 
 
 def describe() -> str:

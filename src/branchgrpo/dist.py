@@ -114,7 +114,7 @@ def check_geometry(cfg: Config, world: int, num_prompts: int) -> int:
         raise ConfigError(f"{world} ranks x {p} prompts = {world * p} > {num_prompts} training "
                           f"prompts: lower {key} to {to} or give more prompts in data.prompts")
     if world > 1 and cfg.advantage.combine == "advantage_sum" and len(cfg.reward.weights) > 1:
-        from .config import resolved_rules
+        from .spec import resolved_rules
 
         if resolved_rules(cfg)[0] == "prompt_global_std":
             raise ConfigError("prompt_global_std over ranks gathers one std of the combined "

@@ -18,16 +18,8 @@ from typing import Any
 
 import torch
 
-from .config import (
-    Config,
-    ConfigError,
-    advantage_kw,
-    near,
-    plan_params,
-    prompts_per_rank,
-    resolved_rules,
-)
-from .spec import RunSpec, resolve
+from .config import Config, ConfigError, near, prompts_per_rank
+from .spec import RunSpec, advantage_kw, plan_params, resolve, resolved_rules
 
 MAX_LEAVES = 4096
 """Leaves (decoded images, reward calls) per tree: 14x the largest published tree (G2RPO's

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, clip_eps, load_config, resolved_rules
-from .spec import RunSpec, resolve
+from .config import Config, ConfigError, load_config
+from .spec import RunSpec, clip_eps, resolve, resolved_rules
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"

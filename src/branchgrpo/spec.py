@@ -38,14 +38,14 @@ on the tiny family (the embedded default).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from . import schedule as sch
-from .config import Config, ConfigError, plan_params
+from .config import Config, ConfigError, RolloutConfig
 from .tree import RolloutPlan
 
 FASTVIDEO_PLANS = frozenset({"dance", "branch", "branch_mix", "mix", "mix_flash", "g2rpo"})
@@ -303,5 +303,53 @@ def _cached(repo: str, filename: str) -> str | None:
     return got if isinstance(got, str) else None
 
 
+# ------------------------------------------------ the method's preset, overridden by the config
+def plan_params(cfg: Config) -> dict[str, Any]:
+    """The plan keyword arguments of the method: its preset, then every rollout field set (the
+    config alone; `branchgrpo.spec.resolve` adds the model's schedule and the family's level)."""
+    from .methods import METHODS
+
+    m = METHODS.get(cfg.rollout.method)
+    params = dict(m.plan_kw)
+    skip = {"method", "max_batch", "quantize_timestep"}
+    for fl in fields(RolloutConfig):
+        v = getattr(cfg.rollout, fl.name)
+        if fl.name not in skip and v is not None:
+            params[fl.name] = tuple(v) if isinstance(v, list) else v
+    return params
+
+
+def resolved_rules(cfg: Config) -> tuple[str, str, dict[str, Any]]:
+    """(advantage rule, selector, selector kwargs): the method's, overridden by the config."""
+    from .methods import METHODS
+
+    m = METHODS.get(cfg.rollout.method)
+    rule = cfg.advantage.rule or m.advantage
+    sel = cfg.selection.name or m.selection
+    kw = dict(m.selection_kw) if sel == m.selection else {}
+    for k in ("fraction", "random", "ratio", "depths", "interval", "stop_depth"):
+        v = getattr(cfg.selection, k)
+        if v is not None:
+            kw[k] = tuple(v) if isinstance(v, list) else v
+    return rule, sel, kw
+
+
+def advantage_kw(cfg: Config, rule: str) -> dict[str, Any]:
+    kw: dict[str, Any] = {"clip": cfg.advantage.clip, "combine": cfg.advantage.combine}
+    if rule == "depth":
+        kw |= {"fusion": cfg.advantage.fusion, "alpha": cfg.advantage.alpha}
+    return kw
+
+
+def clip_eps(cfg: Config) -> float:
+    """``train.clip_eps``, or the method's published clip range when it is null."""
+    from .methods import METHODS
+
+    if cfg.train.clip_eps is not None:
+        return cfg.train.clip_eps
+    return METHODS.get(cfg.rollout.method).clip_eps
+
+
 __all__ = ["RunSpec", "ModelFiles", "resolve", "schedule_rule", "read_model_files",
-           "FAMILY_DEFAULTS", "FASTVIDEO_PLANS"]
+           "FAMILY_DEFAULTS", "FASTVIDEO_PLANS",
+           "plan_params", "resolved_rules", "advantage_kw", "clip_eps"]
