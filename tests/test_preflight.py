@@ -213,3 +213,21 @@ def test_config_is_a_pure_schema():
             "'rewards', 'advantages', 'pruning'))]; print(bad); sys.exit(bool(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_checks_leave_the_global_generators_alone():
+    """A resumed run writes plan.json after restoring its RNG state: the dry run must not draw
+    from the global generator (it once shifted every later draw of a resumed run)."""
+    import random
+
+    import numpy as np
+
+    cfg = load_config(None, ["rollout.method=dance"])
+    torch.manual_seed(0)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    check_run(cfg)
+    from branchgrpo.plan_report import plan_report
+
+    plan_report(cfg)
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert (np.random.get_state()[1] == before[1]).all() and random.getstate() == before[2]

@@ -111,12 +111,13 @@ def dry_run_counts(cfg: Config, spec: RunSpec) -> dict[str, int]:
     from .tree import rollout
 
     rule, sel, sel_kw = resolved_rules(cfg)
-    try:
+    gen = torch.Generator().manual_seed(0)  # never the global generator: a resumed run calls
+    try:                                    # this after restoring its RNG state
         pol = GaussianPolicy(2)
-        tree = rollout(pol, pol.encode(["x"]), spec.build_plan(), generator=torch.Generator())
-        adv = compute_advantages(tree, {"r": torch.randn(int(tree.leaf.sum()))}, rule,
-                                 **advantage_kw(cfg, rule))
-        n = int(select_edges(tree, adv, sel, **sel_kw).sum())
+        tree = rollout(pol, pol.encode(["x"]), spec.build_plan(), generator=gen)
+        reward = torch.randn(int(tree.leaf.sum()), generator=gen)
+        adv = compute_advantages(tree, {"r": reward}, rule, **advantage_kw(cfg, rule))
+        n = int(select_edges(tree, adv, sel, generator=gen, **sel_kw).sum())
     except (ValueError, KeyError, TypeError, ZeroDivisionError) as e:
         raise ConfigError(f"method {cfg.rollout.method!r}: {_msg(e)}") from None
     return {"forwards": int(tree.forwards), "nodes": int(tree.num_nodes),

@@ -316,6 +316,9 @@ def setup(cfg: Config, resume: Path | None) -> State:
     judge = _judge(cfg, d.main)
     if d.enabled and d.main:
         dist.barrier(d)
+    # Building may have drawn from the global generators or not (the tiny base model is
+    # pretrained on first use, loaded from the cache after): a run must not depend on which.
+    torch.manual_seed(cfg.train.seed)
     names = {id(p): n for n, p in module_of(policy).named_parameters()}
     params = [p for p in policy.trainable_parameters()]
     param_names = [names[id(p)] for p in params]

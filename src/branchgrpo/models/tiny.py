@@ -127,9 +127,14 @@ class TinyFluxPolicy(nn.Module):
 def pretrain(spec: TinySpec, prompts: list[str], progress: bool = True) -> TinyFluxPolicy:
     """Brief rectified-flow pretraining on rendered images: x_sigma = (1 - sigma) x0 + sigma
     eps, target v = eps - x0, sigma ~ logit-normal; transformer and text encoder together."""
+    with torch.random.fork_rng():  # its own seed, without resetting the caller's generator
+        torch.manual_seed(spec.seed)
+        return _pretrain(spec, prompts, progress)
+
+
+def _pretrain(spec: TinySpec, prompts: list[str], progress: bool) -> TinyFluxPolicy:
     from tqdm import tqdm
 
-    torch.manual_seed(spec.seed)
     policy = TinyFluxPolicy(spec)
     opt = torch.optim.AdamW(policy.parameters(), lr=spec.pretrain_lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, spec.pretrain_lr, spec.pretrain_steps,
