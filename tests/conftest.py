@@ -23,5 +23,7 @@ def cache_dir(tmp_path_factory) -> Path:
     from branchgrpo.tasks.shapes_reward import train_judge
 
     d = tmp_path_factory.mktemp("cache")
-    torch.save(train_judge(steps=10, batch=16).state_dict(), d / "shapes_judge.pt")
+    from safetensors.torch import save_model
+
+    save_model(train_judge(steps=10, batch=16), str(d / "shapes_judge.safetensors"))
     return d

@@ -159,15 +159,18 @@ def _pretrain(spec: TinySpec, prompts: list[str], progress: bool) -> TinyFluxPol
 
 def load_or_pretrain(spec: TinySpec, cache_dir: Path, prompts: list[str],
                      progress: bool = True) -> TinyFluxPolicy:
-    """The pretrained base policy from ``cache_dir`` (pretrained and saved on first use)."""
-    path = Path(cache_dir) / f"tiny_flux_{spec.key()}.pt"
+    """The pretrained base policy from ``cache_dir`` (pretrained and saved on first use, as
+    safetensors: data, not pickle)."""
+    from safetensors.torch import load_model, save_model
+
+    path = Path(cache_dir) / f"tiny_flux_{spec.key()}.safetensors"
     if path.exists():
         policy = TinyFluxPolicy(spec)
-        policy.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        load_model(policy, path)
         return policy.eval()
     policy = pretrain(spec, prompts, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(policy.state_dict(), tmp)
+    save_model(policy, str(tmp))
     tmp.replace(path)
     return policy

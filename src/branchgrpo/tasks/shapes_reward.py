@@ -140,15 +140,17 @@ class ShapesJudge:
     @classmethod
     def cached(cls, cache_dir: Path, progress: bool = False) -> ShapesJudge:
         """Load the judge from ``cache_dir``, training and saving it on first use."""
-        path = Path(cache_dir) / "shapes_judge.pt"
+        from safetensors.torch import load_model, save_model
+
+        path = Path(cache_dir) / "shapes_judge.safetensors"
         net = JudgeNet()
         if path.exists():
-            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            load_model(net, path)
         else:
             net = train_judge(progress=progress)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
-            torch.save(net.state_dict(), tmp)
+            save_model(net, str(tmp))
             tmp.replace(path)
         return cls(net)
 
