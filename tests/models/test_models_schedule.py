@@ -54,10 +54,11 @@ def test_flux_branchgrpo_recipe_is_fastvideo(tmp_path, capsys):
     assert (r["forwards"], r["edges"], r["trained_edges"], r["leaves"]) == (203, 218, 218, 16)
 
 
-def test_sd35_flow_grpo_matches_sd3_pipeline(tmp_path, capsys):
+@pytest.mark.parametrize("replica", ["sd3", "sd3_large"])
+def test_sd35_flow_grpo_matches_sd3_pipeline(tmp_path, capsys, replica):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    path = write_replica("sd3", tmp_path / "sd3")
+    path = write_replica(replica, tmp_path / replica)
     r = plan_json(capsys, "configs/sd35_flow_grpo.yaml", f"model.path={path}")
     sch = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler")
     sch.set_timesteps(r["num_steps"])  # what StableDiffusion3Pipeline calls
@@ -73,11 +74,11 @@ def test_sd3_grid_at_six_steps():
     close(diffusers_static(6, 3.0).tolist(), [1, .92, .82, .67, .43, .009, 0], atol=5e-3)
 
 
-@pytest.mark.parametrize("shift", [5.0, 3.0])
-def test_wan_matches_unipc_flow_sigmas(tmp_path, capsys, shift):
+@pytest.mark.parametrize("replica,shift", [("wan", 5.0), ("wan", 3.0), ("wan_14b", 3.0)])
+def test_wan_matches_unipc_flow_sigmas(tmp_path, capsys, replica, shift):
     from diffusers import UniPCMultistepScheduler
 
-    path = write_replica("wan", tmp_path / "wan", scheduler={"flow_shift": shift})
+    path = write_replica(replica, tmp_path / replica, scheduler={"flow_shift": shift})
     r = plan_json(capsys, "configs/wan_branchgrpo.yaml", f"model.path={path}")
     sch = UniPCMultistepScheduler.from_pretrained(path, subfolder="scheduler")
     sch.set_timesteps(r["num_steps"])  # what WanPipeline calls

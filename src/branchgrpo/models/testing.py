@@ -80,9 +80,25 @@ REPLICAS: dict[str, dict[str, dict[str, Any]]] = {
 as released; shapes as released, though nothing here builds them)."""
 
 
+def _variant(base: str, **files: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A replica that differs from ``base`` in some config files' values (merged per file)."""
+    return {name: {**content, **files.get(name.replace("/", "_").removesuffix(".json"), {})}
+            for name, content in REPLICAS[base].items()}
+
+
+REPLICAS["sd3_large"] = _variant(  # SD3.5-large: same scheduler (shift 3), a wider MMDiT
+    "sd3", transformer_config={"num_layers": 38, "num_attention_heads": 38,
+                               "caption_projection_dim": 2432, "pos_embed_max_size": 192,
+                               "dual_attention_layers": []})
+REPLICAS["wan_14b"] = _variant(  # Wan2.1-T2V-14B: the 1.3B's scheduler, a larger transformer
+    "wan", transformer_config={"num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40,
+                               "in_channels": 16, "text_dim": 4096})
+
+
 def write_replica(kind: str, folder: str | Path, scheduler: dict[str, Any] | None = None,
                   ) -> Path:
-    """Write the replica of ``kind`` (flux, sd3, wan) into ``folder``; ``scheduler`` overrides
+    """Write the replica of ``kind`` (flux, sd3, sd3_large, wan, wan_14b) into ``folder``;
+    ``scheduler`` overrides
     scheduler config values (e.g. ``{"flow_shift": 5.0}``). Returns the folder."""
     root = Path(folder)
     for name, content in REPLICAS[kind].items():
