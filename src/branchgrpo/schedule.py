@@ -97,15 +97,21 @@ def flow_sigmas(num_steps: int, flow_shift: float = 3.0, num_train_timesteps: in
     return torch.cat([sig, sig.new_zeros(1)]).float()
 
 
+UNIPC_SIGMA_MAX = 1 - 1e-6
+"""UniPC's flow-sigma grid starts at 1 - 1e-6, not 1: WanPipeline's transformer sees int64(1000
+sigma) of that grid, 999 at the first step."""
+
+
 def transformer_timesteps(sigmas: Tensor, scale: float = 1000.0, quantize: bool = False,
-                          ) -> Tensor:
+                          max_sigma: float = 1.0) -> Tensor:
     """The transformer's ``timestep`` [N] fp32 for sigmas [N]: ``1000 sigma`` (SD3, Wan:
     ``scale`` 1000) or ``(1000 sigma) / 1000`` (FLUX, which diffusers calls with timestep /
-    1000: ``scale`` 1). ``quantize`` floors 1000 sigma first: the FastVideo repos' ``int(1000
-    sigma)`` (FLUX: int(1000 sigma) / 1000)."""
+    1000: ``scale`` 1). ``quantize`` floors 1000 min(sigma, ``max_sigma``) first: the FastVideo
+    repos' ``int(1000 sigma)`` (FLUX: int(1000 sigma) / 1000), or with ``max_sigma`` =
+    `UNIPC_SIGMA_MAX` the int64 timesteps UniPC hands Wan's transformer."""
     t = sigmas.float() * 1000
     if quantize:
-        t = t.double().floor().float()
+        t = (sigmas.float().clamp(max=max_sigma) * 1000).double().floor().float()
     return t if scale == 1000.0 else t / 1000
 
 

@@ -19,8 +19,8 @@ flux              flow_grpo                                   diffusers (FluxPip
                                                               line: dynamic mu)
 sd3               every plan (Flow-GRPO: its grid)            diffusers              1000 sigma
                                                               (set_timesteps(T))
-wan               every plan                                  diffusers (UniPC flow  1000 sigma
-                                                              sigmas, flow_shift)
+wan               every plan                                  diffusers (UniPC flow  UniPC's
+                                                              sigmas, flow_shift)    int64
 tiny              every plan                                  shifted (shift 3)      sigma
 ================  ==========================================  =====================  ==========
 
@@ -30,7 +30,8 @@ family's diffusers pipeline runs for T steps with the checkpoint's scheduler con
 shift without ``use_dynamic_shifting``; SD3: ``set_timesteps(T)`` with the config ``shift``; Wan:
 UniPC's ``use_flow_sigmas`` grid with ``flow_shift``); ``rollout.shift`` overrides the
 checkpoint's static shift. "flux_dynamic" is FLUX's dynamic-mu grid even where the rule says
-otherwise. "Quantised" is the FastVideo repos' int(1000 sigma) (FLUX: int(1000 sigma) / 1000).
+otherwise. "Quantised" is the FastVideo repos' int(1000 sigma) (FLUX: int(1000 sigma) / 1000);
+"UniPC's int64" is int64(1000 sigma) of UniPC's grid, whose first sigma is 1 - 1e-6 (999).
 ``rollout.level`` null: the plan's published level (eta 0.3 Dance-SDE, a 0.7 Flow-SDE), 1.0
 on the tiny family (the embedded default).
 """
@@ -153,7 +154,8 @@ def resolve(cfg: Config) -> RunSpec:
     except (ValueError, KeyError, ZeroDivisionError) as e:
         raise ConfigError(f"method {method!r}: {e}") from None
     scale = 1.0 if family in ("flux", "tiny") else 1000.0
-    ts = sch.transformer_timesteps(torch.tensor(plan.sigmas[:-1]), scale, bool(quant))
+    ts = sch.transformer_timesteps(torch.tensor(plan.sigmas[:-1]), scale, bool(quant),
+                                   sch.UNIPC_SIGMA_MAX if family == "wan" else 1.0)
     notes = [f"model config: {files.source}"] if files else []
     if files and files.scheduler.get("use_flow_sigmas") and kind == "diffusers":
         notes.append("UniPC lowers sigma_0 by 1e-6 for its own solver; SDE steps use 1 exactly")
@@ -164,6 +166,7 @@ def resolve(cfg: Config) -> RunSpec:
 
 _RULE_WHY = {("shifted", True): "FastVideo's shifted linspace and int(1000 sigma) timestep",
              ("diffusers", False): "the diffusers pipeline's schedule for this checkpoint",
+             ("diffusers", True): "the diffusers pipeline's schedule and its integer timesteps",
              ("shifted", False): "the shifted linspace of the embedded default"}
 
 
@@ -174,7 +177,7 @@ def schedule_rule(plan: str, family: str) -> tuple[str, bool]:
         return "shifted", False
     if family == "flux" and plan in FASTVIDEO_PLANS:
         return "shifted", True
-    return "diffusers", False
+    return "diffusers", family == "wan"  # UniPC hands Wan's transformer int64 timesteps
 
 
 def _plan_default(plan: str, name: str) -> Any:

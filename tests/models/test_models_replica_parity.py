@@ -84,9 +84,9 @@ def test_wan_grid_and_first_step_match_unipc(flow_shift, dtype, replica):
 
     Grid: ours is UniPC's, except sigma_0, which UniPC lowers to 1 - 1e-6 for its log-SNR.
     Timesteps: the pipeline gives the transformer int64(1000 sigma) of its grid (999 at step
-    0); ours is 1000 sigma (1000 at step 0). The first step is compared at the pipeline's own
-    timestep, so it checks one model call (CFG, embeddings, the VAE-free latent path) and the
-    step, through our policy and our ODE kernel."""
+    0), and so does ours under the Wan rule. The first step is one model call (CFG,
+    embeddings, the VAE-free latent path) and the step, through our policy (at its own
+    timestep) and our ODE kernel."""
     path = replica("wan", flow_shift=flow_shift)
     cfg, spec, policy, tree = _ours("wan", path, f"model.dtype={dtype}")
     assert spec.shift == flow_shift
@@ -105,10 +105,11 @@ def test_wan_grid_and_first_step_match_unipc(flow_shift, dtype, replica):
     assert ours_sig[0] == 1.0 and abs(float(sched.sigmas[0]) - (1 - 1e-6)) < 1e-7
     pipe_t = sched.timesteps.double()
     assert pipe_t.tolist() == (sched.sigmas[:-1].double() * 1000).floor().tolist()
-    diff = torch.tensor(spec.timesteps).double() - pipe_t
-    assert bool(((diff >= 0) & (diff <= 1)).all())
+    assert spec.quantize_timestep and torch.tensor(spec.timesteps).double().tolist() == \
+        pipe_t.tolist()
     with torch.no_grad():
-        sigma0 = torch.full((len(PROMPTS),), float(pipe_t[0]) / 1000)
+        sigma0 = torch.full((len(PROMPTS),), float(ours_sig[0]))
+        assert policy.timestep(sigma0).tolist() == [float(pipe_t[0])] * len(PROMPTS)
         v = policy.velocity(x_T, sigma0, policy.encode(PROMPTS))
     n = len(PROMPTS)
     x1, _ = ode(v, x_T, sched.sigmas[:1].expand(n), ours_sig[1:2].expand(n))

@@ -93,9 +93,9 @@ def test_rule_table():
     for plan in ("dance", "branch", "branch_mix", "mix", "mix_flash", "g2rpo"):
         assert schedule_rule(plan, "flux") == ("shifted", True)
     assert schedule_rule("flow_grpo", "flux") == ("diffusers", False)
-    for fam in ("sd3", "wan"):
+    for fam, integer_timesteps in (("sd3", False), ("wan", True)):
         assert schedule_rule("flow_grpo", fam) == schedule_rule("branch", fam) == (
-            "diffusers", False)
+            "diffusers", integer_timesteps)
     assert schedule_rule("branch", "tiny") == ("shifted", False)
 
 
