@@ -327,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("checkpoint", help="a checkpoint file or a run directory (newest one)")
     sa.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
     sa.add_argument("--n", type=int, default=4, help="images per prompt")
-    sa.add_argument("--out", default="samples", help="output folder")
+    sa.add_argument("--out", default=None, help="output folder (default: a new "
+                    "samples/sample_NNN folder of the run directory)")
     sa.add_argument("--seed", type=int, default=0, help="noise seed")
     sa.set_defaults(fn=_sample)
     ev = sub.add_parser("eval", help="score held-out prompts with every configured reward")

@@ -6,6 +6,7 @@ initial noise, so before/after scores compare the same prompts and noise.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,14 +30,57 @@ def sample(policy: Policy, prompts: Sequence[str], sigmas: Tensor, *, seed: int 
     return policy.decode(tree.leaf_x0)
 
 
-def image_stats(media: Tensor) -> dict[str, float]:
-    """Brightness and HSV saturation means of images [B, 3, H, W] (or video frames)."""
+def token_period(policy: object) -> int:
+    """The policy's token period in pixels (``token_period`` attribute: 2 for the tiny model's
+    2x2 packing, VAE factor x patch size for latent models); 1 (no token grid, so
+    `grid_energy` reads 0) for a policy without one."""
+    return max(1, int(getattr(policy, "token_period", 1)))
+
+
+def grid_energy(media: Tensor, period: int) -> float:
+    """Share of the spectral energy of the grey image at the frequencies of a spatial period.
+
+    ``media``: images [B, 3, H, W] or videos [B, F, 3, H, W] in [0, 1] (every frame counts as an
+    image). With ``g`` the grey image (Rec. 601 luma) minus its mean and ``G = |FFT2(g)|^2``,
+    the grid frequencies of period p are the rows u in U = {round(k H / p)} and the columns v in
+    V = {round(k W / p)}, k = 1 .. p - 1 (for p = 2: the Nyquist row and column), and
+
+        grid = mean over images of  sum_{u in U or v in V} G[u, v] / sum_{u, v} G[u, v]
+
+    (DC is excluded: g has zero mean; a flat image counts 0). A token-periodic artefact such as
+    a dot per packed token puts its energy there: a checkerboard is 1 at p = 2. ``period`` <= 1
+    or media that are not images give 0."""
+    x = media.float().clamp(0, 1)
+    if x.dim() == 5:
+        x = x.flatten(0, 1)
+    if period <= 1 or x.dim() != 4 or x.shape[1] not in (1, 3):
+        return 0.0
+    h, w = x.shape[-2:]
+    luma = x.new_tensor([0.299, 0.587, 0.114] if x.shape[1] == 3 else [1.0])
+    g = (x * luma.view(1, -1, 1, 1)).sum(1)
+    g = g - g.mean((-2, -1), keepdim=True)
+    power = torch.fft.fft2(g).abs().square()
+    rows = {round(k * h / period) % h for k in range(1, period)} - {0}
+    cols = {round(k * w / period) % w for k in range(1, period)} - {0}
+    mask = torch.zeros(h, w, dtype=torch.bool, device=x.device)
+    mask[sorted(rows), :] = True
+    mask[:, sorted(cols)] = True
+    total = power.sum((-2, -1))
+    share = torch.where(total > 1e-12, (power * mask).sum((-2, -1)) / total.clamp_min(1e-12),
+                        torch.zeros_like(total))
+    return float(share.mean())
+
+
+def image_stats(media: Tensor, period: int = 1) -> dict[str, float]:
+    """Brightness and HSV saturation means of images [B, 3, H, W] (or video frames), and
+    `grid_energy` at the token ``period`` in pixels (``monitor/grid``)."""
     x = media.float().clamp(0, 1)
     if x.dim() == 5:
         x = x.flatten(0, 1)
     mx, mn = x.max(1).values, x.min(1).values
     sat = torch.where(mx > 1e-6, (mx - mn) / mx.clamp_min(1e-6), torch.zeros_like(mx))
-    return {"monitor/brightness": float(x.mean()), "monitor/saturation": float(sat.mean())}
+    return {"monitor/brightness": float(x.mean()), "monitor/saturation": float(sat.mean()),
+            "monitor/grid": grid_energy(media, period)}
 
 
 def group_diversity(media: Tensor, group: Tensor) -> float:
@@ -68,13 +112,20 @@ def evaluate(policy: Policy, prompts: Sequence[str], sigmas: Tensor, scorers: di
             strict = check_scores(f"{name}.strict", fn.strict(media, list(prompts)),
                                   len(prompts))
             out[f"eval/{name}_strict"] = float(strict.mean())
-    out.update({k.replace("monitor/", "eval/"): v for k, v in image_stats(media).items()})
+    stats = image_stats(media, token_period(policy))
+    out.update({k.replace("monitor/", "eval/"): v for k, v in stats.items()})
     return out, media
 
 
 def save_grid(media: Tensor, prompts: Sequence[str], path: Path, n: int = 16,
-              title: str = "") -> Path:
-    """A grid PNG of the first ``n`` images (video: first frame), each titled by its prompt."""
+              title: str = "", cell_px: int = 128) -> Path:
+    """A grid PNG of the first ``n`` images [B, 3, H, W] (video [B, F, 3, H, W]: first frame),
+    at most 8 per row, each under its prompt.
+
+    Images are upscaled by the integer factor ceil(cell_px / max(H, W)) with nearest-neighbour
+    (a 16x16 sample becomes 128x128, one square per pixel) and drawn one image pixel per PNG
+    pixel. Every caption (at most 3 wrapped lines) has its own band above its image, so no
+    caption overlaps an image."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,29 +134,30 @@ def save_grid(media: Tensor, prompts: Sequence[str], path: Path, n: int = 16,
     x = media[:n].float().clamp(0, 1).cpu()
     if x.dim() == 5:
         x = x[:, 0]
+    scale = max(1, -(-cell_px // max(x.shape[-2:])))
+    x = x.repeat_interleave(scale, -2).repeat_interleave(scale, -1)
     cols = min(8, len(x))
     rows = (len(x) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.3 * rows), squeeze=False)
-    for ax in axes.flat:
+    dpi, pad, cap, font = 100, 0.12, 0.42, 7.0
+    img_h, img_w = x.shape[-2] / dpi, x.shape[-1] / dpi
+    top = 0.4 if title else pad
+    cell_w, cell_h = img_w + pad, cap + img_h + pad
+    fig_w, fig_h = cols * cell_w + pad, rows * cell_h + top
+    fig = plt.figure(figsize=(fig_w, fig_h), dpi=dpi)
+    width = max(8, int(img_w * 72 / (0.6 * font)))
+    for i, img in enumerate(x):
+        r, c = divmod(i, cols)
+        left, row_top = pad + c * cell_w, fig_h - top - r * cell_h
+        ax = fig.add_axes((left / fig_w, (row_top - cap - img_h) / fig_h, img_w / fig_w,
+                           img_h / fig_h))
+        ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest", aspect="auto")
         ax.axis("off")
-    for i, ax in enumerate(axes.flat[: len(x)]):
-        ax.imshow(x[i].permute(1, 2, 0).numpy(), interpolation="nearest")
-        ax.set_title("\n".join(_wrap(prompts[i])), fontsize=7)
+        caption = "\n".join(textwrap.wrap(prompts[i], width, max_lines=3, placeholder=" ..."))
+        fig.text((left + img_w / 2) / fig_w, (row_top - 0.03) / fig_h, caption, ha="center",
+                 va="top", fontsize=font, linespacing=1.15)
     if title:
-        fig.suptitle(title)
-    fig.tight_layout()
+        fig.suptitle(title, y=1 - 0.06 / fig_h, va="top", fontsize=11)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
-
-
-def _wrap(text: str, width: int = 22) -> list[str]:
-    words, lines, cur = text.split(), [], ""
-    for w in words:
-        if len(cur) + len(w) + 1 > width and cur:
-            lines.append(cur)
-            cur = w
-        else:
-            cur = f"{cur} {w}".strip()
-    return lines + ([cur] if cur else [])

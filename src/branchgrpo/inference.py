@@ -82,8 +82,23 @@ def _sigmas(cfg: Config) -> torch.Tensor:
     return torch.tensor(resolve(cfg).sigmas)
 
 
-def sample_command(target: str, prompts: list[str], out: str, n: int, seed: int) -> int:
-    """Write ``n`` PNG images per prompt and a grid into ``out``."""
+def default_sample_dir(target: str | Path) -> Path:
+    """A new ``RUN/samples/sample_NNN`` folder (next free number) for ``target``: a run
+    directory (RUN) or a checkpoint inside one (``RUN/checkpoints/iter_*``); a checkpoint
+    outside a run directory gets ``samples/sample_NNN`` beside it."""
+    p = Path(target).resolve()
+    if ckpt.is_checkpoint(p):
+        run = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+    else:
+        run = p
+    root = run / "samples"
+    taken = {int(p.name[7:]) for p in root.glob("sample_*") if p.name[7:].isdigit()}
+    return root / f"sample_{max(taken, default=-1) + 1:03d}"
+
+
+def sample_command(target: str, prompts: list[str], out: str | None, n: int, seed: int) -> int:
+    """Write ``n`` PNG images per prompt and a grid into ``out`` (None: `default_sample_dir`
+    of the checkpoint, inside its run directory)."""
     from PIL import Image
 
     loaded = _load_or_report(target, prompts)
@@ -92,7 +107,7 @@ def sample_command(target: str, prompts: list[str], out: str, n: int, seed: int)
     policy, cfg, state, device = loaded
     todo = [p for p in prompts for _ in range(n)]
     media = sample(policy, todo, _sigmas(cfg), seed=seed, device=device)
-    folder = Path(out)
+    folder = Path(out) if out is not None else default_sample_dir(target)
     folder.mkdir(parents=True, exist_ok=True)
     frames = media if media.dim() == 4 else media[:, 0]
     for i, (img, p) in enumerate(zip(frames, todo, strict=True)):

@@ -61,7 +61,7 @@ def write_report(run_dir: Path) -> Path:
                     and isinstance(r[k], float) and "bright" not in k and "satur" not in k})
     _plot(plots / "heldout.png", [(k, *_col(evals, k)) for k in ekeys], "iteration",
           "held-out scores (ODE samples, fixed noise)")
-    mkeys = ["monitor/diversity", "monitor/saturation", "monitor/brightness"]
+    mkeys = ["monitor/diversity", "monitor/saturation", "monitor/brightness", "monitor/grid"]
     _plot(plots / "monitors.png", [(k, *_col(train, k)) for k in mkeys], "iteration",
           "reward-hacking monitors")
     tkeys = sorted({k for r in train for k in r if k.startswith("time/")

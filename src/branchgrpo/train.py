@@ -36,7 +36,7 @@ from . import dist
 from . import resume as resume_io
 from .advantages import RewardValueError, compute_advantages, zero_std_fraction
 from .config import Config, to_yaml
-from .evaluate import evaluate, group_diversity, image_stats, save_grid
+from .evaluate import evaluate, group_diversity, image_stats, save_grid, token_period
 from .log import RunLogger, Timer
 from .losses import guard_log_ratio, kl_penalty, policy_loss
 from .models.base import select_cond
@@ -221,7 +221,8 @@ def iteration(s: State) -> dict[str, float]:
     out = {f"reward/{k}": float(v.float().mean()) for k, v in scores.items()}
     out |= {"reward/total": float(total.mean()), "reward/zero_std_frac":
             zero_std_fraction(tree, total), "monitor/diversity": group_diversity(media, group),
-            **image_stats(media), "tree/forwards": tree.forwards, "tree/nodes": tree.num_nodes,
+            **image_stats(media, token_period(s.policy)), "tree/forwards": tree.forwards,
+            "tree/nodes": tree.num_nodes,
             "tree/edges": int(tree.edge_mask.sum()), "tree/trained_edges": len(edges),
             "lr": s.scheduler.get_last_lr()[0], **stats, **timer.times}
     out["time/iteration"] = time.perf_counter() - t0

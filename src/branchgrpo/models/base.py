@@ -31,6 +31,10 @@ class Policy(Protocol):
 
     ``latent_shape``: the per-sample latent shape (no batch dim), e.g. ``(64, 12)`` for packed
     FLUX tokens or ``(3, 8, 8)`` for a pixel-space model.
+
+    Optional ``token_period``: pixels per token side in decoded media (tiny 2, FLUX/SD3/Wan the
+    VAE factor x patch size, 16); the ``monitor/grid`` artefact monitor reads energy at that
+    period (`evaluate.token_period` treats a policy without it as period 1: no grid).
     """
 
     latent_shape: tuple[int, ...]

@@ -98,6 +98,7 @@ class FluxPolicy(DiffusersPolicy):
             raise ValueError(f"height and width must be multiples of {2 * f} for FLUX "
                              f"(VAE factor {f} x 2x2 packing), got {height}x{width}")
         self.height, self.width, self.vae_scale_factor = height, width, f
+        self.token_period = 2 * f  # pixels per token side: VAE factor x 2x2 packing
         self.latent_hw = (height // f, width // f)
         cfg = tr.config
         self.latent_shape = ((height // (2 * f)) * (width // (2 * f)), cfg.in_channels)

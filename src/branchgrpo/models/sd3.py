@@ -61,6 +61,7 @@ class SD3Policy(ShiftedCFGPolicy):
                              f"(VAE factor {f} x patch {tr.config.patch_size}), "
                              f"got {height}x{width}")
         self.height, self.width = height, width
+        self.token_period = mult  # pixels per token side: VAE factor x patch size
         self.latent_shape = (tr.config.in_channels, height // f, width // f)
         super().__init__(
             pipe, guidance_scale=guidance_scale, negative_prompt=negative_prompt,

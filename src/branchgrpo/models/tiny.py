@@ -84,6 +84,7 @@ class TinyFluxPolicy(nn.Module):
     """Policy protocol over packed 16x16 images; latents [N, 64, 12]."""
 
     latent_shape = (64, 12)
+    token_period = 2  # pixels per packed token side (2x2 packing)
 
     def __init__(self, spec: TinySpec = TinySpec()) -> None:
         super().__init__()

@@ -62,6 +62,7 @@ class WanPolicy(ShiftedCFGPolicy):
             raise ValueError(f"height and width must be multiples of {fs * ph}, "
                              f"got {height}x{width}")
         self.height, self.width, self.num_frames = height, width, num_frames
+        self.token_period = fs * ph  # pixels per token side: spatial VAE factor x patch
         self.latent_shape = (tr.config.in_channels, (num_frames - 1) // ft + 1,
                              height // fs, width // fs)
         cfg = pipe.scheduler.config
