@@ -28,7 +28,7 @@ from torch import Tensor
 from branchgrpo.rewards.base import REWARDS, RewardError
 from branchgrpo.rewards.clip import ClipEmbedder, ClipReward
 from branchgrpo.rewards.hub import hub_file, load_pretrained, load_state_dict
-from branchgrpo.rewards.media import CLIP_MEAN, CLIP_STD
+from branchgrpo.rewards.media import CLIP_MEAN, CLIP_STD, rgb_float
 
 _BLOCK = {  # open_clip residual block -> transformers CLIPEncoderLayer
     "ln_1": "layer_norm1",
@@ -174,12 +174,7 @@ def hps_preprocess(
     dtype/device). A square image gives exactly what :func:`preprocess` gives (resize, no crop).
     Unlike HPSv2, an image whose longest side is already ``size`` is still padded to a square
     (HPSv2 would pass it through unpadded, which its ViT cannot take)."""
-    if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"expected images [N, 3, H, W], got {tuple(images.shape)}")
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    dtype = images.dtype
-    x = images.float()
+    x, dtype = rgb_float(images)
     h, w = x.shape[-2:]
     scale = size / float(max(h, w))
     nh, nw = round(h * scale), round(w * scale)

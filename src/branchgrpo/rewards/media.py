@@ -47,6 +47,16 @@ def to_uint8(images: Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
+def rgb_float(images: Tensor) -> tuple[Tensor, torch.dtype]:
+    """Images ``[N, 3, H, W]`` (or grey ``[N, 1, H, W]``, expanded to RGB) as fp32, and their
+    original dtype (preprocessing returns in it). Raises ValueError for any other shape."""
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected images [N, 3, H, W], got {tuple(images.shape)}")
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return images.float(), images.dtype
+
+
 def preprocess(
     images: Tensor,
     size: int,
@@ -60,12 +70,7 @@ def preprocess(
     images ``[N, 3, H, W]`` in [0, 1] -> ``[N, 3, size, size]`` (same dtype/device).
     With ``crop=False`` the image is resized straight to ``size x size``.
     """
-    if images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"expected images [N, 3, H, W], got {tuple(images.shape)}")
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    dtype = images.dtype
-    x = images.float()
+    x, dtype = rgb_float(images)
     h, w = x.shape[-2:]
     if crop:
         scale = size / min(h, w)
