@@ -53,11 +53,15 @@ class ClipEmbedder:
         """``exp(logit_scale)``, fp32 scalar."""
         return self.model.logit_scale.detach().float().exp()
 
+    def pixels(self, images: Tensor) -> Tensor:
+        """images ``[N, 3, H, W]`` in [0, 1] -> normalised pixel values ``[N, 3, S, S]`` fp32:
+        CLIP's short-side resize and centre crop (`branchgrpo.rewards.media.preprocess`)."""
+        return preprocess(images.to(self.device).float(), self.image_size, self.mean, self.std)
+
     @torch.no_grad()
     def images(self, images: Tensor) -> Tensor:
         """images ``[N, 3, H, W]`` in [0, 1] -> normalised features ``[N, D]`` fp32."""
-        x = preprocess(images.to(self.device).float(), self.image_size, self.mean, self.std)
-        out = self.model.vision_model(pixel_values=x.to(self.dtype))
+        out = self.model.vision_model(pixel_values=self.pixels(images).to(self.dtype))
         f = self.model.visual_projection(out.pooler_output).float()
         return f / f.norm(dim=-1, keepdim=True)
 

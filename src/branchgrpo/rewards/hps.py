@@ -193,13 +193,10 @@ class HpsEmbedder(ClipEmbedder):
     """A :class:`ClipEmbedder` whose images go through :func:`hps_preprocess` (HPSv2's
     longest-side resize and zero padding) instead of the short-side resize and centre crop."""
 
-    @torch.no_grad()
-    def images(self, images: Tensor) -> Tensor:
-        """images ``[N, 3, H, W]`` in [0, 1] -> normalised features ``[N, D]`` fp32."""
-        x = hps_preprocess(images.to(self.device).float(), self.image_size, self.mean, self.std)
-        out = self.model.vision_model(pixel_values=x.to(self.dtype))
-        f = self.model.visual_projection(out.pooler_output).float()
-        return f / f.norm(dim=-1, keepdim=True)
+    def pixels(self, images: Tensor) -> Tensor:
+        """images ``[N, 3, H, W]`` in [0, 1] -> HPSv2's pixel values ``[N, 3, S, S]`` fp32."""
+        return hps_preprocess(images.to(self.device).float(), self.image_size, self.mean,
+                              self.std)
 
 
 @REWARDS.register("hpsv2")
