@@ -39,6 +39,52 @@ def _plot(path: Path, series: list[tuple[str, list, list]], xlabel: str, title: 
                 ax.plot(x, y, marker="o" if len(x) < 20 else None, ms=3, label=label)
 
 
+def smooth(y: list[float], window: int) -> list[float]:
+    """Trailing mean over the last ``window`` values (the first values average what exists)."""
+    out, total = [], 0.0
+    for i, v in enumerate(y):
+        total += v - (y[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _plot_smoothed(path: Path, series: list[tuple[str, list, list]], xlabel: str,
+                   title: str) -> None:
+    """Each series raw (thin, faint) with its trailing mean over ~10% of the points (bold)."""
+    with line_figure(path, xlabel, title) as ax:
+        for label, x, y in series:
+            if not x:
+                continue
+            w = max(3, len(y) // 10)
+            (line,) = ax.plot(x, y, lw=0.8, alpha=0.35)
+            ax.plot(x, smooth(y, w), lw=2, color=line.get_color(),
+                    label=f"{label} (mean of {w})")
+
+
+def _plot_panels(path: Path, panels: list[tuple[str, list[tuple[str, list, list]]]],
+                 xlabel: str) -> None:
+    """One row of line panels sharing the x axis, e.g. held-out scores beside the monitors."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
+    try:
+        for ax, (title, series) in zip(axes[0], panels):
+            for label, x, y in series:
+                if x:
+                    ax.plot(x, y, marker="o" if len(x) < 20 else None, ms=3, label=label)
+            ax.set_xlabel(xlabel)
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
 def _col(rows: list[dict], key: str, x: str = "iteration") -> tuple[list, list]:
     pts = [(r[x], r[key]) for r in rows if key in r and x in r]
     return [p[0] for p in pts], [p[1] for p in pts]
@@ -52,15 +98,19 @@ def write_report(run_dir: Path) -> Path:
     plots = run_dir / "plots"
     plots.mkdir(exist_ok=True)
     rkeys = sorted({k for r in train for k in r if k.startswith("reward/") and "zero" not in k})
-    _plot(plots / "reward_per_iteration.png", [(k, *_col(train, k)) for k in rkeys],
-          "iteration", "training reward (rollout leaves)")
+    _plot_smoothed(plots / "reward_per_iteration.png", [(k, *_col(train, k)) for k in rkeys],
+                   "iteration", "training reward (rollout leaves): raw and smoothed")
     _plot(plots / "reward_per_second.png",
           [(k, *_col(train, k, "time/elapsed")) for k in rkeys],
           "training seconds (evaluation excluded)", "training reward vs time")
     ekeys = sorted({k for r in evals for k in r if k.startswith("eval/") and k != "eval/tag"
-                    and isinstance(r[k], float) and "bright" not in k and "satur" not in k})
-    _plot(plots / "heldout.png", [(k, *_col(evals, k)) for k in ekeys], "iteration",
-          "held-out scores (ODE samples, fixed noise)")
+                    and isinstance(r[k], float)})
+    monitors = {"eval/grid", "eval/brightness", "eval/saturation"}
+    _plot_panels(plots / "heldout.png", [
+        ("held-out scores (ODE samples, fixed noise)",
+         [(k, *_col(evals, k)) for k in ekeys if k not in monitors]),
+        ("held-out monitors (same samples)",
+         [(k, *_col(evals, k)) for k in ekeys if k in monitors])], "iteration")
     mkeys = ["monitor/diversity", "monitor/saturation", "monitor/brightness", "monitor/grid"]
     _plot(plots / "monitors.png", [(k, *_col(train, k)) for k in mkeys], "iteration",
           "reward-hacking monitors")
@@ -86,7 +136,7 @@ def write_report(run_dir: Path) -> Path:
                   f"{last.get('time/elapsed', 0):.0f} s, mean {per_it:.2f} s per iteration.", ""]
     for name, title in [("reward_per_iteration", "Training reward per iteration"),
                         ("reward_per_second", "Training reward per training second"),
-                        ("heldout", "Held-out judge and rewards"),
+                        ("heldout", "Held-out judge, rewards and monitors"),
                         ("monitors", "Reward-hacking monitors"),
                         ("phase_times", "Time per phase")]:
         lines += [f"## {title}", "", f"![{name}](plots/{name}.png)", ""]
