@@ -122,9 +122,6 @@ class DiffusersPolicy:
         vae = getattr(self.pipe, "vae", None) if self.pipe is not None else None
         return self.text_encoders() + ([vae] if vae is not None else [])
 
-    def clear_cache(self) -> None:
-        self._cache.clear()
-
     def drop_encoders(self) -> None:
         """Free the text encoders once every training prompt is cached (``encode`` of a new
         prompt then raises); saves ~10 GB for FLUX/SD3's T5-XXL."""
