@@ -5,8 +5,9 @@ autocast); `branchgrpo.models.lora.setup_finetune` adds LoRA / full fine-tuning.
 base class: a family is a plain (data)class with the members below, in one file, plus one line
 in `branchgrpo.models.families.FAMILIES` (see ``models/README.md``).
 
-Shapes: B prompts, N latent rows, ``*L`` = ``latent_shape``. Conventions (docs/algorithms.md
-§1.1): rectified flow, ``x_sigma = (1 - sigma) x0 + sigma eps``, velocity ``v = eps - x0``.
+Shapes: B prompts, N latent rows, ``*L`` = ``latent_shape``. Conventions
+(docs/algorithms.md §1.1): rectified flow, ``x_sigma = (1 - sigma) x0 + sigma eps``, velocity
+``v = eps - x0``.
 """
 
 from __future__ import annotations
