@@ -66,11 +66,11 @@ def test_base_model_samples_read_low():
     from branchgrpo.config import load_config
     from branchgrpo.evaluate import sample
     from branchgrpo.models.factory import build_policy
-    from branchgrpo.spec import resolve
+    from branchgrpo.spec import model_options, resolve
     from branchgrpo.tasks.shapes import split_prompts
 
     cfg = load_config(None, [f"model.cache_dir={BASE}"])
-    policy = build_policy(cfg, torch.device("cpu"), progress=False)
+    policy = build_policy(model_options(cfg, progress=False), torch.device("cpu"))
     held = split_prompts()[1]
     media = sample(policy, held, torch.tensor(resolve(cfg).sigmas), seed=10_000)
     assert media.shape[-2:] == (16, 16)

@@ -27,7 +27,7 @@ def test_missing_prompt_file_names_its_fetch_command(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config(ROOT / "configs" / "flux_dancegrpo.yaml")
     with pytest.raises(ConfigError) as e:
-        load_prompts(cfg)
+        load_prompts(cfg.data.prompts, cfg.data.eval_prompts)
     msg = str(e.value)
     assert "\n" not in msg and re.search(r"data/hpdv2_train.txt' not found; fetch it with: curl",
                                          msg), msg
@@ -36,4 +36,4 @@ def test_missing_prompt_file_names_its_fetch_command(tmp_path, monkeypatch):
 def test_unknown_missing_file_keeps_the_general_rule(tmp_path):
     cfg = load_config(overrides=[f"data.prompts={tmp_path / 'nope.txt'}"])
     with pytest.raises(ConfigError, match="one prompt per line"):
-        load_prompts(cfg)
+        load_prompts(cfg.data.prompts, cfg.data.eval_prompts)

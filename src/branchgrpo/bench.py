@@ -151,7 +151,7 @@ def bench_policy(model: str, trees: int, device: torch.device):
     elif model == "flux-dev":
         from diffusers import FluxTransformer2DModel
 
-        from .models.flux import FluxPolicy, flux_dev_config
+        from .models.flux import flux_dev_config, from_transformer
         from .models.lora import LoraSpec
 
         torch.backends.cuda.enable_cudnn_sdp(False)  # cuDNN attention backward fails (cu130)
@@ -161,9 +161,8 @@ def bench_policy(model: str, trees: int, device: torch.device):
                 tr = FluxTransformer2DModel(**flux_dev_config())
         finally:
             torch.set_default_dtype(torch.float32)
-        policy = FluxPolicy.from_transformer(tr, 512, 512, dtype=torch.bfloat16, device=device,
-                                             lora=LoraSpec(rank=32, alpha=64),
-                                             gradient_checkpointing=True)
+        policy = from_transformer(tr, 512, 512, dtype=torch.bfloat16, device=device,
+                                  lora=LoraSpec(rank=32, alpha=64), gradient_checkpointing=True)
     else:
         raise ValueError(f"unknown bench model {model!r}; use tiny, analytic or flux-dev")
     return policy, policy.encode(prompts), prompts

@@ -196,11 +196,11 @@ def credit(methods: Sequence[str], num_prompts: int, k: int, overrides: Sequence
     from .config import load_config
     from .models.factory import build_policy, load_prompts
     from .rewards import RewardSet
-    from .spec import advantage_kw, resolve, resolved_rules
+    from .spec import advantage_kw, model_options, resolve, resolved_rules
 
     base = load_config(None, list(overrides))
-    policy = build_policy(base, torch.device("cpu"), progress=progress)
-    train_prompts, _ = load_prompts(base)
+    policy = build_policy(model_options(base, progress=progress), torch.device("cpu"))
+    train_prompts, _ = load_prompts(base.data.prompts, base.data.eval_prompts)
     prompts = train_prompts[:num_prompts]
     reward_set = RewardSet(dict(base.reward.weights), dict(base.reward.options),
                            batch_size=base.reward.batch_size)

@@ -191,9 +191,9 @@ def _flux_dev_plan_kw(policy):
 
     def kw(method: str) -> dict:
         spec = resolve(load_config(None, [
-            "model.kind=flux", f"model.path={FLUX_DEV}", f"model.height={policy.height}",
-            f"model.width={policy.width}", f"rollout.method={method}"]))
-        policy.quantize_timestep = spec.quantize_timestep
+            "model.kind=flux", f"model.path={FLUX_DEV}", f"model.height={policy.family.height}",
+            f"model.width={policy.family.width}", f"rollout.method={method}"]))
+        policy.family.quantize_timestep = spec.quantize_timestep
         return spec.plan_kwargs
 
     return kw

@@ -16,6 +16,7 @@ from .evaluate import evaluate, sample, save_grid
 from .models.factory import build_policy, load_prompts
 from .models.families import module_of
 from .preflight import check_prompts, check_rewards
+from .spec import model_options
 
 
 def resolve_checkpoint(target: str | Path) -> Path:
@@ -55,7 +56,7 @@ def load_trained(target: str | Path, prompts: list[str] | None = None,
     if prompts is not None:
         check_prompts(cfg, prompts, "--prompt {line}", scored=False)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    policy = build_policy(cfg, device, progress=False)
+    policy = build_policy(model_options(cfg, progress=False), device)
     module = module_of(policy)
     ids = {id(p) for p in policy.trainable_parameters()}
     expected = ckpt.shapes((n, p) for n, p in module.named_parameters() if id(p) in ids)
@@ -128,7 +129,7 @@ def eval_command(target: str, samples: int, as_json: bool) -> int:
     if loaded is None:
         return 2
     policy, cfg, state, device = loaded
-    _, held = load_prompts(cfg)
+    _, held = load_prompts(cfg.data.prompts, cfg.data.eval_prompts)
     n = samples or cfg.data.eval_samples
     prompts = [held[i % len(held)] for i in range(n)]
     scorers: dict[str, Any] = {}

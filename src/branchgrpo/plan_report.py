@@ -79,7 +79,7 @@ def _guidance(cfg: Config, spec: RunSpec) -> str:
 
 
 def _dtypes(cfg: Config) -> dict[str, str]:
-    """The dtype of each module group as `branchgrpo.models.families.build` loads it."""
+    """The dtype of each module group as `branchgrpo.models.factory.build_policy` loads it."""
     m = cfg.model
     math = {"step math": "fp32", "rollout latents": m.storage_dtype,
             "autocast": cfg.train.amp}

@@ -194,7 +194,7 @@ def _check_prompts(cfg: Config) -> None:
     """The prompt files exist, and every line fits the task."""
     from .models.factory import load_prompts
 
-    train, held = load_prompts(cfg)
+    train, held = load_prompts(cfg.data.prompts, cfg.data.eval_prompts)
     check_prompts(cfg, train, f"data.prompts: {_where(cfg.data.prompts)}")
     check_prompts(cfg, held, f"data.eval_prompts: {_where(cfg.data.eval_prompts)}")
 

@@ -41,13 +41,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import schedule as sch
 from .config import Config, ConfigError, RolloutConfig
 from .tree import RolloutPlan
+
+if TYPE_CHECKING:
+    from .models.factory import ModelOptions
 
 FASTVIDEO_PLANS = frozenset({"dance", "branch", "branch_mix", "mix", "mix_flash", "g2rpo"})
 """Plans whose published FLUX code (the FastVideo repos) runs the shifted linspace, shift 3,
@@ -353,6 +356,19 @@ def clip_eps(cfg: Config) -> float:
     return METHODS.get(cfg.rollout.method).clip_eps
 
 
+def model_options(cfg: Config, progress: bool = True) -> ModelOptions:
+    """The `branchgrpo.models.factory.ModelOptions` of ``cfg.model`` with the resolved timestep
+    rule (`resolve`), for `branchgrpo.models.factory.build_policy`."""
+    from dataclasses import asdict
+
+    from .models.factory import ModelOptions
+
+    names = {f.name for f in fields(ModelOptions)} - {"quantize_timestep", "progress"}
+    values = {k: v for k, v in asdict(cfg.model).items() if k in names}
+    return ModelOptions(**values, quantize_timestep=resolve(cfg).quantize_timestep,
+                        progress=progress)
+
+
 __all__ = ["RunSpec", "ModelFiles", "resolve", "schedule_rule", "read_model_files",
            "FAMILY_DEFAULTS", "FASTVIDEO_PLANS",
-           "plan_params", "resolved_rules", "advantage_kw", "clip_eps"]
+           "plan_params", "resolved_rules", "advantage_kw", "clip_eps", "model_options"]

@@ -46,7 +46,7 @@ from .plan_report import plan_report
 from .preflight import check_run
 from .pruning import select_edges
 from .rewards import RewardError, RewardSet
-from .spec import RunSpec, advantage_kw, clip_eps, resolve, resolved_rules
+from .spec import RunSpec, advantage_kw, clip_eps, model_options, resolve, resolved_rules
 from .tree import EdgeBatch, RolloutPlan, Tree, decode_leaves, edge_log_prob, rollout
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -307,13 +307,13 @@ def setup(cfg: Config, resume: Path | None) -> State:
     if device.type == "cuda" and d.enabled:
         device = torch.device("cuda", d.local_rank)
     run_dir = Path(dist.broadcast(d, str(Path(resume) if resume else _new_run_dir(cfg))))
-    train_prompts, eval_prompts = load_prompts(cfg)
+    train_prompts, eval_prompts = load_prompts(cfg.data.prompts, cfg.data.eval_prompts)
     per_rank = dist.check_geometry(cfg, d.world, len(train_prompts))
     path = resume_io.pick_checkpoint(cfg, d, run_dir) if resume else None
     torch.manual_seed(cfg.train.seed)
     if d.enabled and not d.main:
         dist.barrier(d)  # rank 0 fills the model caches first
-    policy = build_policy(cfg, device, progress=cfg.log.progress and d.main)
+    policy = build_policy(model_options(cfg, progress=cfg.log.progress and d.main), device)
     judge = _judge(cfg, d.main)
     if d.enabled and d.main:
         dist.barrier(d)

@@ -37,15 +37,16 @@ def ode_tree(policy, prompts=PROMPTS, steps: int = T, seed: int = 0) -> tuple[Tr
 def run_pipeline(family: str, pipe, policy, latents: Tensor, sigmas: Tensor,
                  output_type: str = "latent", prompts=PROMPTS) -> Tensor:
     """The diffusers pipeline's own output from the same initial latents and sigmas."""
-    kw: dict[str, Any] = dict(prompt=list(prompts), latents=latents, height=policy.height,
-                              width=policy.width, guidance_scale=policy.guidance_scale,
+    fam = policy.family
+    kw: dict[str, Any] = dict(prompt=list(prompts), latents=latents, height=fam.height,
+                              width=fam.width, guidance_scale=fam.guidance_scale,
                               num_inference_steps=len(sigmas) - 1,
-                              max_sequence_length=policy.max_sequence_length,
+                              max_sequence_length=fam.max_sequence_length,
                               output_type=output_type)
     pipe.set_progress_bar_config(disable=True)
     if family == "wan":
         set_pipeline_sigmas(pipe, sigmas)
-        return pipe(num_frames=policy.num_frames, **kw).frames
+        return pipe(num_frames=fam.num_frames, **kw).frames
     return pipe(sigmas=sigmas[:-1].tolist(), **kw).images
 
 
@@ -89,7 +90,7 @@ def load_replica_pipeline(family: str, path: Any, dtype: torch.dtype = torch.flo
     """``<Family>Pipeline.from_pretrained(path)`` in ``dtype``, progress bar off."""
     import diffusers
 
-    from branchgrpo.models.hub import dtype_kwarg
+    from branchgrpo.models.loading import dtype_kwarg
 
     pipe = getattr(diffusers, PIPELINE_CLASSES[family]).from_pretrained(
         path, **{dtype_kwarg(): dtype})

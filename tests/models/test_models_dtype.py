@@ -6,12 +6,12 @@ import pytest
 import torch
 from models_testlib import FAMILIES, PROMPTS, build
 
-from branchgrpo.models.flux import FluxPolicy
-from branchgrpo.models.hub import cast_weights, keeps_fp32
-from branchgrpo.models.sd3 import SD3Policy
-from branchgrpo.models.wan import WanPolicy
+from branchgrpo.models.flux import FluxFamily
+from branchgrpo.models.loading import cast_weights, keeps_fp32, load
+from branchgrpo.models.sd3 import SD3Family
+from branchgrpo.models.wan import WanFamily
 
-CLASSES = {"flux": FluxPolicy, "sd3": SD3Policy, "wan": WanPolicy}
+CLASSES = {"flux": FluxFamily, "sd3": SD3Family, "wan": WanFamily}
 
 
 def _dtypes(module: torch.nn.Module) -> dict[str, torch.dtype]:
@@ -22,10 +22,11 @@ def _dtypes(module: torch.nn.Module) -> dict[str, torch.dtype]:
 def _load(family: str, path, **kw):
     policy, pipe = build(family)
     pipe.save_pretrained(path)
-    extra = {"num_frames": policy.num_frames} if family == "wan" else {}
-    loaded = CLASSES[family].from_pretrained(
-        path, device="cpu", height=16, width=16, max_sequence_length=8, shift=policy.shift,
-        guidance_scale=policy.guidance_scale, **extra, **kw)
+    fam = policy.family
+    extra = {"num_frames": fam.num_frames} if family == "wan" else {}
+    loaded = load(CLASSES[family], path, device="cpu", height=16, width=16,
+                  max_sequence_length=8, shift=fam.shift, guidance_scale=fam.guidance_scale,
+                  **extra, **kw)
     return loaded, type(pipe.transformer)
 
 

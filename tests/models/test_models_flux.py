@@ -5,7 +5,7 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from models_testlib import PROMPTS
 
-from branchgrpo.models.flux import FluxPolicy, flux_dev_config, pack, tiny_flux, unpack
+from branchgrpo.models.flux import flux_dev_config, from_transformer, pack, tiny_flux, unpack
 from branchgrpo.models.lora import LoraSpec
 from branchgrpo.plans import build_plan
 from branchgrpo.schedule import make_sigmas
@@ -22,9 +22,8 @@ def test_flux_dev_config_builds_12b_on_meta():
 
 def test_from_transformer_benchmark_policy():
     ref, _ = tiny_flux()
-    policy = FluxPolicy.from_transformer(ref.transformer, 32, 32, vae_scale_factor=2,
-                                         max_sequence_length=6,
-                                         lora=LoraSpec(rank=2, alpha=2))
+    policy = from_transformer(ref.transformer, 32, 32, vae_scale_factor=2,
+                              max_sequence_length=6, lora=LoraSpec(rank=2, alpha=2))
     assert policy.latent_shape == (64, 16)
     cond = policy.encode(PROMPTS + PROMPTS[:1])
     assert cond["prompt_embeds"].shape == (3, 6, 32)
@@ -50,7 +49,7 @@ def test_schedule_and_timestep_quantisation():
     torch.testing.assert_close(sig, make_sigmas("shifted", 4, 3.0))
     sigma = torch.tensor([0.52379, 1.0])
     torch.testing.assert_close(policy.timestep(sigma), sigma)
-    policy.quantize_timestep = True
+    policy.family.quantize_timestep = True
     torch.testing.assert_close(policy.timestep(sigma), torch.tensor([0.523, 1.0]))
     dyn, _ = tiny_flux(schedule="flux_dynamic")
     assert dyn.default_schedule()["kind"] == "flux_dynamic"
@@ -60,8 +59,9 @@ def test_schedule_and_timestep_quantisation():
 def test_prompt_cache_and_offload(monkeypatch):
     policy, _ = tiny_flux(offload_encoders=True)
     calls = []
-    real = policy._encode_uncached
-    monkeypatch.setattr(policy, "_encode_uncached", lambda p: calls.append(list(p)) or real(p))
+    real = policy.family.encode
+    monkeypatch.setattr(policy.family, "encode",
+                        lambda parts, p: calls.append(list(p)) or real(parts, p))
     a = policy.encode(["x", "y", "x"])
     b = policy.encode(["y", "z"])
     assert calls == [["x", "y"], ["z"]]

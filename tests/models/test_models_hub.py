@@ -8,21 +8,22 @@ import torch
 from models_testlib import FAMILIES, build, ode_tree, run_pipeline
 
 from branchgrpo.models import hub
-from branchgrpo.models.flux import FluxPolicy
+from branchgrpo.models.flux import FluxFamily
 from branchgrpo.models.hub import ModelNotAvailableError
-from branchgrpo.models.sd3 import SD3Policy
-from branchgrpo.models.wan import WanPolicy
+from branchgrpo.models.loading import load
+from branchgrpo.models.sd3 import SD3Family
+from branchgrpo.models.wan import WanFamily
 
 
-@pytest.mark.parametrize("cls,repo", [(FluxPolicy, "black-forest-labs/FLUX.1-dev"),
-                                      (SD3Policy, "stabilityai/stable-diffusion-3.5-medium"),
-                                      (WanPolicy, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")])
+@pytest.mark.parametrize("cls,repo", [(FluxFamily, "black-forest-labs/FLUX.1-dev"),
+                                      (SD3Family, "stabilityai/stable-diffusion-3.5-medium"),
+                                      (WanFamily, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers")])
 def test_offline_hub_id_fails_fast(cls, repo, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     start = time.monotonic()
     with pytest.raises(ModelNotAvailableError) as err:
-        cls.from_pretrained(repo, cache_dir=tmp_path / "hub", device="cpu")
+        load(cls, repo, cache_dir=tmp_path / "hub", device="cpu")
     assert time.monotonic() - start < 10
     msg = str(err.value)
     assert repo in msg and "download" in msg and "local folder" in msg
@@ -52,11 +53,12 @@ def test_from_pretrained_local_folder(family, tmp_path):
     """The real loading code on a diffusers folder (save_pretrained of the tiny pipeline)."""
     policy, pipe = build(family)
     pipe.save_pretrained(tmp_path)
-    cls = {"flux": FluxPolicy, "sd3": SD3Policy, "wan": WanPolicy}[family]
-    extra = {"num_frames": policy.num_frames} if family == "wan" else {}
-    loaded = cls.from_pretrained(tmp_path, dtype=torch.float32, device="cpu", height=16,
-                                 width=16, max_sequence_length=8, shift=policy.shift,
-                                 guidance_scale=policy.guidance_scale, **extra)
+    cls = {"flux": FluxFamily, "sd3": SD3Family, "wan": WanFamily}[family]
+    fam = policy.family
+    extra = {"num_frames": fam.num_frames} if family == "wan" else {}
+    loaded = load(cls, tmp_path, dtype=torch.float32, device="cpu", height=16, width=16,
+                  max_sequence_length=8, shift=fam.shift, guidance_scale=fam.guidance_scale,
+                  **extra)
     assert loaded.latent_shape == policy.latent_shape
     tree, sig = ode_tree(loaded)
     ref = run_pipeline(family, pipe, policy, tree.latents[tree.parent < 0], sig)

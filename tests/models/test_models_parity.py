@@ -6,12 +6,13 @@ import torch
 from models_testlib import FAMILIES, build, ode_tree, run_pipeline
 
 from branchgrpo.models.base import Policy
+from branchgrpo.models.family import Family
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ode_rollout_matches_pipeline(family):
     policy, pipe = build(family)
-    assert isinstance(policy, Policy)
+    assert isinstance(policy, Policy) and isinstance(policy.family, Family)
     tree, sig = ode_tree(policy)
     x_T = tree.latents[tree.parent < 0]
     assert x_T.shape[1:] == policy.latent_shape
@@ -22,10 +23,11 @@ def test_ode_rollout_matches_pipeline(family):
     ref_media = run_pipeline(family, pipe, policy, x_T, sig, output_type="pt")
     torch.testing.assert_close(media, ref_media.float(), atol=1e-5, rtol=0)
     assert media.dtype == torch.float32 and 0 <= media.min() and media.max() <= 1
+    fam = policy.family
     if family == "wan":
-        assert media.shape == (2, policy.num_frames, 3, policy.height, policy.width)
+        assert media.shape == (2, fam.num_frames, 3, fam.height, fam.width)
     else:
-        assert media.shape == (2, 3, policy.height, policy.width)
+        assert media.shape == (2, 3, fam.height, fam.width)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

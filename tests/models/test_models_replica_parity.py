@@ -2,7 +2,7 @@
 checkpoint (`branchgrpo.models.testing.write_replica_pipeline`: tiny random weights, the
 released scheduler and behaviour configs), the pipeline running its **own default schedule**
 (only ``num_inference_steps`` and the size are passed), our policy built from the same folder
-by `branchgrpo.models.families.build` and our grid from `branchgrpo.spec.resolve`.
+by `branchgrpo.models.factory.build_policy` and our grid from `branchgrpo.spec.resolve`.
 
 FLUX and SD3 both run Euler (the pipeline's FlowMatchEulerDiscreteScheduler, our ODE kernel)
 on the grid, so in fp32 they agree to fp32 rounding (tolerance below). Wan's pipeline runs
@@ -23,9 +23,10 @@ from models_testlib import (
     run_default_pipeline,
 )
 
-from branchgrpo.models.families import DTYPES, build
+from branchgrpo.models.factory import build_policy
+from branchgrpo.models.loading import DTYPES
 from branchgrpo.sde import ode
-from branchgrpo.spec import resolve
+from branchgrpo.spec import model_options, resolve
 
 T = 4
 FP32_ATOL = 1e-5
@@ -41,7 +42,7 @@ autocast, text encoders bf16), as max |difference| / max |latent|: measured 0.00
 def _ours(family: str, path, *extra: str):
     cfg = replica_config(family, path, f"rollout.num_steps={T}", *extra)
     spec = resolve(cfg)
-    policy = build(cfg, torch.device("cpu"))
+    policy = build_policy(model_options(cfg), torch.device("cpu"))
     with torch.no_grad():
         tree = ode_rollout(policy, torch.tensor(spec.sigmas))
     return cfg, spec, policy, tree
@@ -51,8 +52,8 @@ def _ours(family: str, path, *extra: str):
 def test_euler_rollout_matches_pipeline_default_schedule(family, replica):
     path = replica(family)
     cfg, spec, policy, tree = _ours(family, path)
-    assert policy.guidance_scale == pipeline_default(family, "guidance_scale")
-    assert policy.max_sequence_length == pipeline_default(family, "max_sequence_length")
+    assert policy.family.guidance_scale == pipeline_default(family, "guidance_scale")
+    assert policy.family.max_sequence_length == pipeline_default(family, "max_sequence_length")
     x_T = tree.latents[tree.parent < 0]
     pipe = load_replica_pipeline(family, path)
     theirs = run_default_pipeline(family, pipe, cfg, x_T.clone(), T)

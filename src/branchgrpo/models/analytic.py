@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from .base import Cond
+
+if TYPE_CHECKING:
+    from .factory import ModelOptions
 
 
 class GaussianPolicy(nn.Module):
@@ -53,3 +57,9 @@ class GaussianPolicy(nn.Module):
 
     def trainable_parameters(self) -> Iterable[nn.Parameter]:
         return self.parameters()
+
+
+def build(o: ModelOptions, device: torch.device) -> GaussianPolicy:
+    """The registry's builder: the standard-normal target in 2 dimensions on ``device`` (the
+    options carry nothing this family reads)."""
+    return GaussianPolicy().to(device)

@@ -1,15 +1,69 @@
-"""Build the configured policy and its prompt sets."""
+"""Build a policy from plain values (`ModelOptions`: the recipe fills them from its config),
+and read the prompt sets."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config import Config, ConfigError
+from ..config import ConfigError
+from .base import Policy
 
 SOURCES = Path(__file__).resolve().parents[3] / "data" / "sources.json"
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """What a family builder reads; defaults are the config's. ``kind``: a key of
+    `branchgrpo.models.families.FAMILIES`. ``path``: Hub id or local folder (diffusers
+    families). ``dtype``: compute dtype name (fp32, bf16, fp16). ``finetune``: full or lora
+    (``lora_rank``, ``lora_alpha``). ``guidance``: FLUX's guidance embedding or the CFG scale.
+    ``quantize_timestep``: the resolved rule (`branchgrpo.spec.RunSpec`). ``pretrain_steps``,
+    ``clutter``, ``cache_dir``: the tiny family's pretraining and cache. ``progress``: show the
+    tiny pretraining bar."""
+
+    kind: str = "tiny"
+    path: str = ""
+    dtype: str = "fp32"
+    finetune: str = "full"
+    lora_rank: int = 32
+    lora_alpha: float = 64.0
+    gradient_checkpointing: bool = False
+    height: int = 512
+    width: int = 512
+    num_frames: int = 33
+    guidance: float = 3.5
+    quantize_timestep: bool = False
+    pretrain_steps: int = 600
+    clutter: float = 0.5
+    cache_dir: str = "~/.cache/branchgrpo"
+    progress: bool = True
+
+    def diffusers_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of `branchgrpo.models.loading.load` shared by the diffusers
+        families (dtype, fine-tuning, size, guidance, timestep rule)."""
+        from .loading import DTYPES
+        from .lora import LoraSpec
+
+        lora = (LoraSpec(rank=self.lora_rank, alpha=self.lora_alpha)
+                if self.finetune == "lora" else None)
+        return {"dtype": DTYPES[self.dtype], "lora": lora,
+                "full_finetune": self.finetune == "full", "height": self.height,
+                "width": self.width, "guidance_scale": self.guidance,
+                "gradient_checkpointing": self.gradient_checkpointing,
+                "quantize_timestep": self.quantize_timestep}
+
+
+def build_policy(options: ModelOptions, device: torch.device) -> Policy:
+    """The policy of family ``options.kind`` on ``device`` (registry:
+    `branchgrpo.models.families.FAMILIES`); a diffusers family fails fast with
+    `ModelNotAvailableError` when its weights are not on this machine."""
+    from .families import family_module
+
+    return family_module(options.kind).build(options, device)
 
 
 def fetch_hint(spec: str) -> str:
@@ -27,8 +81,10 @@ def fetch_hint(spec: str) -> str:
     return "give a text file with one prompt per line, or 'shapes'"
 
 
-def load_prompts(cfg: Config) -> tuple[list[str], list[str]]:
-    """(training prompts, held-out prompts): the built-in shapes split or text files."""
+def load_prompts(train: str, held_out: str) -> tuple[list[str], list[str]]:
+    """(training prompts, held-out prompts) of the specs ``train`` and ``held_out``: the
+    built-in shapes split (``"shapes"``) or text files with one prompt per line;
+    `ConfigError` (naming the fetch command) when a file is missing or empty."""
     from ..tasks.shapes import split_prompts
 
     def read(spec: str, which: int) -> list[str]:
@@ -42,20 +98,4 @@ def load_prompts(cfg: Config) -> tuple[list[str], list[str]]:
             raise ConfigError(f"prompt file {spec!r} is empty")
         return lines
 
-    return read(cfg.data.prompts, 0), read(cfg.data.eval_prompts, 1)
-
-
-def build_policy(cfg: Config, device: torch.device, progress: bool = True) -> Any:
-    """The policy of ``cfg.model`` on ``device`` (tiny: pretrained on first use, cached)."""
-    m = cfg.model
-    if m.kind == "tiny":
-        from ..tasks.shapes import split_prompts
-        from .tiny import TinySpec, load_or_pretrain
-
-        spec = TinySpec(pretrain_steps=m.pretrain_steps, clutter=m.clutter)
-        policy = load_or_pretrain(spec, Path(m.cache_dir).expanduser(), split_prompts()[0],
-                                  progress)
-        return policy.to(device)
-    from . import families
-
-    return families.build(cfg, device)
+    return read(train, 0), read(held_out, 1)

@@ -1,47 +1,39 @@
-"""The real model families (FLUX.1, SD3.5, Wan2.1) built from ``cfg.model``."""
+"""The model family registry: one line per family, ``model.kind`` -> the module that builds it.
+
+A family module exposes ``build(options: ModelOptions, device) -> Policy``
+(`branchgrpo.models.factory.ModelOptions`: plain values, no config object). The diffusers
+families implement `branchgrpo.models.family.Family` and build with
+`branchgrpo.models.loading.load`; the embedded ones (tiny, analytic) are `Policy` modules of
+their own. Modules are imported on first use, so listing a family costs nothing. See
+``models/README.md`` for adding one.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..config import Config
+FAMILIES: dict[str, str] = {
+    "tiny": ".tiny",          # the embedded default: a tiny FLUX transformer in pixel space
+    "analytic": ".analytic",  # closed-form Gaussian flow (tests, benchmarks)
+    "flux": ".flux",          # FLUX.1
+    "sd3": ".sd3",            # Stable Diffusion 3 / 3.5
+    "wan": ".wan",            # Wan2.1 text-to-video
+}
+"""``kind`` -> family module, relative to this package."""
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+def family_module(kind: str) -> Any:
+    """The module of family ``kind`` (ValueError naming the registered ones otherwise)."""
+    import importlib
 
-def build(cfg: Config, device: torch.device) -> Any:
-    """Load ``cfg.model.path`` (Hub id or local folder) as the policy of ``cfg.model.kind``;
-    fails fast with `ModelNotAvailableError` when the weights are not on this machine."""
-    from ..spec import resolve
-    from .lora import LoraSpec
-
-    m = cfg.model
-    lora = LoraSpec(rank=m.lora_rank, alpha=m.lora_alpha) if m.finetune == "lora" else None
-    common: dict[str, Any] = {
-        "dtype": DTYPES[m.dtype], "device": device, "lora": lora,
-        "full_finetune": m.finetune == "full", "height": m.height, "width": m.width,
-        "guidance_scale": m.guidance, "gradient_checkpointing": m.gradient_checkpointing,
-        "quantize_timestep": resolve(cfg).quantize_timestep,
-    }
-    if m.kind == "flux":
-        from .flux import FluxPolicy
-
-        return FluxPolicy.from_pretrained(m.path, **common)
-    if m.kind == "sd3":
-        from .sd3 import SD3Policy
-
-        return SD3Policy.from_pretrained(m.path, **common)
-    if m.kind == "wan":
-        from .wan import WanPolicy
-
-        return WanPolicy.from_pretrained(m.path, num_frames=m.num_frames, **common)
-    raise ValueError(f"unknown model.kind {m.kind!r}")
+    if kind not in FAMILIES:
+        raise ValueError(f"unknown model kind {kind!r}; registered: {sorted(FAMILIES)}")
+    return importlib.import_module(FAMILIES[kind], __package__)
 
 
 def module_of(policy: Any) -> nn.Module:
     """The module whose parameters a checkpoint holds: the policy itself when it is a module
-    (the tiny default), else its transformer (diffusers families)."""
+    (tiny, analytic), else its transformer (diffusers families)."""
     return policy if isinstance(policy, nn.Module) else policy.transformer

@@ -1,6 +1,6 @@
-"""FLUX.1-dev as a `Policy`: FluxTransformer2DModel on 2x2-packed latent tokens, CLIP (pooled)
-+ T5 prompt embeddings, the distilled guidance embedding (3.5), and the VAE with its scaling
-and shift factors.
+"""FLUX.1-dev as a model family (`FluxFamily`, composed into a `DiffusersPolicy`):
+FluxTransformer2DModel on 2x2-packed latent tokens, CLIP (pooled) + T5 prompt embeddings, the
+distilled guidance embedding (3.5), and the VAE with its scaling and shift factors.
 
 Latents are the packed tokens the transformer sees: ``latent_shape = (S, 4 C)`` with
 ``S = (H / 2f)(W / 2f)`` for VAE factor f (16 channels, f = 8 for FLUX.1-dev: 720 px ->
@@ -12,27 +12,27 @@ passes it ((1000 sigma) / 1000 in fp32); ``quantize_timestep=True`` gives the Fa
 from __future__ import annotations
 
 import copy
-import os
-from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from .hub import (
-    DiffusersPolicy,
-    cast_weights,
-    default_device,
-    load_pipeline,
-    prompt_seed,
+from .base import Cond
+from .diffusers_policy import DiffusersPolicy, compose
+from .family import Parts, decode_vae, prompt_seed
+from .loading import load
+from .lora import JOINT_ATTENTION_TARGETS
+from .testing import (
     tiny_clip_encoder,
     tiny_clip_tokenizer,
     tiny_image_vae,
     tiny_t5_encoder,
     tiny_t5_tokenizer,
-    weight_dtype,
 )
-from .lora import JOINT_ATTENTION_TARGETS, LoraSpec
+
+if TYPE_CHECKING:
+    from .factory import ModelOptions
 
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer",
@@ -72,100 +72,68 @@ def latent_ids(latent_h: int, latent_w: int) -> Tensor:
     return ids.reshape(-1, 3)
 
 
-class FluxPolicy(DiffusersPolicy):
-    """FLUX.1 policy; see the module docstring. ``pipe`` is a FluxPipeline holding the
-    transformer (trained in place), text encoders and VAE, or ``None`` with a ``transformer``
-    for the embedding-only benchmark policy (`from_transformer`)."""
+@dataclass
+class FluxFamily:
+    """FLUX.1 as a `branchgrpo.models.family.Family` (see the module docstring). ``schedule``
+    is the default schedule's kind: the FastVideo repos' "shifted" (``shift``) or diffusers'
+    "flux_dynamic"; ``guidance_scale`` feeds the distilled guidance embedding (3.5)."""
 
-    default_lora_targets = JOINT_ATTENTION_TARGETS
+    pipeline_name: ClassVar[str] = "FluxPipeline"
+    subfolders: ClassVar[tuple[str, ...]] = SUBFOLDERS
+    lora_targets: ClassVar[tuple[str, ...]] = JOINT_ATTENTION_TARGETS
+    fp32_modules: ClassVar[tuple[str, ...]] = ()
+    latent_shape: tuple[int, ...]
+    token_period: int
+    latent_hw: tuple[int, int]
+    guidance_embeds: bool
+    embed_dims: tuple[int, int]
+    """(T5 width, pooled CLIP width): the random embeddings of the benchmark policy."""
+    height: int = 720
+    width: int = 720
+    guidance_scale: float = 3.5
+    max_sequence_length: int = 512
+    quantize_timestep: bool = False
+    schedule: str = "shifted"
+    shift: float = 3.0
+    decode_batch: int = 4
 
-    def __init__(
-        self, pipe: Any | None, *, height: int = 720, width: int = 720,
-        guidance_scale: float = 3.5, max_sequence_length: int = 512,
-        quantize_timestep: bool = False, schedule: str = "shifted", shift: float = 3.0,
-        device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-        lora: LoraSpec | None = None, full_finetune: bool = False,
-        gradient_checkpointing: bool = False, offload_encoders: bool = False,
-        transformer: nn.Module | None = None, vae_scale_factor: int | None = None,
-        decode_batch: int = 4,
-    ) -> None:
-        from diffusers import FluxPipeline
-
-        self.pipeline_class = FluxPipeline
+    @classmethod
+    def of(cls, pipe: Any | None, transformer: nn.Module | None = None, *, height: int = 720,
+           width: int = 720, vae_scale_factor: int | None = None, **options: Any) -> FluxFamily:
+        """The family for ``pipe`` (or a bare ``transformer``, VAE factor ``vae_scale_factor``
+        or 8) at ``height`` x ``width``; ``options``: the dataclass fields above."""
         tr = transformer if transformer is not None else pipe.transformer
         f = vae_scale_factor or (pipe.vae_scale_factor if pipe is not None else 8)
         if height % (2 * f) or width % (2 * f):
             raise ValueError(f"height and width must be multiples of {2 * f} for FLUX "
                              f"(VAE factor {f} x 2x2 packing), got {height}x{width}")
-        self.height, self.width, self.vae_scale_factor = height, width, f
-        self.token_period = 2 * f  # pixels per token side: VAE factor x 2x2 packing
-        self.latent_hw = (height // f, width // f)
         cfg = tr.config
-        self.latent_shape = ((height // (2 * f)) * (width // (2 * f)), cfg.in_channels)
-        self.guidance_scale = guidance_scale
-        self.guidance_embeds = bool(cfg.guidance_embeds)
-        self.max_sequence_length = max_sequence_length
-        self.quantize_timestep = quantize_timestep
-        self.schedule, self.shift = schedule, shift
-        self.decode_batch = decode_batch
-        self._embed_dims = (cfg.joint_attention_dim, cfg.pooled_projection_dim)
-        super().__init__(tr, pipe, device=device, dtype=dtype, lora=lora,
-                         full_finetune=full_finetune,
-                         gradient_checkpointing=gradient_checkpointing,
-                         offload_encoders=offload_encoders)
-        self.img_ids = latent_ids(*self.latent_hw).to(self.device, self._model_dtype)
-
-    # ---- construction -------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(
-        cls, model_id_or_path: str | os.PathLike = FLUX_DEV, *,
-        dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None,
-        lora: LoraSpec | None = None, full_finetune: bool = False,
-        master_dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None,
-        **kw: Any,
-    ) -> FluxPolicy:
-        """Load a FLUX.1 checkpoint (Hub id or local diffusers folder); fails fast with
-        `ModelNotAvailableError` offline. Frozen parts load in ``dtype``; fully fine-tuned
-        transformer weights in ``master_dtype``. ``kw``: the constructor's options."""
-        from diffusers import FluxPipeline
-
-        pipe = load_pipeline(FluxPipeline, model_id_or_path, SUBFOLDERS, dtype, cache_dir)
-        cast_weights(pipe.transformer, weight_dtype(dtype, lora, full_finetune, master_dtype))
-        return cls(pipe, device=device or default_device(), dtype=dtype, lora=lora,
-                   full_finetune=full_finetune, **kw)
-
-    @classmethod
-    def from_transformer(cls, transformer: nn.Module, height: int, width: int,
-                         **kw: Any) -> FluxPolicy:
-        """A policy without text encoders or VAE (benchmarks): ``encode`` returns random
-        prompt embeddings seeded by the prompt, ``decode`` a cheap latent preview."""
-        return cls(None, height=height, width=width, transformer=transformer, **kw)
+        return cls(latent_shape=((height // (2 * f)) * (width // (2 * f)), cfg.in_channels),
+                   token_period=2 * f, latent_hw=(height // f, width // f),
+                   guidance_embeds=bool(cfg.guidance_embeds),
+                   embed_dims=(cfg.joint_attention_dim, cfg.pooled_projection_dim),
+                   height=height, width=width, **options)
 
     def default_schedule(self) -> dict[str, Any]:
         """kwargs of `branchgrpo.schedule.make_sigmas` (add num_steps): the FastVideo repos'
         shifted schedule (shift 3) by default, or diffusers' "flux_dynamic"."""
         return {"kind": self.schedule, "shift": self.shift, "image_seq_len": self.latent_shape[0]}
 
-    def plan_kwargs(self) -> dict[str, Any]:
-        """The same schedule as keyword arguments of `branchgrpo.plans.build_plan`."""
-        s = self.default_schedule()
-        return {"schedule": s["kind"], "shift": s["shift"], "image_seq_len": s["image_seq_len"]}
-
-    # ---- Policy protocol ----------------------------------------------------------------
-    def _encode_uncached(self, prompts: list[str]) -> dict[str, Tensor]:
-        """T5 sequence embeddings [b, L, 4096] and pooled CLIP embeddings [b, 768]."""
-        if self.pipe is None:
-            d, p = self._embed_dims
+    def encode(self, parts: Parts, prompts: list[str]) -> dict[str, Tensor]:
+        """T5 sequence embeddings [b, L, 4096] and pooled CLIP embeddings [b, 768]; without a
+        pipeline, random ones seeded by the prompt."""
+        if parts.pipe is None:
+            d, p = self.embed_dims
             rows = []
             for s in prompts:
                 g = torch.Generator().manual_seed(prompt_seed(s))
                 rows.append((torch.randn(self.max_sequence_length, d, generator=g),
                              torch.randn(p, generator=g)))
-            return {"prompt_embeds": torch.stack([r[0] for r in rows]).to(self._model_dtype),
+            return {"prompt_embeds": torch.stack([r[0] for r in rows]).to(parts.model_dtype),
                     "pooled_prompt_embeds": torch.stack([r[1] for r in rows]).to(
-                        self._model_dtype)}
-        emb, pooled, _ = self.pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, device=self.device, num_images_per_prompt=1,
+                        parts.model_dtype)}
+        emb, pooled, _ = parts.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, device=parts.device, num_images_per_prompt=1,
             max_sequence_length=self.max_sequence_length)
         return {"prompt_embeds": emb, "pooled_prompt_embeds": pooled}
 
@@ -173,49 +141,61 @@ class FluxPolicy(DiffusersPolicy):
         """The transformer's timestep [N] fp32 from sigma [N] (see the module docstring)."""
         from ..schedule import transformer_timesteps
 
-        return transformer_timesteps(sigma.to(self.device), 1.0, self.quantize_timestep)
+        return transformer_timesteps(sigma, 1.0, self.quantize_timestep)
 
-    def velocity(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    def velocity(self, parts: Parts, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         """v [N, S, 4C] fp32 at packed latents x [N, S, 4C], sigma [N]."""
         emb = cond["prompt_embeds"]
         n = x.shape[0]
-        guidance = (torch.full((n,), self.guidance_scale, device=self.device)
+        guidance = (torch.full((n,), self.guidance_scale, device=parts.device)
                     if self.guidance_embeds else None)
-        txt_ids = torch.zeros(emb.shape[1], 3, device=self.device, dtype=self._model_dtype)
+        txt_ids = torch.zeros(emb.shape[1], 3, device=parts.device, dtype=parts.model_dtype)
+        img_ids = parts.model_input(latent_ids(*self.latent_hw))
         pooled = cond["pooled_prompt_embeds"]
-        with self.autocast():
-            out = self.transformer(
-                hidden_states=self.model_input(x), timestep=self.model_input(self.timestep(sigma)),
-                guidance=guidance, pooled_projections=self.model_input(pooled),
-                encoder_hidden_states=self.model_input(emb), txt_ids=txt_ids,
-                img_ids=self.img_ids, return_dict=False)[0]
+        t = self.timestep(sigma.to(parts.device))
+        with parts.autocast():
+            out = parts.transformer(
+                hidden_states=parts.model_input(x), timestep=parts.model_input(t),
+                guidance=guidance, pooled_projections=parts.model_input(pooled),
+                encoder_hidden_states=parts.model_input(emb), txt_ids=txt_ids,
+                img_ids=img_ids, return_dict=False)[0]
         return out.float()
 
-    @torch.no_grad()
-    def decode(self, x0: Tensor) -> Tensor:
+    def decode(self, parts: Parts, x0: Tensor) -> Tensor:
         """Images [N, 3, H, W] in [0, 1] from packed latents x0 [N, S, 4C] (in chunks of
         ``decode_batch``). Without a VAE: sigmoid of 3 latent channels [N, 3, H/f, W/f]."""
-        lat = unpack(x0.to(self.device).float(), *self.latent_hw)
-        if self.pipe is None or getattr(self.pipe, "vae", None) is None:
+        lat = unpack(x0.to(parts.device).float(), *self.latent_hw)
+        vae = getattr(parts.pipe, "vae", None) if parts.pipe is not None else None
+        if vae is None:
             return lat[:, :3].sigmoid()
-        vae = self.pipe.vae
         lat = lat / vae.config.scaling_factor + vae.config.shift_factor
-        out = [vae.decode(c.to(vae.dtype), return_dict=False)[0].float()
-               for c in lat.split(self.decode_batch)]
-        return (torch.cat(out) * 0.5 + 0.5).clamp(0, 1)
+        return decode_vae(vae, lat, self.decode_batch)
+
+
+def build(o: ModelOptions, device: torch.device) -> DiffusersPolicy:
+    """The registry's builder: the checkpoint ``o.path`` as a FLUX policy on ``device``."""
+    return load(FluxFamily, o.path, device=device, **o.diffusers_kwargs())
+
+
+def from_transformer(transformer: nn.Module, height: int, width: int,
+                     **kw: Any) -> DiffusersPolicy:
+    """A FLUX policy without text encoders or VAE (benchmarks): ``encode`` returns random
+    prompt embeddings seeded by the prompt, ``decode`` a cheap latent preview. ``kw``: the
+    `FluxFamily` options and `compose`'s (device, dtype, lora, ...)."""
+    return compose(FluxFamily, None, transformer=transformer, height=height, width=width, **kw)
 
 
 def tiny_flux(
     height: int = 16, width: int = 16, *, seed: int = 0, max_sequence_length: int = 8,
     guidance_scale: float = 3.5, **kw: Any,
-) -> tuple[FluxPolicy, Any]:
+) -> tuple[DiffusersPolicy, Any]:
     """A tiny random FLUX (1 double + 1 single block, 16 latent channels, VAE factor 2, CLIP
     and T5 with offline tokenizers) as (policy, reference FluxPipeline).
 
     The pipeline shares the text encoders and VAE but holds its own copy of the initial
     transformer (so a LoRA loaded into it does not touch the policy), and its scheduler
     (shift 1, no dynamic shift) follows any ``sigmas=`` passed to it unchanged.
-    ``kw``: FluxPolicy options (lora, full_finetune, dtype, ...)."""
+    ``kw``: `FluxFamily` options and `compose`'s (lora, full_finetune, dtype, ...)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(seed)
@@ -230,10 +210,6 @@ def tiny_flux(
         tokenizer_2=tiny_t5_tokenizer(max_sequence_length))
     ref = FluxPipeline(transformer=copy.deepcopy(transformer), **parts)
     pipe = FluxPipeline(transformer=transformer, **parts)
-    policy = FluxPolicy(pipe, height=height, width=width, guidance_scale=guidance_scale,
-                        max_sequence_length=max_sequence_length, **kw)
+    policy = compose(FluxFamily, pipe, height=height, width=width, guidance_scale=guidance_scale,
+                     max_sequence_length=max_sequence_length, **kw)
     return policy, ref
-
-
-__all__: Sequence[str] = ("FluxPolicy", "flux_dev_config", "tiny_flux", "pack", "unpack",
-                          "latent_ids")

@@ -1,5 +1,6 @@
-"""Fine-tuning modes of a diffusers transformer (LoRA via peft, full, frozen) and LoRA export
-in the diffusers format, so ``pipeline.load_lora_weights(path)`` loads what we save.
+"""Fine-tuning modes of a policy's diffusers transformer (LoRA via peft on the family's
+default targets, full, frozen: `setup_finetune`) and LoRA export in the diffusers format, so
+``pipeline.load_lora_weights(path)`` loads what we save.
 
 LoRA is injected with diffusers' ``ModelMixin.add_adapter`` (peft underneath), so the
 transformer keeps its class and forward signature; only the LoRA matrices train, kept in fp32
@@ -45,35 +46,42 @@ class LoraSpec:
 
 
 def setup_finetune(
-    transformer: nn.Module, *, lora: LoraSpec | None, full_finetune: bool,
-    gradient_checkpointing: bool, default_targets: tuple[str, ...],
+    policy: Any, *, lora: LoraSpec | None, full_finetune: bool, gradient_checkpointing: bool,
 ) -> None:
-    """LoRA (``lora`` given: only the adapters train, in fp32), full fine-tuning (every
-    weight trains) or frozen (neither; sampling/reference). Gradient checkpointing per block."""
+    """Set how ``policy.transformer`` trains: LoRA (``lora`` given: adapters on
+    ``lora.target_modules`` or the family's ``policy.family.lora_targets``; only they train, in
+    fp32), full fine-tuning (every weight trains) or frozen (neither; sampling/reference).
+    Gradient checkpointing per block."""
     if lora is not None and full_finetune:
         raise ValueError("choose LoRA (lora=LoraSpec(...)) or full_finetune=True, not both")
+    transformer = policy.transformer
     transformer.requires_grad_(False)
     if lora is not None:
-        targets = lora.target_modules or default_targets
-        try:
-            transformer.add_adapter(lora.config(default_targets), adapter_name=ADAPTER)
-        except ValueError as e:
-            raise ValueError(f"LoRA targets {targets} matched no module of the transformer; "
-                             f"set lora target_modules ({e})") from e
-        n = 0
-        for name, p in transformer.named_parameters():
-            if "lora_" in name:
-                p.data = p.data.float()
-                p.requires_grad_(True)
-                n += 1
-        if n == 0:
-            raise ValueError(f"LoRA targets {targets} matched no module of the transformer; "
-                             "set lora target_modules")
+        _add_lora(transformer, lora, policy.family.lora_targets)
     elif full_finetune:
         transformer.requires_grad_(True)
     if gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     transformer.train(lora is not None or full_finetune)
+
+
+def _add_lora(transformer: nn.Module, lora: LoraSpec, default_targets: tuple[str, ...]) -> None:
+    """Inject the adapter and make its matrices fp32 and trainable (the rest stays frozen)."""
+    targets = lora.target_modules or default_targets
+    try:
+        transformer.add_adapter(lora.config(default_targets), adapter_name=ADAPTER)
+    except ValueError as e:
+        raise ValueError(f"LoRA targets {targets} matched no module of the transformer; "
+                         f"set lora target_modules ({e})") from e
+    n = 0
+    for name, p in transformer.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+            n += 1
+    if n == 0:
+        raise ValueError(f"LoRA targets {targets} matched no module of the transformer; "
+                         "set lora target_modules")
 
 
 def lora_state_dict(transformer: nn.Module) -> dict[str, torch.Tensor]:

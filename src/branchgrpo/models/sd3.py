@@ -1,7 +1,8 @@
-"""Stable Diffusion 3 / 3.5 as a `Policy`: SD3Transformer2DModel on latents [C, H, W], two
-CLIP encoders + T5 (joint sequence and pooled embeddings), classifier-free guidance with the
-conditional and unconditional rows in one batched forward (as StableDiffusion3Pipeline and
-Flow-GRPO do, guidance 4.5), VAE with scaling/shift factors.
+"""Stable Diffusion 3 / 3.5 as a model family (`SD3Family`, composed into a `DiffusersPolicy`):
+SD3Transformer2DModel on latents [C, H, W], two CLIP encoders + T5 (joint sequence and pooled
+embeddings), classifier-free guidance with the unconditional and conditional rows in one batched
+forward (as StableDiffusion3Pipeline and Flow-GRPO do, guidance 4.5), VAE with scaling/shift
+factors.
 
 The transformer gets ``timestep = 1000 sigma`` (the scheduler's timesteps). The schedule is the
 scheduler config's static shift (3.0 for SD3.5) applied to linspace(1, 0, T + 1).
@@ -10,90 +11,92 @@ scheduler config's static shift (3.0 for SD3.5) applied to linspace(1, 0, T + 1)
 from __future__ import annotations
 
 import copy
-import os
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .hub import (
-    ShiftedCFGPolicy,
-    cast_weights,
-    default_device,
-    load_pipeline,
+from .base import Cond
+from .diffusers_policy import DiffusersPolicy, compose
+from .family import Parts, classifier_free, decode_vae
+from .loading import load
+from .lora import JOINT_ATTENTION_TARGETS
+from .testing import (
     tiny_clip_encoder,
     tiny_clip_tokenizer,
     tiny_image_vae,
     tiny_t5_encoder,
     tiny_t5_tokenizer,
-    weight_dtype,
 )
-from .lora import JOINT_ATTENTION_TARGETS, LoraSpec
+
+if TYPE_CHECKING:
+    from .factory import ModelOptions
 
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
               "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler")
 
 
-class SD3Policy(ShiftedCFGPolicy):
-    """SD3.5 policy; ``pipe`` is a StableDiffusion3Pipeline whose transformer is trained in
-    place. CFG, negative prompt and ``detach_uncond``: see `ShiftedCFGPolicy`."""
+@dataclass
+class SD3Family:
+    """SD3.5 as a `branchgrpo.models.family.Family`. ``guidance_scale`` <= 1 turns CFG off (one
+    forward per row); ``negative_prompt`` is encoded once per row beside the prompt;
+    ``shift`` defaults to the scheduler config's; ``quantize_timestep`` floors 1000 sigma;
+    ``detach_uncond``: see `classifier_free`."""
 
-    default_lora_targets = JOINT_ATTENTION_TARGETS
+    pipeline_name: ClassVar[str] = "StableDiffusion3Pipeline"
+    subfolders: ClassVar[tuple[str, ...]] = SUBFOLDERS
+    lora_targets: ClassVar[tuple[str, ...]] = JOINT_ATTENTION_TARGETS
+    fp32_modules: ClassVar[tuple[str, ...]] = ()
+    latent_shape: tuple[int, ...]
+    token_period: int
+    shift: float
+    height: int = 512
+    width: int = 512
+    guidance_scale: float = 4.5
+    negative_prompt: str = ""
+    max_sequence_length: int = 256
+    detach_uncond: bool = False
+    quantize_timestep: bool = False
+    decode_batch: int = 4
 
-    def __init__(
-        self, pipe: Any, *, height: int = 512, width: int = 512, guidance_scale: float = 4.5,
-        negative_prompt: str = "", max_sequence_length: int = 256, shift: float | None = None,
-        device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-        lora: LoraSpec | None = None, full_finetune: bool = False,
-        gradient_checkpointing: bool = False, offload_encoders: bool = False,
-        detach_uncond: bool = False, quantize_timestep: bool = False,
-        decode_batch: int = 4,
-    ) -> None:
-        from diffusers import StableDiffusion3Pipeline
-
-        self.pipeline_class = StableDiffusion3Pipeline
-        tr = pipe.transformer
+    @classmethod
+    def of(cls, pipe: Any, transformer: nn.Module | None = None, *, height: int = 512,
+           width: int = 512, shift: float | None = None, **options: Any) -> SD3Family:
+        """The family for ``pipe`` at ``height`` x ``width``; ``options``: the fields above."""
+        tr = transformer if transformer is not None else pipe.transformer
         f = pipe.vae_scale_factor
         mult = f * tr.config.patch_size
         if height % mult or width % mult:
             raise ValueError(f"height and width must be multiples of {mult} for this SD3 "
                              f"(VAE factor {f} x patch {tr.config.patch_size}), "
                              f"got {height}x{width}")
-        self.height, self.width = height, width
-        self.token_period = mult  # pixels per token side: VAE factor x patch size
-        self.latent_shape = (tr.config.in_channels, height // f, width // f)
-        super().__init__(
-            pipe, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-            max_sequence_length=max_sequence_length, detach_uncond=detach_uncond,
-            quantize_timestep=quantize_timestep,
-            shift=shift if shift is not None else pipe.scheduler.config.get("shift", 3.0),
-            decode_batch=decode_batch, device=device, dtype=dtype, lora=lora,
-            full_finetune=full_finetune, gradient_checkpointing=gradient_checkpointing,
-            offload_encoders=offload_encoders)
+        shift = shift if shift is not None else pipe.scheduler.config.get("shift", 3.0)
+        return cls(latent_shape=(tr.config.in_channels, height // f, width // f),
+                   token_period=mult, shift=float(shift), height=height, width=width,
+                   **options)
 
-    @classmethod
-    def from_pretrained(
-        cls, model_id_or_path: str | os.PathLike = SD35_MEDIUM, *,
-        dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None,
-        lora: LoraSpec | None = None, full_finetune: bool = False,
-        master_dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None,
-        **kw: Any,
-    ) -> SD3Policy:
-        """Load an SD3/SD3.5 checkpoint (Hub id or local diffusers folder); fails fast with
-        `ModelNotAvailableError` offline. ``kw``: the constructor's options."""
-        from diffusers import StableDiffusion3Pipeline
+    @property
+    def do_cfg(self) -> bool:
+        """CFG is on above scale 1 (one forward per row otherwise)."""
+        return self.guidance_scale > 1.0
 
-        pipe = load_pipeline(StableDiffusion3Pipeline, model_id_or_path, SUBFOLDERS, dtype,
-                             cache_dir)
-        cast_weights(pipe.transformer, weight_dtype(dtype, lora, full_finetune, master_dtype))
-        return cls(pipe, device=device or default_device(), dtype=dtype, lora=lora,
-                   full_finetune=full_finetune, **kw)
+    def default_schedule(self) -> dict[str, Any]:
+        """kwargs of `branchgrpo.schedule.make_sigmas`: the shifted schedule at ``shift``."""
+        return {"kind": "shifted", "shift": self.shift}
 
-    def _encode_uncached(self, prompts: list[str]) -> dict[str, Tensor]:
+    def timestep(self, sigma: Tensor) -> Tensor:
+        """The transformer's timestep [N] fp32: 1000 sigma, floored with ``quantize_timestep``
+        (the FastVideo repos' int(1000 sigma))."""
+        from ..schedule import transformer_timesteps
+
+        return transformer_timesteps(sigma, 1000.0, self.quantize_timestep)
+
+    def encode(self, parts: Parts, prompts: list[str]) -> dict[str, Tensor]:
         """Joint embeddings [b, 77 + L, D], pooled [b, P] (+ the negative prompt's, per row)."""
-        pe, ne, pp, npool = self.pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, device=self.device,
+        pe, ne, pp, npool = parts.pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, prompt_3=None, device=parts.device,
             num_images_per_prompt=1, do_classifier_free_guidance=self.do_cfg,
             negative_prompt=[self.negative_prompt] * len(prompts),
             max_sequence_length=self.max_sequence_length)
@@ -102,46 +105,43 @@ class SD3Policy(ShiftedCFGPolicy):
             out |= {"negative_prompt_embeds": ne, "negative_pooled_prompt_embeds": npool}
         return out
 
-    def velocity(self, x: Tensor, sigma: Tensor, cond: dict[str, Tensor]) -> Tensor:
+    def velocity(self, parts: Parts, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         """Guided v [N, C, H, W] fp32: u + g (c - u), with [uncond; cond] in one forward."""
-        t = self.timestep(sigma)
-        emb, pooled = cond["prompt_embeds"], cond["pooled_prompt_embeds"]
-        if self.do_cfg:
-            x = torch.cat([x, x])
-            t = torch.cat([t, t])
-            emb = torch.cat([cond["negative_prompt_embeds"], emb])
-            pooled = torch.cat([cond["negative_pooled_prompt_embeds"], pooled])
-        with self.autocast():
-            out = self.transformer(
-                hidden_states=self.model_input(x), timestep=self.model_input(t),
-                encoder_hidden_states=self.model_input(emb),
-                pooled_projections=self.model_input(pooled), return_dict=False)[0]
-        out = out.float()
-        if not self.do_cfg:
-            return out
-        u, c = out.chunk(2)
-        if self.detach_uncond:  # Flow-GRPO's Jul-2025 code: no gradient through uncond
-            u = u.detach()
-        return u + self.guidance_scale * (c - u)
 
-    @torch.no_grad()
-    def decode(self, x0: Tensor) -> Tensor:
+        def forward(x: Tensor, t: Tensor, emb: Tensor, pooled: Tensor) -> Tensor:
+            with parts.autocast():
+                return parts.transformer(
+                    hidden_states=parts.model_input(x), timestep=parts.model_input(t),
+                    encoder_hidden_states=parts.model_input(emb),
+                    pooled_projections=parts.model_input(pooled), return_dict=False)[0]
+
+        uncond = ((cond["negative_prompt_embeds"], cond["negative_pooled_prompt_embeds"])
+                  if self.do_cfg else None)
+        return classifier_free(
+            forward, x, self.timestep(sigma.to(parts.device)),
+            (cond["prompt_embeds"], cond["pooled_prompt_embeds"]), uncond,
+            scale=self.guidance_scale, detach_uncond=self.detach_uncond, uncond_first=True)
+
+    def decode(self, parts: Parts, x0: Tensor) -> Tensor:
         """Images [N, 3, H, W] in [0, 1] from latents x0 [N, C, H/f, W/f]."""
-        vae = self.pipe.vae
-        lat = x0.to(self.device).float() / vae.config.scaling_factor + vae.config.shift_factor
-        out = [vae.decode(c.to(vae.dtype), return_dict=False)[0].float()
-               for c in lat.split(self.decode_batch)]
-        return (torch.cat(out) * 0.5 + 0.5).clamp(0, 1)
+        vae = parts.pipe.vae
+        lat = x0.to(parts.device).float() / vae.config.scaling_factor + vae.config.shift_factor
+        return decode_vae(vae, lat, self.decode_batch)
+
+
+def build(o: ModelOptions, device: torch.device) -> DiffusersPolicy:
+    """The registry's builder: the checkpoint ``o.path`` as an SD3 policy on ``device``."""
+    return load(SD3Family, o.path, device=device, **o.diffusers_kwargs())
 
 
 def tiny_sd3(
     height: int = 16, width: int = 16, *, seed: int = 0, max_sequence_length: int = 8,
     guidance_scale: float = 4.5, **kw: Any,
-) -> tuple[SD3Policy, Any]:
+) -> tuple[DiffusersPolicy, Any]:
     """A tiny random SD3 (1 joint block, 4 latent channels, VAE factor 2, two CLIP + T5 with
     offline tokenizers) as (policy, reference StableDiffusion3Pipeline with its own transformer
-    copy and a shift-1 scheduler that follows ``sigmas=`` unchanged). ``kw``: SD3Policy
-    options."""
+    copy and a shift-1 scheduler that follows ``sigmas=`` unchanged). ``kw``: `SD3Family`
+    options and `compose`'s (lora, full_finetune, dtype, ...)."""
     from diffusers import (
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
@@ -162,6 +162,6 @@ def tiny_sd3(
     ref = StableDiffusion3Pipeline(transformer=copy.deepcopy(transformer), **parts)
     pipe = StableDiffusion3Pipeline(transformer=transformer, **parts)
     kw.setdefault("shift", 3.0)
-    policy = SD3Policy(pipe, height=height, width=width, guidance_scale=guidance_scale,
-                       max_sequence_length=max_sequence_length, **kw)
+    policy = compose(SD3Family, pipe, height=height, width=width, guidance_scale=guidance_scale,
+                     max_sequence_length=max_sequence_length, **kw)
     return policy, ref

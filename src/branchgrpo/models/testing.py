@@ -1,4 +1,6 @@
-"""Replica checkpoints for tests, in two kinds.
+"""Test components: offline tiny tokenizers, text encoders and VAE (no download; the tiny
+families `tiny_flux`, `tiny_sd3`, `tiny_wan` and the replicas are built from them), and replica
+checkpoints, in two kinds.
 
 - `write_replica`: a diffusers-layout folder holding only the config files of a released
   checkpoint (``model_index.json``, ``scheduler/``, ``transformer/``, ``vae/``), with the values
@@ -16,12 +18,75 @@
 from __future__ import annotations
 
 import json
+import string
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .hub import tiny_clip_encoder, tiny_clip_tokenizer, tiny_t5_encoder, tiny_t5_tokenizer
+_CHARS = string.ascii_lowercase + string.digits
+
+
+def tiny_clip_tokenizer(model_max_length: int = 77) -> Any:
+    """A character-level CLIP BPE tokenizer built in memory (no download): bos 0, eos = pad 1,
+    vocab 74. Pair it with a CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1)."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in _CHARS:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+def tiny_t5_tokenizer(model_max_length: int = 32) -> Any:
+    """A character-level T5 (SentencePiece-Unigram) tokenizer built in memory: pad 0, eos 1,
+    unk 2, vocab 76. Works for T5 and UMT5 encoders with vocab_size >= 76."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in _CHARS] + [("\u2581" + c, -2.5) for c in _CHARS]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+def tiny_clip_encoder(hidden: int = 32, projection: int | None = None, seed: int = 0) -> Any:
+    """A random 2-layer CLIP text encoder matching `tiny_clip_tokenizer`; with ``projection``
+    it is a CLIPTextModelWithProjection (SD3), else a CLIPTextModel (FLUX's pooled output)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=hidden,
+                         intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                         vocab_size=80, max_position_embeddings=77,
+                         projection_dim=projection or hidden, hidden_act="gelu")
+    torch.manual_seed(seed)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
+
+
+def tiny_t5_encoder(d_model: int = 32, umt5: bool = False, seed: int = 0) -> Any:
+    """A random 2-layer T5 (or UMT5, Wan) encoder matching `tiny_t5_tokenizer`."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    kw = dict(vocab_size=80, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+              relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1,
+              decoder_start_token_id=0)
+    torch.manual_seed(seed)
+    if umt5:
+        return UMT5EncoderModel(UMT5Config(**kw)).eval()
+    return T5EncoderModel(T5Config(**kw)).eval()
+
+
+def tiny_image_vae(latent_channels: int = 4, seed: int = 0, **kw: Any) -> Any:
+    """A random 2-level AutoencoderKL (spatial factor 2) with FLUX's scaling/shift factors."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+        layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4,
+        use_quant_conv=False, use_post_quant_conv=False, sample_size=16,
+        **{"shift_factor": 0.0609, "scaling_factor": 1.5035, **kw}).eval()
+
 
 REPLICAS: dict[str, dict[str, dict[str, Any]]] = {
     "flux": {

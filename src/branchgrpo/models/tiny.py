@@ -15,6 +15,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +24,9 @@ from torch import Tensor, nn
 
 from ..tasks import shapes
 from .base import Cond
+
+if TYPE_CHECKING:
+    from .factory import ModelOptions
 
 
 @dataclass(frozen=True)
@@ -175,3 +179,13 @@ def load_or_pretrain(spec: TinySpec, cache_dir: Path, prompts: list[str],
     save_model(policy, str(tmp))
     tmp.replace(path)
     return policy
+
+
+def build(o: ModelOptions, device: torch.device) -> TinyFluxPolicy:
+    """The registry's builder: the pretrained tiny policy of ``o`` (``pretrain_steps``,
+    ``clutter``; cached under ``cache_dir``, pretrained on the training prompts of the shapes
+    task on first use) on ``device``."""
+    spec = TinySpec(pretrain_steps=o.pretrain_steps, clutter=o.clutter)
+    policy = load_or_pretrain(spec, Path(o.cache_dir).expanduser(),
+                              shapes.split_prompts()[0], o.progress)
+    return policy.to(device)

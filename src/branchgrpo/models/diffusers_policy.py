@@ -1,0 +1,188 @@
+"""`DiffusersPolicy`: the one `Policy` class of the diffusers families, composing a `Family`
+(the family's hooks: `branchgrpo.models.family`) with what every family shares: the trainable
+``transformer``, the diffusers ``pipe`` owning the frozen text encoders and VAE, the per-prompt
+embedding cache, encoder offload, bf16 autocast. Fine-tuning (LoRA / full / frozen) is set by
+`branchgrpo.models.lora.setup_finetune`; `compose` does both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import Cond
+from .family import Family, plan_kwargs
+from .loading import keeps_fp32
+from .lora import LoraSpec, setup_finetune
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+"""Pipeline attribute names of the text encoders (offloaded, dropped, frozen)."""
+
+
+class DiffusersPolicy:
+    """A diffusers-backed policy: ``family`` hooks over ``transformer`` and ``pipe``.
+
+    ``dtype`` is the compute dtype: bf16 runs the transformer under ``torch.autocast``; the
+    step math stays fp32 because ``velocity`` returns fp32. ``pipe`` may be ``None`` with a
+    ``transformer`` (embedding-only benchmark policy). ``offload_encoders`` keeps the text
+    encoders on the CPU between encodes."""
+
+    def __init__(
+        self, family: Family, pipe: Any | None, *, transformer: nn.Module | None = None,
+        device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+        offload_encoders: bool = False,
+    ) -> None:
+        self.family = family
+        self.transformer = transformer if transformer is not None else pipe.transformer
+        self.pipe = pipe
+        self.device = torch.device(device) if device is not None else _device_of(self.transformer)
+        self.dtype = dtype
+        self.offload_encoders = offload_encoders
+        self._cache: dict[str, dict[str, Tensor]] = {}
+        self._encoders_dropped = False
+        freeze(*self.frozen_modules())
+        for m in self.frozen_modules():
+            if m not in self.text_encoders():
+                m.to(self.device)
+        for m in self.text_encoders():
+            m.to("cpu" if offload_encoders else self.device)
+        self.transformer.to(self.device)
+        self.model_dtype = base_dtype(self.transformer)
+
+    # ---- family facts -------------------------------------------------------------------
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        return self.family.latent_shape
+
+    @property
+    def token_period(self) -> int:
+        return self.family.token_period
+
+    @property
+    def pipeline_class(self) -> type:
+        """The family's diffusers pipeline class (LoRA export and import)."""
+        import diffusers
+
+        return getattr(diffusers, self.family.pipeline_name)
+
+    def timestep(self, sigma: Tensor) -> Tensor:
+        """The transformer's timestep [N] fp32 from sigma [N] (`Family.timestep`)."""
+        return self.family.timestep(sigma.to(self.device))
+
+    def default_schedule(self) -> dict[str, Any]:
+        """kwargs of `branchgrpo.schedule.make_sigmas` (add num_steps)."""
+        return self.family.default_schedule()
+
+    def plan_kwargs(self) -> dict[str, Any]:
+        """The same schedule as keyword arguments of `branchgrpo.plans.build_plan`."""
+        return plan_kwargs(self.family.default_schedule())
+
+    # ---- Policy protocol ----------------------------------------------------------------
+    def encode(self, prompts: Sequence[str]) -> Cond:
+        """Conditioning {name: [B, ...]} on ``device``; each distinct prompt is encoded once
+        and cached (on the device it was computed on)."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing and self._encoders_dropped:
+            raise ValueError(f"prompts {missing[:3]} are not cached and the text encoders were "
+                             "dropped (drop_encoders); encode every prompt before dropping")
+        if missing:
+            with torch.no_grad(), self._encoders_on_device():
+                enc = self.family.encode(self, missing)
+            for i, p in enumerate(missing):
+                self._cache[p] = {k: v[i].detach() for k, v in enc.items()}
+        rows = [self._cache[p] for p in prompts]
+        return {k: torch.stack([r[k] for r in rows]).to(self.device) for k in rows[0]}
+
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        """Guided v [N, *latent_shape] fp32 at x [N, *latent_shape], sigma [N]."""
+        return self.family.velocity(self, x, sigma, cond)
+
+    @torch.no_grad()
+    def decode(self, x0: Tensor) -> Tensor:
+        """Media in [0, 1]: images [N, 3, H, W] or videos [N, F, 3, H, W]."""
+        return self.family.decode(self, x0)
+
+    def trainable_parameters(self) -> Iterable[nn.Parameter]:
+        """Transformer parameters with requires_grad (LoRA only, all, or none)."""
+        return [p for p in self.transformer.parameters() if p.requires_grad]
+
+    # ---- shared machinery ---------------------------------------------------------------
+    def text_encoders(self) -> list[nn.Module]:
+        """The pipeline's text encoders (offloaded to CPU between encodes if asked)."""
+        if self.pipe is None:
+            return []
+        return [m for n in TEXT_ENCODERS if (m := getattr(self.pipe, n, None)) is not None]
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Text encoders and VAE."""
+        vae = getattr(self.pipe, "vae", None) if self.pipe is not None else None
+        return self.text_encoders() + ([vae] if vae is not None else [])
+
+    def drop_encoders(self) -> None:
+        """Free the text encoders once every training prompt is cached (``encode`` of a new
+        prompt then raises); saves ~10 GB for FLUX/SD3's T5-XXL."""
+        for name in TEXT_ENCODERS:
+            if self.pipe is not None and getattr(self.pipe, name, None) is not None:
+                setattr(self.pipe, name, None)
+        self._encoders_dropped = True
+
+    @contextlib.contextmanager
+    def _encoders_on_device(self) -> Iterator[None]:
+        if self.offload_encoders:
+            for m in self.text_encoders():
+                m.to(self.device)
+        try:
+            yield
+        finally:
+            if self.offload_encoders:
+                for m in self.text_encoders():
+                    m.to("cpu")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16/fp16 autocast around the transformer forward when ``dtype`` asks for it."""
+        if self.dtype in (torch.bfloat16, torch.float16):
+            return torch.autocast(self.device.type, dtype=self.dtype)
+        return contextlib.nullcontext()
+
+    def model_input(self, t: Tensor) -> Tensor:
+        """Cast a floating input to the transformer's (base) weight dtype, on ``device``."""
+        return t.to(self.device, self.model_dtype)
+
+
+def compose(
+    family_cls: Any, pipe: Any | None, *, transformer: nn.Module | None = None,
+    device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+    lora: LoraSpec | None = None, full_finetune: bool = False,
+    gradient_checkpointing: bool = False, offload_encoders: bool = False, **options: Any,
+) -> DiffusersPolicy:
+    """The policy of family class ``family_cls`` over ``pipe`` (or a bare ``transformer``):
+    ``family_cls.of(pipe, transformer, **options)``, then fine-tuning set up (LoRA when
+    ``lora`` is given, else full or frozen; `branchgrpo.models.lora.setup_finetune`)."""
+    family = family_cls.of(pipe, transformer, **options)
+    policy = DiffusersPolicy(family, pipe, transformer=transformer, device=device, dtype=dtype,
+                             offload_encoders=offload_encoders)
+    setup_finetune(policy, lora=lora, full_finetune=full_finetune,
+                   gradient_checkpointing=gradient_checkpointing)
+    return policy
+
+
+def freeze(*modules: nn.Module) -> None:
+    """requires_grad False and eval mode (text encoders, VAE)."""
+    for m in modules:
+        m.requires_grad_(False).eval()
+
+
+def base_dtype(transformer: nn.Module) -> torch.dtype:
+    """The dtype of the transformer's base weights: its first parameter that is neither a LoRA
+    matrix (fp32) nor under the class's ``_keep_in_fp32_modules``."""
+    return next(p.dtype for n, p in transformer.named_parameters()
+                if "lora_" not in n and not keeps_fp32(transformer, n))
+
+
+def _device_of(m: nn.Module) -> torch.device:
+    p = next(m.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")

@@ -1,0 +1,142 @@
+"""The `Family` protocol: what one diffusers model family (FLUX.1, SD3.5, Wan2.1, ...) provides,
+and the helpers its hooks share. The generic `branchgrpo.models.diffusers_policy.DiffusersPolicy`
+composes a family with what every family shares (prompt cache, encoder offload, freezing, bf16
+autocast); `branchgrpo.models.lora.setup_finetune` adds LoRA / full fine-tuning. There is no
+base class: a family is a plain (data)class with the members below, in one file, plus one line
+in `branchgrpo.models.families.FAMILIES` (see ``models/README.md``).
+
+Shapes: B prompts, N latent rows, ``*L`` = ``latent_shape``. Conventions
+(docs/algorithms.md §1.1): rectified flow, ``x_sigma = (1 - sigma) x0 + sigma eps``, velocity
+``v = eps - x0``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from .base import Cond
+
+
+class Parts(Protocol):
+    """What a family's hooks see of the policy that composes them (`DiffusersPolicy`).
+
+    ``transformer`` is read at every call: distributed training replaces it by its DDP/FSDP
+    wrapper. ``pipe`` is the diffusers pipeline holding the frozen text encoders and VAE, or
+    ``None`` for an embedding-only benchmark policy. ``model_dtype`` is the dtype of the
+    transformer's base weights (bf16 when loaded so, fp32 master weights in full fine-tuning)."""
+
+    transformer: nn.Module
+    pipe: Any | None
+    device: torch.device
+    model_dtype: torch.dtype
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16/fp16 autocast for the transformer forward when the compute dtype asks for it."""
+        ...
+
+    def model_input(self, t: Tensor) -> Tensor:
+        """``t`` on ``device`` in ``model_dtype`` (a floating transformer input)."""
+        ...
+
+
+@runtime_checkable
+class Family(Protocol):
+    """One model family, configured for a run (size, guidance, schedule options).
+
+    Class-level facts (``ClassVar``):
+
+    - ``pipeline_name``: the diffusers pipeline class name (``"FluxPipeline"``); loading
+      (`branchgrpo.models.loading.load_pipeline`) and LoRA export/import
+      (`branchgrpo.models.lora.save_lora`) use it.
+    - ``subfolders``: the checkpoint subfolders to resolve/download (``"transformer"``, ...).
+    - ``lora_targets``: default LoRA target module names inside the transformer (used when
+      ``LoraSpec.target_modules`` is None).
+    - ``fp32_modules``: pipeline components loaded in fp32 whatever the run's dtype (Wan's
+      ``"vae"``). Transformer submodules kept in fp32 are the diffusers class's own
+      ``_keep_in_fp32_modules`` (`branchgrpo.models.loading.keeps_fp32`), not listed here.
+
+    Construction: ``of(pipe, transformer=None, **options)`` reads the geometry from the pipeline
+    (VAE factors, channels) and validates the options; ``transformer`` defaults to
+    ``pipe.transformer`` (given alone, with ``pipe=None``, for benchmark policies).
+
+    Instance members:
+
+    - ``latent_shape``: per-sample latent shape ``L`` (no batch dim).
+    - ``token_period``: pixels per token side in decoded media (VAE factor x patch/packing).
+    - ``encode(parts, prompts)``: embeddings ``{name: [b, ...]}`` of b distinct prompts, no
+      grad (the policy caches them per prompt and stacks rows into a `Cond`).
+    - ``velocity(parts, x, sigma, cond)``: guided ``v`` [N, *L] fp32 at latents x [N, *L],
+      sigma [N] in [0, 1], conditioning rows [N, ...] aligned with x (CFG happens inside: see
+      `classifier_free`).
+    - ``decode(parts, x0)``: media in [0, 1] from clean latents x0 [N, *L]: images
+      [N, 3, H, W], videos [N, F, 3, H, W]; fp32.
+    - ``timestep(sigma)``: the transformer's timestep [N] fp32 from sigma [N].
+    - ``default_schedule()``: kwargs of `branchgrpo.schedule.make_sigmas` (add num_steps).
+    """
+
+    pipeline_name: ClassVar[str]
+    subfolders: ClassVar[tuple[str, ...]]
+    lora_targets: ClassVar[tuple[str, ...]]
+    fp32_modules: ClassVar[tuple[str, ...]]
+    latent_shape: tuple[int, ...]
+    token_period: int
+
+    def encode(self, parts: Parts, prompts: list[str]) -> dict[str, Tensor]: ...
+
+    def velocity(self, parts: Parts, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor: ...
+
+    def decode(self, parts: Parts, x0: Tensor) -> Tensor: ...
+
+    def timestep(self, sigma: Tensor) -> Tensor: ...
+
+    def default_schedule(self) -> dict[str, Any]: ...
+
+
+# ---- helpers for family hooks -----------------------------------------------------------
+def classifier_free(
+    forward: Callable[..., Tensor], x: Tensor, t: Tensor, cond: Sequence[Tensor],
+    uncond: Sequence[Tensor] | None, *, scale: float, detach_uncond: bool, uncond_first: bool,
+) -> Tensor:
+    """Guided velocity ``u + scale (c - u)`` [N, *L] fp32 with the conditional and
+    unconditional rows in one batched forward ``forward(x [2N, *L], t [2N], *embeddings)``.
+
+    ``cond`` / ``uncond``: the embedding tensors [N, ...] passed positionally; ``uncond`` None
+    turns CFG off (one forward of the N rows). ``uncond_first``: the batch order the family's
+    pipeline uses ([uncond; cond] for SD3, [cond; uncond] for Wan), so the forward sees the same
+    batch. ``detach_uncond``: no gradient through the unconditional half (Flow-GRPO's Jul-2025
+    code)."""
+    if uncond is None:
+        return forward(x, t, *cond).float()
+    pairs = [(u, c) if uncond_first else (c, u) for c, u in zip(cond, uncond, strict=True)]
+    out = forward(torch.cat([x, x]), torch.cat([t, t]),
+                  *(torch.cat(list(p)) for p in pairs)).float()
+    first, second = out.chunk(2)
+    u, c = (first, second) if uncond_first else (second, first)
+    if detach_uncond:
+        u = u.detach()
+    return u + scale * (c - u)
+
+
+def decode_vae(vae: nn.Module, latents: Tensor, batch: int) -> Tensor:
+    """``vae.decode`` of VAE-space latents [N, C, ...] in chunks of ``batch``, mapped from
+    [-1, 1] to [0, 1] (clamped) in fp32."""
+    out = [vae.decode(c.to(vae.dtype), return_dict=False)[0].float()
+           for c in latents.split(batch)]
+    return (torch.cat(out) * 0.5 + 0.5).clamp(0, 1)
+
+
+def prompt_seed(prompt: str) -> int:
+    """A stable per-prompt seed (for embedding-free benchmark policies)."""
+    return int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16)
+
+
+def plan_kwargs(schedule: dict[str, Any]) -> dict[str, Any]:
+    """`Family.default_schedule` (make_sigmas kwargs) as keyword arguments of
+    `branchgrpo.plans.build_plan` (``kind`` is called ``schedule`` there)."""
+    return {("schedule" if k == "kind" else k): v for k, v in schedule.items()}
