@@ -11,8 +11,8 @@ import torch
 from branchgrpo import checkpoint as ckpt
 from branchgrpo.models.tiny import TinySpec, load_or_pretrain
 from branchgrpo.tasks.shapes import split_prompts
-
-from .conftest import HERE, cli_env, run_cli, small_args
+from testlib import TRAIN_HELPERS as HERE
+from testlib import cli_env, run_cli, small_args
 
 
 def _metrics(run_dir):
