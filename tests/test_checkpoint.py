@@ -4,6 +4,7 @@ checkpoints, and files that would run code when unpickled."""
 import json
 import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +202,70 @@ def test_manifest_lists_every_file_with_size_and_sha256(tmp_path):
     for name, rec in man["files"].items():
         data = (path / name).read_bytes()
         assert rec == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda f: (f / "manifest.json").write_text("{not json"),
+     "manifest.json is not a valid branchgrpo-checkpoint manifest"),
+    (lambda f: (f / "manifest.json").write_text(json.dumps(
+        {**json.loads((f / "manifest.json").read_text()), "format": "other"})),
+     "manifest.json is not a valid branchgrpo-checkpoint manifest"),
+    (lambda f: (f / "manifest.json").write_text(json.dumps(
+        {**json.loads((f / "manifest.json").read_text()), "version": 2})),
+     "has format version 2; this branchgrpo reads version 1"),
+    (lambda f: (f / "ema.safetensors").unlink(), "ema.safetensors is missing"),
+    (lambda f: (f / "meta.json").write_text((f / "meta.json").read_text().replace(
+        '"iteration": 2', '"iteration": 9')), "meta.json does not match its sha256"),
+])
+def test_a_manifest_mismatch_skips_the_checkpoint_with_one_line(tmp_path, damage, message):
+    model, names, opt, sched, ema = _trained()
+    for it in (1, 2):
+        _save(tmp_path, it, model, names, opt, sched, ema)
+    newest = tmp_path / "checkpoints" / "iter_000002"
+    damage(newest)
+    path, damaged = ckpt.find_checkpoint(tmp_path)
+    assert path.name == "iter_000001" and len(damaged) == 1
+    assert str(newest) in damaged[0] and message in damaged[0], damaged
+    assert ckpt.latest_checkpoint(tmp_path) == path
+    with pytest.raises(ckpt.DamagedCheckpoint, match=re.escape(message)):
+        ckpt.load_checkpoint(newest)
+
+
+def test_saving_and_loading_a_folder_never_pickles(tmp_path, monkeypatch):
+    import pickle
+
+    def refuse(*a, **k):
+        raise AssertionError("pickle used")
+
+    for mod, name in [(pickle, "dump"), (pickle, "dumps"), (pickle, "load"), (pickle, "loads"),
+                      (torch, "save"), (torch, "load")]:
+        monkeypatch.setattr(mod, name, refuse)
+    model, names, opt, sched, ema = _trained()
+    path = _save(tmp_path, 3, model, names, opt, sched, ema)
+    st = ckpt.load_checkpoint(path)
+    assert st["iteration"] == 3 and set(st["policy"]) == set(names)
+    from safetensors.torch import load_file
+
+    for f in path.iterdir():  # every file is safetensors or JSON
+        if f.suffix == ".safetensors":
+            load_file(str(f))
+        else:
+            assert f.suffix == ".json" and isinstance(json.loads(f.read_text()), dict), f
+
+
+def test_round_trip_is_bit_exact_for_every_dtype(tmp_path):
+    torch.manual_seed(1)
+    model = {"a": torch.randn(3, 2), "b": torch.randn(4).to(torch.bfloat16),
+             "c": torch.randn(2, 2).to(torch.float16), "d": torch.randn(5).double()}
+    opt = {"state": {n: {"step": torch.tensor(3.0), "exp_avg": v * 2} for n, v in model.items()},
+           "param_groups": [{"lr": 0.5, "betas": (0.9, 0.99), "params": list(model)}]}
+    meta = {"iteration": 1, "elapsed": 0.0, "scheduler": {}, "metrics_lines": 0, "config": "",
+            "extra": {}, "param_names": list(model)}
+    path = ckpt.save_checkpoint(tmp_path, 1, meta, model, opt, None, 1)
+    st = ckpt.load_checkpoint(path)
+    assert st["ema"] is None and st["optimizer"]["param_groups"] == opt["param_groups"]
+    for n, v in model.items():
+        got = st["policy"][n]
+        assert got.dtype == v.dtype and torch.equal(got.view(torch.uint8), v.view(torch.uint8))
+        for k, x in opt["state"][n].items():
+            assert torch.equal(st["optimizer"]["state"][n][k], x), (n, k)

@@ -24,6 +24,22 @@ SMALL = {
     "branch_mix": {"num_steps": 6, "split_steps": (0, 3), "mix_window": 2, "mix_stride": 4},
 }
 
+# SDE (trained) edges per tree of each SMALL plan, from the plan arithmetic:
+SDE_EDGES = {
+    "dance": 3 * 6,  # x_T split into G = 3 at step 0, then SDE at all 6 steps of each chain
+    "flow_grpo": 3 * 6,  # G = 3 roots, SDE at all 6 steps
+    # window start l = (30 // 25) % ((8 - 2) + 1) = 1, W = {1, 2}: split into 3 at step 1,
+    # SDE at steps 1 and 2 only (ODE at 0 and 3..7)
+    "mix": 3 * 2,
+    # l = (25 // 20) % 9 = 1, W = {1, 2}; DPM-Solver++ after it
+    "mix_flash": 3 * 2,
+    "g2rpo": 2 * 3,  # one SDE step into G = 3 children at each of the 2 split steps
+    # K = 3 at steps 0 and 2: 3 (step 0) + 3 (step 1) + 9 (step 2) + 3 x 9 (steps 3-5)
+    "branch": 3 + 3 + 9 + 27,
+    # K = 2 at 0 and 3; SDE iff i % 4 < 2 or a split: steps 0, 1 (2 nodes), 3, 4, 5 (4 nodes)
+    "branch_mix": 2 + 2 + 4 + 4 + 4,
+}
+
 
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
@@ -68,7 +84,8 @@ def test_ratio_is_exactly_one_before_update(policy, method, dtype):
     tree = rollout(policy, cond, plan, generator=_gen(), storage_dtype=dtype)
     assert tree.latents.dtype == dtype
     edges = tree.edges()
-    assert len(edges) > 0
+    assert len(edges) == 2 * SDE_EDGES[method]  # two trees
+    assert torch.bincount(edges.group).tolist() == [SDE_EDGES[method]] * 2
     with torch.no_grad():
         lp, *_ = edge_log_prob(policy, edges, cond, plan, max_batch=5, storage_dtype=dtype)
     assert torch.equal(lp, edges.old_log_prob)

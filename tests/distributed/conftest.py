@@ -1,5 +1,5 @@
 """Fixtures for distributed end-to-end tests: torchrun on CPU with the gloo backend, two ranks,
-the tiny default policy and a small plan (see tests/train/conftest.py)."""
+the tiny default policy and a small plan (`testlib.small_args`)."""
 
 import os
 import signal
@@ -9,21 +9,19 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).parent
+import testlib
+
+DIST_ARGS = ("dist.global_prompts=2", "dist.noise=prompt", "train.updates_per_rollout=1",
+             "train.iterations=3", "log.checkpoint_every=1", "log.keep_last=10",
+             "data.eval_samples=2")
+"""3 iterations of 2 prompts in all (1 per rank on 2 ranks), one update per rollout, noise
+seeded per global prompt (the run does not depend on the number of ranks), a checkpoint after
+every iteration."""
 
 
 def small_args(cache_dir: Path, run_dir: Path, *extra: str) -> list[str]:
-    """3 iterations of 2 prompts in all (1 per rank on 2 ranks), one update per rollout, noise
-    seeded per global prompt: the run does not depend on the number of ranks."""
-    return [f"log.run_dir={run_dir}", f"model.cache_dir={cache_dir}", "model.pretrain_steps=5",
-            "rollout.num_steps=4", "rollout.split_steps=[0,1]", "dist.global_prompts=2",
-            "dist.noise=prompt", "train.updates_per_rollout=1", "train.iterations=3",
-            "log.checkpoint_every=1", "log.keep_last=10", "data.eval_samples=2",
-            "log.progress=false", "log.tensorboard=false", "log.eval_every=0", *extra]
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    """`testlib.small_args` with `DIST_ARGS`, then ``extra``."""
+    return testlib.small_args(cache_dir, run_dir, *DIST_ARGS, *extra)
 
 
 def _free_port() -> int:
@@ -43,7 +41,7 @@ def torchrun_cmd(nproc: int, *args: str) -> list[str]:
 
 def run(nproc: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     out = subprocess.run(torchrun_cmd(nproc, *args), capture_output=True, text=True,
-                         env=_env(), timeout=300)
+                         env=testlib.cli_env(), timeout=300)
     if check and out.returncode != 0:
         raise AssertionError(f"exit {out.returncode}\n{out.stdout}\n{out.stderr}")
     return out
@@ -58,7 +56,7 @@ def run_until(nproc: int, marker: Path, *args: str) -> None:
     """Start a run and SIGKILL it once ``marker`` exists: first the rank processes (torchrun
     starts each in its own session), then torchrun itself, each by its pid."""
     proc = subprocess.Popen(torchrun_cmd(nproc, *args), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=_env())
+                            stderr=subprocess.DEVNULL, env=testlib.cli_env())
     deadline = time.time() + 200
     try:
         while not marker.exists():

@@ -1,4 +1,5 @@
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -9,25 +10,36 @@ import pytest
 import torch
 
 from branchgrpo import checkpoint as ckpt
+from branchgrpo.config import all_keys
 from branchgrpo.models.tiny import TinySpec, load_or_pretrain
 from branchgrpo.tasks.shapes import split_prompts
+from testlib import checkpoint_tensors, cli_env, comparable_rows, metrics, run_cli, small_args
 
-from .conftest import HERE, cli_env, run_cli, small_args
+pytestmark = pytest.mark.slow
 
 
-def _metrics(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def _report_table(report: str) -> dict[str, tuple[str, str]]:
+    """{metric: (before, after)} of the report's held-out table."""
+    rows = [x.split("|")[1:-1] for x in report.splitlines() if x.startswith("| ")]
+    return {c[0].strip(): (c[1].strip(), c[2].strip()) for c in rows[1:]}
 
 
 def test_cli_trains_two_iterations_end_to_end(tmp_path, cache_dir):
     run = tmp_path / "run"
     run_cli("train", *small_args(cache_dir, run, "train.iterations=2"))
-    rows = [r for r in _metrics(run) if "eval/tag" not in r]
-    assert len(rows) == 2
+    rows = [r for r in metrics(run) if "eval/tag" not in r]
+    assert [r["iteration"] for r in rows] == [1, 2]
     for r in rows:
-        assert all(v == v and abs(v) != float("inf") for k, v in r.items()
-                   if k.startswith("loss/"))
+        assert all(math.isfinite(v) for k, v in r.items() if k.startswith(("loss/", "reward/")))
         assert r["ratio/first"] == 1.0  # exactly on-policy before the first update
+        # 2 trees of the 4-step plan split at steps 0 and 1 (K 2): 1 + 2 + 4 + 4 + 4 = 15
+        # nodes, 14 SDE edges (all trained), forwards at grids 0..3: 1 + 2 + 4 + 4 = 11
+        assert (r["tree/nodes"], r["tree/edges"], r["tree/trained_edges"],
+                r["tree/forwards"]) == (30, 28, 28, 22)
+        assert 0 <= r["reward/shapes"] <= 1 and r["reward/total"] == r["reward/shapes"]
+    evals = {r["eval/tag"]: r for r in metrics(run) if "eval/tag" in r}
+    assert sorted(evals) == ["after", "before"]
+    assert (evals["before"]["iteration"], evals["after"]["iteration"]) == (0, 2)
     base = load_or_pretrain(TinySpec(pretrain_steps=5), cache_dir, split_prompts()[0], False)
     trained = ckpt.load_checkpoint(ckpt.latest_checkpoint(run))["policy"]
     names = {k for k, p in base.named_parameters() if k.startswith("transformer.")}
@@ -39,17 +51,27 @@ def test_cli_trains_two_iterations_end_to_end(tmp_path, cache_dir):
               "plots/reward_per_second.png", "plots/heldout.png", "samples/before.png",
               "samples/after.png"):
         assert (run / f).exists(), f
-    report = (run / "report.md").read_text()
-    assert "| judge |" in report and "before" in report
+    table = _report_table((run / "report.md").read_text())
+    for name in ("judge", "shapes", "grid"):  # the report shows the logged evaluations
+        assert table[name] == (f"{evals['before'][f'eval/{name}']:.4f}",
+                               f"{evals['after'][f'eval/{name}']:.4f}"), name
+    cfg = (run / "config.yaml").read_text()
+    assert "iterations: 2" in cfg and "pretrain_steps: 5" in cfg
 
 
-def _rows(run_dir):
-    """metrics.jsonl without wall times (they differ between any two runs)."""
-    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in _metrics(run_dir)]
+def _meta(folder, run_dir):
+    """A checkpoint's meta.json without its wall time and run directory, and its numpy /
+    python generator states apart: train.seed does not seed those global generators (nothing
+    draws from them), so two runs start them from different OS entropy."""
+    meta = json.loads((folder / "meta.json").read_text())
+    assert meta.pop("elapsed") > 0
+    meta["config"] = meta["config"].replace(str(run_dir), "RUN")
+    return meta, meta.pop("rng")
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, cache_dir):
-    args = ["train.iterations=6", "log.checkpoint_every=1", "log.keep_last=10"]
+    args = ["train.iterations=6", "log.checkpoint_every=1", "log.keep_last=10",
+            "train.ema_decay=0.9", "train.lr_schedule=cosine"]
     full = tmp_path / "full"
     run_cli("train", *small_args(cache_dir, full, *args))
     killed = tmp_path / "killed"
@@ -66,20 +88,24 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, cache_dir):
     out = run_cli("train", "--resume", str(killed))
     assert "resumed from" in out.stdout
     assert "warning" not in out.stderr, out.stderr  # same thread count: no warning
-    a = ckpt.load_checkpoint(full / "checkpoints" / "iter_000006")
-    b = ckpt.load_checkpoint(killed / "checkpoints" / "iter_000006")
-    for k in a["policy"]:
-        assert torch.equal(a["policy"][k], b["policy"][k]), k
-    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
-    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
-    for name, st in a["optimizer"]["state"].items():
-        for key, v in st.items():
-            assert torch.equal(v, b["optimizer"]["state"][name][key]), (name, key)
-    assert a["scheduler"] == b["scheduler"]
-    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
-    steps_a = [r["iteration"] for r in _metrics(full) if "eval/tag" not in r]
+    a_dir, b_dir = full / "checkpoints" / "iter_000006", killed / "checkpoints" / "iter_000006"
+    a, b = checkpoint_tensors(a_dir), checkpoint_tensors(b_dir)
+    files = {k.split(":")[0] for k in a}
+    assert files == {"model.safetensors", "optimizer.safetensors", "ema.safetensors",
+                     "rng.safetensors"}
+    assert a.keys() == b.keys()
+    for k in a:  # weights, Adam moments and steps, EMA, generator states: bit for bit
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    # LR scheduler, param groups, metrics line count, config, iteration, threads
+    (ma, _), (mb, rng_b) = _meta(a_dir, full), _meta(b_dir, killed)
+    assert ma["scheduler"]["last_epoch"] == 6 and ma["iteration"] == 6
+    assert ma == mb
+    # the resumed process took the numpy / python states of the checkpoint it resumed from
+    assert rng_b == _meta(killed / "checkpoints" / "iter_000002", killed)[1]
+    steps_a = [r["iteration"] for r in metrics(full) if "eval/tag" not in r]
     assert steps_a == [1, 2, 3, 4, 5, 6]
-    assert _rows(full) == _rows(killed)  # every logged value, evaluations included
+    # every logged value but wall times, evaluations included, line for line
+    assert comparable_rows(full) == comparable_rows(killed)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +157,7 @@ def test_truncated_newest_checkpoint_falls_back_for_resume_eval_and_sample(two_c
     assert warning in out.stderr and "resuming from iter_000001 instead" in out.stderr
     assert "written with 1 torch threads, this run has 2" in out.stderr
     assert "at iteration 1" in out.stdout
-    assert [r["iteration"] for r in _metrics(run) if "eval/tag" not in r] == [1, 2]
+    assert [r["iteration"] for r in metrics(run) if "eval/tag" not in r] == [1, 2]
     assert ckpt.load_checkpoint(run / "checkpoints" / "iter_000002")["iteration"] == 2
 
 
@@ -239,6 +265,9 @@ def test_help_explains_commands():
     out = run_cli("--help").stdout
     for cmd in ("train", "sample", "eval", "serve-reward", "bench"):
         assert cmd in out
-    keys = run_cli("train", "--help-config").stdout
-    assert "rollout.split_steps" in keys and "children per split" in keys
-    assert HERE.exists()
+    keys = run_cli("train", "--help-config").stdout.splitlines()
+    # every schema key, with its default and below it its doc
+    docs = {line.strip().split(" = ")[0]: keys[i + 1].strip()
+            for i, line in enumerate(keys) if line[:2] == "  " and line[2] != " "}
+    assert docs == {k: " ".join(d.split()) for k, d in all_keys().items()}
+    assert "  rollout.split_steps = None" in keys and "  train.lr = 0.0001" in keys

@@ -4,7 +4,11 @@ import json
 import subprocess
 import sys
 
-from .conftest import cli_env, run_cli, small_args
+import pytest
+
+from testlib import cli_env, run_cli, small_args
+
+pytestmark = pytest.mark.slow
 
 
 def test_grid_monitor_logged_and_sample_writes_into_the_run(tmp_path, cache_dir):

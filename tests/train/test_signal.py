@@ -1,8 +1,11 @@
 """A run whose reward cannot tell images apart says so at every iteration (and logs it)."""
 
-from branchgrpo.log import read_metrics, split_evals
+import pytest
 
-from .conftest import run_cli, small_args
+from branchgrpo.log import read_metrics, split_evals
+from testlib import run_cli, small_args
+
+pytestmark = pytest.mark.slow
 
 
 def test_a_constant_reward_warns_that_nothing_is_learnt(tmp_path, cache_dir):
