@@ -144,10 +144,7 @@ def test_type_errors_name_the_key(override, key):
 
 @pytest.mark.parametrize("value", [
     "{shapes:1}",
-    pytest.param("{shapes:1.0}", marks=pytest.mark.xfail(strict=True, reason=(
-        "src bug: config.load_config looks for ':' in key.rpartition('.')[2], and the "
-        "key 'reward.weights.shapes:1.0' splits at the value's decimal point, so the hint "
-        "is missing for exactly the float weights it suggests"))),
+    "{shapes:1.0}",  # the key 'reward.weights.shapes:1.0' has a dot after the colon
 ])
 def test_a_mapping_without_spaces_gets_a_hint(value):
     with pytest.raises(ConfigError, match="write a mapping with a space after each colon"):

@@ -265,7 +265,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             key = getattr(e, "full_key", None) or "?"
             msg = str(e.msg).strip().splitlines()[0]
             hint = ("; write a mapping with a space after each colon, e.g. "
-                    "reward.weights='{shapes: 1.0}'" if ":" in key.rpartition(".")[2] else "")
+                    "reward.weights='{shapes: 1.0}'" if ":" in key else "")  # no schema key has one
             raise ConfigError(f"bad value for {key!r} in {source}: {msg}{hint}") from None
     obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     validate(obj)
