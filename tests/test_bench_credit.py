@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from branchgrpo.bench_credit import continuation, measure, node_values
+from branchgrpo.engine.plans import build_plan
+from branchgrpo.engine.tree import rollout
 from branchgrpo.models.analytic import GaussianPolicy
-from branchgrpo.plans import build_plan
 from branchgrpo.rewards import RewardSet
-from branchgrpo.tree import rollout
 
 PROMPTS = ["a", "b"]
 

@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from .advantages import compute_advantages
-from .methods import METHODS
+from .engine.advantages import compute_advantages
+from .engine.methods import METHODS
+from .engine.plans import build_plan
+from .engine.pruning import select_edges
+from .engine.tree import chain_plan, rollout
 from .models.analytic import GaussianPolicy
-from .plans import build_plan
-from .pruning import select_edges
-from .tree import chain_plan, rollout
 
 
 def machine() -> dict[str, Any]:

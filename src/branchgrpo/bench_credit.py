@@ -40,12 +40,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .advantages import compute_advantages
-from .methods import METHODS
-from .models.base import Cond, Policy, select_cond
-from .plans import build_plan
-from .pruning import select_edges
-from .tree import RolloutPlan, Tree, chain_plan, decode_leaves, rollout
+from .engine.advantages import compute_advantages
+from .engine.methods import METHODS
+from .engine.plans import build_plan
+from .engine.policy import Cond, Policy, select_cond
+from .engine.pruning import select_edges
+from .engine.tree import RolloutPlan, Tree, chain_plan, decode_leaves, rollout
 
 DEFAULT_METHODS = ("dance_full", "flow_grpo", "mix", "g2rpo", "branch", "branch_depth")
 

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .advantages import compute_advantages
-from .losses import policy_loss
-from .methods import METHODS
-from .models.base import Policy
-from .plans import build_plan, plan_parameters
-from .pruning import select_edges
-from .tree import decode_leaves, edge_log_prob, rollout
+from .engine.advantages import compute_advantages
+from .engine.losses import policy_loss
+from .engine.methods import METHODS
+from .engine.plans import build_plan, plan_parameters
+from .engine.policy import Policy
+from .engine.pruning import select_edges
+from .engine.tree import decode_leaves, edge_log_prob, rollout
 
 DEFAULT_METHODS = ("dance_full", "dance", "flow_grpo", "mix", "mix_flash", "g2rpo", "branch",
                    "branch_width", "branch_depth", "branch_mix")

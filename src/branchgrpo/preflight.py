@@ -49,8 +49,8 @@ def check_plan(cfg: Config) -> RunSpec:
 def _check_plan(cfg: Config) -> tuple[RunSpec, Any]:
     """The method's plan builds with the model's schedule, takes every rollout key set, and
     its trees stay bounded."""
-    from .methods import METHODS
-    from .plans import plan_parameters
+    from .engine.methods import METHODS
+    from .engine.plans import plan_parameters
 
     method = cfg.rollout.method
     if method not in METHODS:
@@ -78,8 +78,8 @@ def _check_plan(cfg: Config) -> tuple[RunSpec, Any]:
 
 def _check_rules(cfg: Config, plan: Any) -> None:
     """The advantage rule and selector exist and take the keyword arguments configured."""
-    from .advantages import ADVANTAGES
-    from .pruning import SELECTORS
+    from .engine.advantages import ADVANTAGES
+    from .engine.pruning import SELECTORS
 
     rule, sel, sel_kw = resolved_rules(cfg)
     if rule not in ADVANTAGES:
@@ -105,10 +105,10 @@ def _check_rules(cfg: Config, plan: Any) -> None:
 def dry_run_counts(cfg: Config, spec: RunSpec) -> dict[str, int]:
     """One tree of ``spec``'s plan on the analytic policy, scored and selected as ``cfg``
     says: its forwards, nodes, edges, trained edges and leaves."""
-    from .advantages import compute_advantages
+    from .engine.advantages import compute_advantages
+    from .engine.pruning import select_edges
+    from .engine.tree import rollout
     from .models.analytic import GaussianPolicy
-    from .pruning import select_edges
-    from .tree import rollout
 
     rule, sel, sel_kw = resolved_rules(cfg)
     gen = torch.Generator().manual_seed(0)  # never the global generator: a resumed run calls
@@ -229,7 +229,7 @@ def _keywords(fn: Callable[..., Any]) -> set[str]:
 
 
 def _selectors_taking(key: str) -> list[str]:
-    from .pruning import SELECTORS
+    from .engine.pruning import SELECTORS
 
     return [n for n in SELECTORS.names() if key in _keywords(SELECTORS.get(n))]
 

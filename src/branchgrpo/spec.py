@@ -45,9 +45,9 @@ from typing import Any
 
 import torch
 
-from . import schedule as sch
 from .config import Config, ConfigError, RolloutConfig
-from .tree import RolloutPlan
+from .engine import schedule as sch
+from .engine.tree import RolloutPlan
 
 FASTVIDEO_PLANS = frozenset({"dance", "branch", "branch_mix", "mix", "mix_flash", "g2rpo"})
 """Plans whose published FLUX code (the FastVideo repos) runs the shifted linspace, shift 3,
@@ -93,7 +93,7 @@ class RunSpec:
 
     ``sigmas`` [T + 1] is the grid the plan steps on; ``timesteps`` [T] what the transformer
     gets at steps 0..T-1 (``timestep=`` of its forward: sigma-scaled for FLUX, 1000 sigma for
-    SD3/Wan); ``plan_kwargs`` the keyword arguments of `branchgrpo.plans.build_plan` (with
+    SD3/Wan); ``plan_kwargs`` the keyword arguments of `branchgrpo.engine.plans.build_plan` (with
     ``sigmas``); ``rule`` why this schedule was chosen; ``notes`` what else to know."""
 
     method: str
@@ -115,15 +115,15 @@ class RunSpec:
 
     def build_plan(self, iteration: int = 0) -> RolloutPlan:
         """The plan at ``iteration`` (MixGRPO's window moves with it)."""
-        from .plans import build_plan
+        from .engine.plans import build_plan
 
         return build_plan(self.plan, iteration=iteration, **self.plan_kwargs)
 
 
 def resolve(cfg: Config) -> RunSpec:
     """The `RunSpec` of ``cfg`` (see the module docstring); `ConfigError` on a problem."""
-    from .methods import METHODS
-    from .plans import build_plan
+    from .engine.methods import METHODS
+    from .engine.plans import build_plan
 
     method = cfg.rollout.method
     if method not in METHODS:
@@ -183,7 +183,7 @@ def schedule_rule(plan: str, family: str) -> tuple[str, bool]:
 def _plan_default(plan: str, name: str) -> Any:
     import inspect
 
-    from .plans import PLANS, branch
+    from .engine.plans import PLANS, branch
 
     fn = branch if plan == "branch_mix" else PLANS.get(plan)
     return inspect.signature(fn).parameters[name].default
@@ -310,7 +310,7 @@ def _cached(repo: str, filename: str) -> str | None:
 def plan_params(cfg: Config) -> dict[str, Any]:
     """The plan keyword arguments of the method: its preset, then every rollout field set (the
     config alone; `branchgrpo.spec.resolve` adds the model's schedule and the family's level)."""
-    from .methods import METHODS
+    from .engine.methods import METHODS
 
     m = METHODS.get(cfg.rollout.method)
     params = dict(m.plan_kw)
@@ -324,7 +324,7 @@ def plan_params(cfg: Config) -> dict[str, Any]:
 
 def resolved_rules(cfg: Config) -> tuple[str, str, dict[str, Any]]:
     """(advantage rule, selector, selector kwargs): the method's, overridden by the config."""
-    from .methods import METHODS
+    from .engine.methods import METHODS
 
     m = METHODS.get(cfg.rollout.method)
     rule = cfg.advantage.rule or m.advantage
@@ -346,7 +346,7 @@ def advantage_kw(cfg: Config, rule: str) -> dict[str, Any]:
 
 def clip_eps(cfg: Config) -> float:
     """``train.clip_eps``, or the method's published clip range when it is null."""
-    from .methods import METHODS
+    from .engine.methods import METHODS
 
     if cfg.train.clip_eps is not None:
         return cfg.train.clip_eps

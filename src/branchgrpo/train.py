@@ -34,20 +34,20 @@ from torch import Tensor
 
 from . import dist
 from . import resume as resume_io
-from .advantages import RewardValueError, compute_advantages, zero_std_fraction
 from .config import Config, to_yaml
+from .engine.advantages import RewardValueError, compute_advantages, zero_std_fraction
+from .engine.losses import guard_log_ratio, kl_penalty, policy_loss
+from .engine.policy import select_cond
+from .engine.pruning import select_edges
+from .engine.tree import EdgeBatch, RolloutPlan, Tree, decode_leaves, edge_log_prob, rollout
 from .evaluate import evaluate, group_diversity, image_stats, save_grid, token_period
 from .log import RunLogger, Timer
-from .losses import guard_log_ratio, kl_penalty, policy_loss
-from .models.base import select_cond
 from .models.factory import build_policy, load_prompts
 from .models.families import module_of
 from .plan_report import plan_report
 from .preflight import check_run
-from .pruning import select_edges
 from .rewards import RewardError, RewardSet
 from .spec import RunSpec, advantage_kw, clip_eps, resolve, resolved_rules
-from .tree import EdgeBatch, RolloutPlan, Tree, decode_leaves, edge_log_prob, rollout
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

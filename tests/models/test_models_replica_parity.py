@@ -23,8 +23,8 @@ from models_testlib import (
     run_default_pipeline,
 )
 
+from branchgrpo.engine.sde import ode
 from branchgrpo.models.families import DTYPES, build
-from branchgrpo.sde import ode
 from branchgrpo.spec import resolve
 
 T = 4

@@ -142,12 +142,12 @@ class FluxPolicy(DiffusersPolicy):
         return cls(None, height=height, width=width, transformer=transformer, **kw)
 
     def default_schedule(self) -> dict[str, Any]:
-        """kwargs of `branchgrpo.schedule.make_sigmas` (add num_steps): the FastVideo repos'
+        """kwargs of `branchgrpo.engine.schedule.make_sigmas` (add num_steps): the FastVideo repos'
         shifted schedule (shift 3) by default, or diffusers' "flux_dynamic"."""
         return {"kind": self.schedule, "shift": self.shift, "image_seq_len": self.latent_shape[0]}
 
     def plan_kwargs(self) -> dict[str, Any]:
-        """The same schedule as keyword arguments of `branchgrpo.plans.build_plan`."""
+        """The same schedule as keyword arguments of `branchgrpo.engine.plans.build_plan`."""
         s = self.default_schedule()
         return {"schedule": s["kind"], "shift": s["shift"], "image_seq_len": s["image_seq_len"]}
 
@@ -171,7 +171,7 @@ class FluxPolicy(DiffusersPolicy):
 
     def timestep(self, sigma: Tensor) -> Tensor:
         """The transformer's timestep [N] fp32 from sigma [N] (see the module docstring)."""
-        from ..schedule import transformer_timesteps
+        from ..engine.schedule import transformer_timesteps
 
         return transformer_timesteps(sigma.to(self.device), 1.0, self.quantize_timestep)
 

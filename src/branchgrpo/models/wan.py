@@ -80,7 +80,7 @@ class WanPolicy(ShiftedCFGPolicy):
     def timestep(self, sigma: Tensor) -> Tensor:
         """The transformer's timestep [N] fp32: 1000 sigma, or with ``quantize_timestep`` the
         int64(1000 sigma) of UniPC's grid that WanPipeline passes (999 at sigma 1)."""
-        from ..schedule import UNIPC_SIGMA_MAX, transformer_timesteps
+        from ..engine.schedule import UNIPC_SIGMA_MAX, transformer_timesteps
 
         return transformer_timesteps(sigma.to(self.device), 1000.0, self.quantize_timestep,
                                      UNIPC_SIGMA_MAX)

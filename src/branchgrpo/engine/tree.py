@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from torch import Tensor
 
-from .models.base import Cond, Policy, select_cond
+from .policy import Cond, Policy, select_cond
 from .sde import KERNELS, Reduce, dpm2, ode, transition_log_prob
 
 SOLVERS = ("sde", "ode", "dpm2")
