@@ -195,22 +195,21 @@ def credit(methods: Sequence[str], num_prompts: int, k: int, overrides: Sequence
     from .bench import machine
     from .config import load_config
     from .models.factory import build_policy, load_prompts
-    from .rewards import RewardSet
+    from .scoring import reward_set
     from .spec import advantage_kw, resolve, resolved_rules
 
     base = load_config(None, list(overrides))
     policy = build_policy(base, torch.device("cpu"), progress=progress)
     train_prompts, _ = load_prompts(base)
     prompts = train_prompts[:num_prompts]
-    reward_set = RewardSet(dict(base.reward.weights), dict(base.reward.options),
-                           batch_size=base.reward.batch_size)
+    rewards = reward_set(base)
     rows = []
     t0 = time.perf_counter()
     for m in methods:
         cfg = load_config(None, [*overrides, f"rollout.method={m}"])
         rules = resolved_rules(cfg)
         t = time.perf_counter()
-        row = measure(policy, prompts, m, resolve(cfg).plan_kwargs, reward_set, rules,
+        row = measure(policy, prompts, m, resolve(cfg).plan_kwargs, rewards, rules,
                       advantage_kw(cfg, rules[0]), k=k, seed=seed,
                       max_batch=cfg.rollout.max_batch)
         row["seconds"] = time.perf_counter() - t

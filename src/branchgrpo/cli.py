@@ -150,6 +150,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _serve_reward(args: argparse.Namespace) -> int:
+    from . import scoring  # noqa: F401  (the embedded task's rewards are servable by name)
     from .rewards.server import main as serve_main
 
     return serve_main(args.rest, prog="branchgrpo serve-reward")

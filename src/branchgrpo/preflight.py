@@ -165,7 +165,7 @@ def check_rewards(cfg: Config) -> None:
 
 def _check_source(source: str, key: str, opts: dict) -> None:
     """A registered reward name, ``remote`` with a url, or an importable ``pkg.mod:attr``."""
-    from .rewards import REWARDS
+    from .scoring import REWARDS
 
     if ":" in source:
         from .rewards.base import _import_path

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import dist
+from . import dist, scoring
 from . import resume as resume_io
 from .config import Config, to_yaml
 from .engine.advantages import RewardValueError, compute_advantages, zero_std_fraction
@@ -314,7 +314,7 @@ def setup(cfg: Config, resume: Path | None) -> State:
     if d.enabled and not d.main:
         dist.barrier(d)  # rank 0 fills the model caches first
     policy = build_policy(cfg, device, progress=cfg.log.progress and d.main)
-    judge = _judge(cfg, d.main)
+    judge = scoring.judge(cfg, d.main)
     if d.enabled and d.main:
         dist.barrier(d)
     # Building may have drawn from the global generators or not (the tiny base model is
@@ -335,8 +335,7 @@ def setup(cfg: Config, resume: Path | None) -> State:
         params = [p for p in policy.trainable_parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-    scorers = RewardSet(dict(cfg.reward.weights), dict(cfg.reward.options),
-                        batch_size=cfg.reward.batch_size)
+    scorers = scoring.reward_set(cfg)
     s = State(cfg, run_dir, device, policy, params, opt, sched, scorers, judge,
               train_prompts, eval_prompts,  # a logger that writes nothing until _open_run_dir
               RunLogger(run_dir, tensorboard=False, enabled=False), dist=d,
@@ -500,19 +499,6 @@ class _ema_weights:
         with torch.no_grad():
             for p, v in zip(self.s.params, self.saved, strict=False):
                 p.copy_(v)
-
-
-def _judge(cfg: Config, main: bool = True):
-    if not cfg.reward.judge:
-        return None
-    if cfg.reward.judge == "judge":
-        from .tasks.shapes_reward import ShapesJudge
-
-        return ShapesJudge.cached(Path(cfg.model.cache_dir).expanduser(),
-                                  cfg.log.progress and main)
-    from .rewards import build_reward
-
-    return build_reward(cfg.reward.judge)
 
 
 def _progress(s: State):
