@@ -237,3 +237,30 @@ def _selectors_taking(key: str) -> list[str]:
 def _msg(e: BaseException) -> str:
     """An exception's message without KeyError's quotes."""
     return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
+def check_geometry(cfg: Config, world: int, num_prompts: int) -> int:
+    """Validate the batch over ``world`` ranks and return prompts per rank P; raise
+    ConfigError saying what to change. Trees never straddle ranks, so a group always divides;
+    the global batch (world x P) must divide evenly and fit the prompt set."""
+    gp = cfg.dist.global_prompts
+    p = prompts_per_rank(cfg, world)
+    if p < 1:
+        raise ConfigError(f"{world} ranks leave {p} prompts per rank: every rank needs at least "
+                          "one tree; raise train.prompts_per_iteration (or dist.global_prompts) "
+                          "or use fewer ranks")
+    if world > 1 and world > num_prompts:
+        raise ConfigError(f"{world} ranks > {num_prompts} training prompts: each rank needs its "
+                          f"own prompt; use at most {num_prompts} ranks or give more prompts in "
+                          "data.prompts")
+    if world > 1 and world * p > num_prompts:
+        best = max(1, num_prompts // world)
+        key = "dist.global_prompts" if gp else "train.prompts_per_iteration"
+        to = best * world if gp else best
+        raise ConfigError(f"{world} ranks x {p} prompts = {world * p} > {num_prompts} training "
+                          f"prompts: lower {key} to {to} or give more prompts in data.prompts")
+    if world > 1 and cfg.advantage.combine == "advantage_sum" and len(cfg.reward.weights) > 1:
+        if resolved_rules(cfg)[0] == "prompt_global_std":
+            raise ConfigError("prompt_global_std over ranks gathers one std of the combined "
+                              "reward: set advantage.combine=reward_sum (or run on one rank)")
+    return p

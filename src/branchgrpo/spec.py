@@ -353,6 +353,14 @@ def clip_eps(cfg: Config) -> float:
     return METHODS.get(cfg.rollout.method).clip_eps
 
 
-__all__ = ["RunSpec", "ModelFiles", "resolve", "schedule_rule", "read_model_files",
+__all__ = ["strategy_of", "RunSpec", "ModelFiles", "resolve", "schedule_rule", "read_model_files",
            "FAMILY_DEFAULTS", "FASTVIDEO_PLANS",
            "plan_params", "resolved_rules", "advantage_kw", "clip_eps"]
+
+
+def strategy_of(cfg: Config) -> str:
+    """ddp or fsdp for ``dist.strategy``; auto shards (fsdp) only the full fine-tuning of a
+    real (non-tiny) model, whose replicated weights and Adam states do not fit one device."""
+    if cfg.dist.strategy != "auto":
+        return cfg.dist.strategy
+    return "fsdp" if cfg.model.finetune == "full" and cfg.model.kind != "tiny" else "ddp"

@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import checkpoint as ckpt
 from . import dist, scoring
-from . import resume as resume_io
 from .config import Config, to_yaml
 from .engine.advantages import RewardValueError, compute_advantages, zero_std_fraction
 from .engine.losses import guard_log_ratio, kl_penalty, policy_loss
@@ -45,9 +45,9 @@ from .log import RunLogger, Timer
 from .models.factory import build_policy, load_prompts
 from .models.families import module_of
 from .plan_report import plan_report
-from .preflight import check_run
+from .preflight import check_geometry, check_run
 from .rewards import RewardError, RewardSet
-from .spec import RunSpec, advantage_kw, clip_eps, resolve, resolved_rules
+from .spec import RunSpec, advantage_kw, clip_eps, resolve, resolved_rules, strategy_of
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -126,7 +126,7 @@ def train(cfg: Config, resume: Path | None = None) -> Path:
                 with clock.paused():
                     run_eval(s, f"iter_{s.iteration:04d}")
             if done or s.iteration % cfg.log.checkpoint_every == 0:
-                resume_io.save(s)
+                _save(s)
             if done:
                 break
     finally:
@@ -302,55 +302,66 @@ def _clip_and_step(s: State) -> float:
 def setup(cfg: Config, resume: Path | None) -> State:
     """Build everything; restore the newest checkpoint when resuming. Under torchrun: join
     the process group, check the batch geometry, wrap the policy (DDP / FSDP2)."""
-    device = _device(cfg)
-    d = dist.init(cfg, device)
-    if device.type == "cuda" and d.enabled:
-        device = torch.device("cuda", d.local_rank)
+    d, device = dist.init(_device(cfg), strategy=strategy_of(cfg), backend=cfg.dist.backend,
+                          timeout_minutes=cfg.dist.timeout_minutes)
     run_dir = Path(dist.broadcast(d, str(Path(resume) if resume else _new_run_dir(cfg))))
     train_prompts, eval_prompts = load_prompts(cfg)
-    per_rank = dist.check_geometry(cfg, d.world, len(train_prompts))
-    path = resume_io.pick_checkpoint(cfg, d, run_dir) if resume else None
+    per_rank = check_geometry(cfg, d.world, len(train_prompts))
+    path = ckpt.pick_checkpoint(run_dir, d, cfg.log.checkpoint_every) if resume else None
     torch.manual_seed(cfg.train.seed)
-    if d.enabled and not d.main:
-        dist.barrier(d)  # rank 0 fills the model caches first
-    policy = build_policy(cfg, device, progress=cfg.log.progress and d.main)
-    judge = scoring.judge(cfg, d.main)
-    if d.enabled and d.main:
-        dist.barrier(d)
+    with dist.main_first(d):  # rank 0 fills the model caches first
+        policy = build_policy(cfg, device, progress=cfg.log.progress and d.main)
+        judge = scoring.judge(cfg, d.main)
     # Building may have drawn from the global generators or not (the tiny base model is
     # pretrained on first use, loaded from the cache after): a run must not depend on which.
     torch.manual_seed(cfg.train.seed)
     names = {id(p): n for n, p in module_of(policy).named_parameters()}
-    params = [p for p in policy.trainable_parameters()]
-    param_names = [names[id(p)] for p in params]
-    keep = {id(p) for p in params}
+    param_names = [names[id(p)] for p in policy.trainable_parameters()]
+    keep = {id(p) for p in policy.trainable_parameters()}
     for p in module_of(policy).parameters():
         p.requires_grad_(id(p) in keep)
-    reference = None
-    if d.enabled:  # wrap before the optimizer: FSDP2 replaces parameters by DTensors
-        if cfg.train.kl_coef > 0:
-            reference = copy.deepcopy(policy).requires_grad_(False)
-            dist.wrap(reference, d, cfg, trainable=False)
-        dist.wrap(policy, d, cfg)
-        params = [p for p in policy.trainable_parameters()]
+    reference = copy.deepcopy(policy).requires_grad_(False) if cfg.train.kl_coef > 0 else None
+    wrap = {"bf16": cfg.model.dtype == "bf16", "cpu_offload": cfg.dist.cpu_offload,
+            "find_unused_parameters": cfg.dist.find_unused_parameters}
+    dist.wrap(reference, d, trainable=False, **wrap)  # before the optimizer: FSDP2 replaces
+    dist.wrap(policy, d, **wrap)  # parameters by DTensors
+    params = list(policy.trainable_parameters())
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-    scorers = scoring.reward_set(cfg)
-    s = State(cfg, run_dir, device, policy, params, opt, sched, scorers, judge,
+    s = State(cfg, run_dir, device, policy, params, opt, sched, scoring.reward_set(cfg), judge,
               train_prompts, eval_prompts,  # a logger that writes nothing until _open_run_dir
               RunLogger(run_dir, tensorboard=False, enabled=False), dist=d,
-              prompts_per_rank=per_rank, param_names=param_names, spec=resolve(cfg))
+              prompts_per_rank=per_rank, param_names=param_names, spec=resolve(cfg),
+              reference=reference)
     if cfg.train.ema_decay > 0:
         s.ema = [p.detach().clone() for p in params]
-    if cfg.train.kl_coef > 0:
-        s.reference = reference or copy.deepcopy(policy).requires_grad_(False)
-    _open_run_dir(s, resume_io.restore(s, path) if path else None)
-    if d.main:
-        print(f"run directory: {run_dir}\n{to_yaml(cfg)}", flush=True)
-        if d.enabled:
-            print(f"distributed: {d.world} ranks, {d.strategy}, {per_rank} prompts per rank "
-                  f"({d.world * per_rank} per iteration)", flush=True)
+    _open_run_dir(s, _restore(s, path) if path else None)
+    dist.print0(d, f"run directory: {run_dir}\n{to_yaml(cfg)}")
+    if d.enabled:
+        dist.print0(d, f"distributed: {d.world} ranks, {d.strategy}, {per_rank} prompts per "
+                    f"rank ({d.world * per_rank} per iteration)")
     return s
+
+
+def _trained(s: State) -> ckpt.Trained:
+    """The parts of ``s`` a checkpoint holds."""
+    return ckpt.Trained(module_of(s.policy), s.optimizer, s.scheduler, s.params, s.param_names,
+                        s.ema, s.device)
+
+
+def _save(s: State) -> None:
+    """Checkpoint the finished iteration ``s.iteration`` (format: `branchgrpo.checkpoint`)."""
+    meta = {"elapsed": s.elapsed, "metrics_lines": s.logger.lines(), "config": to_yaml(s.cfg),
+            "extra": s.extra, "world": s.dist.world}
+    ckpt.save(s.run_dir, s.iteration, _trained(s), meta, s.cfg.log.keep_last, s.dist)
+
+
+def _restore(s: State, path: Path) -> dict:
+    """Resume ``s`` from the checkpoint at ``path``: weights, optimizer, EMA, LR schedule, RNG,
+    iteration, training clock and ``extra``. Returns the checkpoint's metadata."""
+    st = ckpt.restore(path, _trained(s), s.dist)
+    s.iteration, s.elapsed, s.extra = st["iteration"], st["elapsed"], st["extra"]
+    return st
 
 
 def _open_run_dir(s: State, restored: dict | None) -> None:

@@ -9,8 +9,7 @@ import torch
 
 from branchgrpo import checkpoint as ckpt
 from branchgrpo.config import ConfigError, load_config
-from branchgrpo.dist import check_geometry
-from branchgrpo.preflight import check_run
+from branchgrpo.preflight import check_geometry, check_run
 
 from .conftest import run, run_until, small_args
 

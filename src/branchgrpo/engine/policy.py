@@ -2,7 +2,7 @@
 
 A policy is any object with these members; there is no base class to inherit. LoRA, EMA,
 FSDP and checkpoint I/O stay off the policy (``models/lora.py``, ``train.py``, ``dist.py``,
-``resume.py``).
+``checkpoint.py``).
 
 Conventions (docs/algorithms.md §1.1): rectified flow, ``x_sigma = (1 - sigma) x0 + sigma eps``,
 velocity target ``v = eps - x0``; generation runs sigma 1 -> 0.
