@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from branchgrpo.bench_credit import continuation, measure, node_values
+from branchgrpo.bench.credit import continuation, measure, node_values
 from branchgrpo.engine.plans import build_plan
 from branchgrpo.engine.tree import rollout
 from branchgrpo.models.analytic import GaussianPolicy

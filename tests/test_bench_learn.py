@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from branchgrpo.bench_learn import Run, crossing, curve
+from branchgrpo.bench.learn import Run, crossing, curve
 from branchgrpo.cli import main
 from branchgrpo.config import ConfigError, load_config
 from branchgrpo.log import read_metrics

@@ -315,6 +315,26 @@ def setup(cfg: Config, resume: Path | None) -> State:
     # Building may have drawn from the global generators or not (the tiny base model is
     # pretrained on first use, loaded from the cache after): a run must not depend on which.
     torch.manual_seed(cfg.train.seed)
+    s = assemble(cfg, policy, device, (train_prompts, eval_prompts), run_dir, d=d, judge=judge,
+                 prompts_per_rank=per_rank)
+    _open_run_dir(s, _restore(s, path) if path else None)
+    dist.print0(d, f"run directory: {run_dir}\n{to_yaml(cfg)}")
+    if d.enabled:
+        dist.print0(d, f"distributed: {d.world} ranks, {d.strategy}, {per_rank} prompts per "
+                    f"rank ({d.world * per_rank} per iteration)")
+    return s
+
+
+def assemble(cfg: Config, policy: Any, device: torch.device, prompts: tuple[list[str], list[str]],
+             run_dir: Path, *, d: dist.Dist | None = None, judge: Any = None,
+             prompts_per_rank: int | None = None) -> State:
+    """The loop's `State` around a built ``policy``: trainable parameters by name, the KL
+    reference, DDP / FSDP2 wrapping (under torchrun), AdamW, the LR schedule, the rewards of
+    ``cfg.reward``, EMA. ``prompts``: (training, held-out). Writes nothing (`setup` opens the
+    run directory); `branchgrpo.bench` times `iteration` on states built here."""
+    d = d or dist.Dist()
+    if prompts_per_rank is None:
+        prompts_per_rank = check_geometry(cfg, d.world, len(prompts[0]))
     names = {id(p): n for n, p in module_of(policy).named_parameters()}
     param_names = [names[id(p)] for p in policy.trainable_parameters()]
     keep = {id(p) for p in policy.trainable_parameters()}
@@ -329,17 +349,12 @@ def setup(cfg: Config, resume: Path | None) -> State:
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     s = State(cfg, run_dir, device, policy, params, opt, sched, scoring.reward_set(cfg), judge,
-              train_prompts, eval_prompts,  # a logger that writes nothing until _open_run_dir
+              *prompts,  # a logger that writes nothing until _open_run_dir
               RunLogger(run_dir, tensorboard=False, enabled=False), dist=d,
-              prompts_per_rank=per_rank, param_names=param_names, spec=resolve(cfg),
+              prompts_per_rank=prompts_per_rank, param_names=param_names, spec=resolve(cfg),
               reference=reference)
     if cfg.train.ema_decay > 0:
         s.ema = [p.detach().clone() for p in params]
-    _open_run_dir(s, _restore(s, path) if path else None)
-    dist.print0(d, f"run directory: {run_dir}\n{to_yaml(cfg)}")
-    if d.enabled:
-        dist.print0(d, f"distributed: {d.world} ranks, {d.strategy}, {per_rank} prompts per "
-                    f"rank ({d.world * per_rank} per iteration)")
     return s
 
 

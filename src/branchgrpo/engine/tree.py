@@ -372,7 +372,7 @@ def rollout(
     ``generator`` draws all noise (root and SDE), on ``device`` (default: the cond's device).
     ``keep_mean`` stores each edge's rollout mean (needed by the GRPO-Guard ratio).
     ``x_start`` [num_trees * plan.roots, *D]: the root latents at the plan's first sigma instead
-    of drawn noise (continuing from intermediate states, e.g. `branchgrpo.bench_credit`)."""
+    of drawn noise (continuing from intermediate states, e.g. `branchgrpo.bench.credit`)."""
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     first = next(iter(cond.values()))
