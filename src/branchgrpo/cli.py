@@ -28,6 +28,7 @@ commands:
   bench iteration every method's rollout/reward/update time on one policy, vs DanceGRPO
   bench learn     every method's held-out judge vs training time on the embedded default
   bench credit    how much of each trained edge's advantage its own action earned
+  bench reward-server  load, batching and fault tests of the reward server
 """
 
 
@@ -161,6 +162,12 @@ settings, e.g. data.eval_samples=128 or train.lr=1e-4.
 """
 
 
+def _bench_reward_server(args: argparse.Namespace) -> int:
+    from .rewards.loadtest import main as loadtest_main
+
+    return loadtest_main(args.rest, prog="branchgrpo bench reward-server")
+
+
 def _bench(name: str) -> Callable[[argparse.Namespace], int]:
     """``bench <name>``: `branchgrpo.bench.<name>.command`, imported when it runs."""
 
@@ -267,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default ./bench_learn; its runs/ are overwritten)")
     le.add_argument("--quick", action="store_true", help="a one-minute pipeline check (CI)")
     le.set_defaults(fn=_bench("learn"))
+    # as serve-reward: every argument, --help included, goes to rewards.loadtest.main
+    lt = bsub.add_parser("reward-server", help="load and fault tests of the reward server "
+                         "(docs/benchmarks/reward_server.md)", add_help=False, prefix_chars="+")
+    lt.add_argument("rest", nargs=argparse.REMAINDER)
+    lt.set_defaults(fn=_bench_reward_server)
     cr = bsub.add_parser("credit", help="how much of each trained edge's advantage its own "
                          "action earned (per method)", description=CREDIT_HELP,
                          formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -141,6 +141,22 @@ def wrap(policy: Any, d: Dist, *, trainable: bool = True, bf16: bool = False,
     fully_shard(inner, **kw)
 
 
+@contextmanager
+def unwrapped(policy: Any) -> Iterator[Any]:
+    """``policy`` with its DDP-wrapped transformer swapped back for the inner module for the
+    block (e.g. to export its LoRA through the module's own API); otherwise as it is."""
+    inner = getattr(policy, "transformer", None)
+    module = getattr(inner, "module", None)
+    if not isinstance(module, nn.Module) or not hasattr(inner, "no_sync"):
+        yield policy
+        return
+    policy.transformer = module
+    try:
+        yield policy
+    finally:
+        policy.transformer = inner
+
+
 def transformer_blocks(module: nn.Module) -> list[nn.Module]:
     """The repeated blocks FSDP shards one by one: the items of the module's ModuleLists
     (diffusers: ``transformer_blocks``, ``single_transformer_blocks``, ``blocks``)."""

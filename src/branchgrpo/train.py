@@ -132,6 +132,7 @@ def train(cfg: Config, resume: Path | None = None) -> Path:
     finally:
         bar.close()
     run_eval(s, "after")
+    export_lora(s)
     s.logger.close()
     if main:
         from .report import write_report
@@ -140,6 +141,28 @@ def train(cfg: Config, resume: Path | None = None) -> Path:
     dist.barrier(s.dist)
     dist.close(s.dist)
     return s.run_dir
+
+
+def export_lora(s: State) -> Path | None:
+    """A run trained with LoRA (``model.finetune=lora`` on a diffusers family) leaves its
+    adapter under ``RUN/lora/`` in the diffusers format, EMA weights when kept (as ``branchgrpo
+    sample`` uses), so ``pipeline.load_lora_weights("RUN/lora")`` loads it. Full fine-tuning
+    (the embedded tiny default included) writes nothing here: its trained weights are the
+    checkpoint's ``model.safetensors``. Under FSDP the sharded adapter stays in the checkpoint."""
+    from .models.lora import save_lora
+
+    with dist.unwrapped(s.policy) as policy, _ema_weights(s):
+        if not getattr(getattr(policy, "transformer", None), "peft_config", None):
+            return None
+        if s.dist.strategy == "fsdp":
+            dist.print0(s.dist, "note: LoRA export under FSDP is not supported; the adapter is "
+                        "in the checkpoint")
+            return None
+        out = s.run_dir / "lora"
+        if s.dist.main:
+            save_lora(policy, out)
+        dist.barrier(s.dist)
+        return out
 
 
 class _Clock:

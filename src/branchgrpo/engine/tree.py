@@ -21,7 +21,7 @@ log-prob uses the std actually sampled with, lambda * std (docs/algorithms.md §
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
@@ -191,10 +191,6 @@ class Tree:
         return int(self.parent.numel())
 
     @property
-    def num_trees(self) -> int:
-        return int(self.group.max().item()) + 1
-
-    @property
     def leaf_ids(self) -> Tensor:
         """Node ids of the leaves [L], ascending."""
         return self.leaf.nonzero().squeeze(1)
@@ -203,11 +199,6 @@ class Tree:
     def edge_mask(self) -> Tensor:
         """Nodes that have an incoming edge [N] bool."""
         return self.parent >= 0
-
-    def to(self, device: torch.device | str) -> Tree:
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return replace(self, **{k: v.to(device) if isinstance(v, Tensor) else v
-                                for k, v in moved.items()})
 
     def edges(self, select: Tensor | None = None, adv: Tensor | None = None) -> EdgeBatch:
         """The edges into the nodes where ``select`` [N] is True (default: every SDE edge), with
@@ -262,10 +253,6 @@ class EdgeBatch:
         """A sub-batch (minibatch or shuffle) by edge index [e]."""
         return EdgeBatch(**{f.name: (None if getattr(self, f.name) is None
                                      else getattr(self, f.name)[idx]) for f in fields(self)})
-
-    def to(self, device: torch.device | str) -> EdgeBatch:
-        return EdgeBatch(**{f.name: (None if getattr(self, f.name) is None
-                                     else getattr(self, f.name).to(device)) for f in fields(self)})
 
 
 def transition(
