@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 TABLE_DEFAULT = Path(__file__).resolve().parents[2] / "docs" / "recipes.md"
 DESCRIPTION = """\
@@ -177,55 +178,8 @@ def _bench(name: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="branchgrpo", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
-    tr = sub.add_parser("train", help="train a policy (default: the embedded shapes task)",
-                        description="Train with a config: schema defaults <- CONFIG (YAML "
-                        "overrides) <- key.sub=value arguments. See --help-config for keys.")
-    tr.add_argument("rest", nargs="*", metavar="[CONFIG] [key=value ...]",
-                    help="optional YAML file, then overrides like train.iterations=10")
-    tr.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest "
-                    "checkpoint (overrides still apply, e.g. train.iterations=100)")
-    tr.add_argument("--help-config", action="store_true", help="list every config key")
-    tr.set_defaults(fn=_train)
-    pl = sub.add_parser("plan", help="show the resolved run without loading weights",
-                        description="The run a config resolves to, with the checkpoint's "
-                        "schedule (its config files only): sigmas, timesteps, kernel, level, "
-                        "branch factors, forwards/edges/leaves, batch geometry (WORLD_SIZE), "
-                        "dtypes.")
-    pl.add_argument("rest", nargs="*", metavar="[CONFIG] [key=value ...]",
-                    help="optional YAML file, then overrides like rollout.method=dance")
-    pl.add_argument("--json", action="store_true", help="print one JSON object")
-    pl.set_defaults(fn=_plan)
-    rc = sub.add_parser("recipes", help="paper configs beside the published values",
-                        description="Resolve every configs/*.yaml (no weights) and write a "
-                        "table per config beside the published values of docs/published.json.")
-    rc.add_argument("--check", action="store_true", help="write nothing; exit 1 if the table "
-                    "is stale or a value differs from the published one without a note")
-    rc.add_argument("--out", default=str(TABLE_DEFAULT), help="the table (default: "
-                    "docs/recipes.md of this checkout)")
-    rc.set_defaults(fn=_recipes)
-    sa = sub.add_parser("sample", help="write images from a checkpoint")
-    sa.add_argument("checkpoint", help="a checkpoint file or a run directory (newest one)")
-    sa.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
-    sa.add_argument("--n", type=int, default=4, help="images per prompt")
-    sa.add_argument("--out", default=None, help="output folder (default: a new "
-                    "samples/sample_NNN folder of the run directory)")
-    sa.add_argument("--seed", type=int, default=0, help="noise seed")
-    sa.set_defaults(fn=_sample)
-    ev = sub.add_parser("eval", help="score held-out prompts with every configured reward")
-    ev.add_argument("target", help="a run directory or a checkpoint file")
-    ev.add_argument("--samples", type=int, default=0, help="images (0: the config's)")
-    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    ev.set_defaults(fn=_eval)
-    # every argument, --help included, goes to rewards.server.main, which parses it (options
-    # before or after the names); prefix "+" keeps this parser from claiming "--port" itself
-    se = sub.add_parser("serve-reward", help="serve rewards over HTTP", add_help=False,
-                        prefix_chars="+")
-    se.add_argument("rest", nargs=argparse.REMAINDER)
-    se.set_defaults(fn=_serve_reward)
+def _add_bench(sub: Any) -> None:
+    """``bench nfe | rollout | iteration | learn | reward-server | credit``."""
     bench = sub.add_parser("bench", help="benchmarks of the rollout engine and the methods")
     bsub = bench.add_subparsers(dest="bench", required=True)
     nfe = bsub.add_parser("nfe", help="forwards, edges and trained edges per tree, per method")
@@ -292,6 +246,59 @@ def build_parser() -> argparse.ArgumentParser:
     cr.add_argument("--seed", type=int, default=0, help="rollout and continuation seed")
     cr.add_argument("--out", default="bench_credit", metavar="DIR", help="output folder")
     cr.set_defaults(fn=_bench("credit"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every command and its options."""
+    p = argparse.ArgumentParser(prog="branchgrpo", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train a policy (default: the embedded shapes task)",
+                        description="Train with a config: schema defaults <- CONFIG (YAML "
+                        "overrides) <- key.sub=value arguments. See --help-config for keys.")
+    tr.add_argument("rest", nargs="*", metavar="[CONFIG] [key=value ...]",
+                    help="optional YAML file, then overrides like train.iterations=10")
+    tr.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest "
+                    "checkpoint (overrides still apply, e.g. train.iterations=100)")
+    tr.add_argument("--help-config", action="store_true", help="list every config key")
+    tr.set_defaults(fn=_train)
+    pl = sub.add_parser("plan", help="show the resolved run without loading weights",
+                        description="The run a config resolves to, with the checkpoint's "
+                        "schedule (its config files only): sigmas, timesteps, kernel, level, "
+                        "branch factors, forwards/edges/leaves, batch geometry (WORLD_SIZE), "
+                        "dtypes.")
+    pl.add_argument("rest", nargs="*", metavar="[CONFIG] [key=value ...]",
+                    help="optional YAML file, then overrides like rollout.method=dance")
+    pl.add_argument("--json", action="store_true", help="print one JSON object")
+    pl.set_defaults(fn=_plan)
+    rc = sub.add_parser("recipes", help="paper configs beside the published values",
+                        description="Resolve every configs/*.yaml (no weights) and write a "
+                        "table per config beside the published values of docs/published.json.")
+    rc.add_argument("--check", action="store_true", help="write nothing; exit 1 if the table "
+                    "is stale or a value differs from the published one without a note")
+    rc.add_argument("--out", default=str(TABLE_DEFAULT), help="the table (default: "
+                    "docs/recipes.md of this checkout)")
+    rc.set_defaults(fn=_recipes)
+    sa = sub.add_parser("sample", help="write images from a checkpoint")
+    sa.add_argument("checkpoint", help="a checkpoint file or a run directory (newest one)")
+    sa.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
+    sa.add_argument("--n", type=int, default=4, help="images per prompt")
+    sa.add_argument("--out", default=None, help="output folder (default: a new "
+                    "samples/sample_NNN folder of the run directory)")
+    sa.add_argument("--seed", type=int, default=0, help="noise seed")
+    sa.set_defaults(fn=_sample)
+    ev = sub.add_parser("eval", help="score held-out prompts with every configured reward")
+    ev.add_argument("target", help="a run directory or a checkpoint file")
+    ev.add_argument("--samples", type=int, default=0, help="images (0: the config's)")
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ev.set_defaults(fn=_eval)
+    # every argument, --help included, goes to rewards.server.main, which parses it (options
+    # before or after the names); prefix "+" keeps this parser from claiming "--port" itself
+    se = sub.add_parser("serve-reward", help="serve rewards over HTTP", add_help=False,
+                        prefix_chars="+")
+    se.add_argument("rest", nargs=argparse.REMAINDER)
+    se.set_defaults(fn=_serve_reward)
+    _add_bench(sub)
     return p
 
 

@@ -81,7 +81,7 @@ def iteration_table(policy: Policy, prompts: Sequence[str], reward: Callable | N
     from tqdm import tqdm
 
     device = next(iter(policy.encode(list(prompts[:1])).values())).device
-    run_dir = Path(tempfile.mkdtemp(prefix="bench_iteration_"))  # nothing is written there
+    run_dir = Path(tempfile.gettempdir())  # a state's logger is off: nothing is written there
 
     def best(name: str, warm_up: bool, mb: int, chunk: int) -> IterationTiming:
         """The fastest of ``repeats`` timed iterations of ``name`` (after one untimed)."""

@@ -360,6 +360,9 @@ def rollout(
     ``keep_mean`` stores each edge's rollout mean (needed by the GRPO-Guard ratio).
     ``x_start`` [num_trees * plan.roots, *D]: the root latents at the plan's first sigma instead
     of drawn noise (continuing from intermediate states, e.g. `branchgrpo.bench.credit`)."""
+    # One function, 80+ lines: the walk over grid indices keeps the frontier, the builder and the
+    # noise draws in one place, so the order of generator draws (which makes a tree independent
+    # of max_batch) is visible at a glance; helpers would scatter that shared state.
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     first = next(iter(cond.values()))
