@@ -260,7 +260,7 @@ def update(s: State, edges: EdgeBatch, cond: dict, plan: RolloutPlan) -> dict[st
     if min(counts) < cfg.train.updates_per_rollout:
         raise TrainingStopped(f"{min(counts)} trained edges < train.updates_per_rollout="
                               f"{cfg.train.updates_per_rollout}")
-    if s.dist.strategy == "fsdp" and len(set(counts)) > 1:
+    if not dist.same_work(s.dist, counts):
         raise TrainingStopped(f"ranks selected different edge counts {counts}; FSDP needs the "
                               "same forwards on every rank: use a selection with a fixed count")
     perm = torch.randperm(n, generator=seeded(cfg.train.seed, s.iteration, s.purpose("shuffle")))
