@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from ..config import load_config
+from ..config import Config, load_config
 from ..engine.policy import Policy
 from ..rewards import RewardSet
 from ..train import assemble, iteration
@@ -57,7 +57,7 @@ def timing(method: str, metrics: dict[str, float]) -> IterationTiming:
                            int(metrics["tree/trained_edges"]), **sec)
 
 
-def method_config(method: str, prompts: int, overrides: Sequence[str] = ()) -> Any:
+def method_config(method: str, prompts: int, overrides: Sequence[str] = ()) -> Config:
     """The config a method's bench iteration runs: the embedded default (or ``overrides``)
     with ``rollout.method=<method>``, ``prompts`` trees and one optimizer step per rollout."""
     return load_config(None, [*overrides, f"rollout.method={method}",
