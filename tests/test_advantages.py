@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from branchgrpo.advantages import (
+from branchgrpo.engine.advantages import (
     RewardValueError,
     compute_advantages,
     fuse,
@@ -11,9 +11,9 @@ from branchgrpo.advantages import (
     normalize,
     zero_std_fraction,
 )
+from branchgrpo.engine.plans import build_plan
+from branchgrpo.engine.tree import rollout
 from branchgrpo.models.analytic import GaussianPolicy
-from branchgrpo.plans import build_plan
-from branchgrpo.tree import rollout
 
 R = torch.tensor([1.0, 2.0, 3.0, 5.0])
 
@@ -106,7 +106,7 @@ def test_g2rpo_multi_granularity_sum_by_hand():
     adv = g2rpo_advantage(tree, r)
     kids = (tree.sde).nonzero().squeeze(1)
     assert len(kids) == 2
-    from branchgrpo.advantages import sde_ancestor
+    from branchgrpo.engine.advantages import sde_ancestor
 
     anc = sde_ancestor(tree)[lids]
     total = 0.0

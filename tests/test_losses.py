@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from branchgrpo.losses import (
+from branchgrpo.engine.losses import (
     KL_KINDS,
     clipped_surrogate,
     flow_grpo_kl_std,
@@ -12,10 +12,10 @@ from branchgrpo.losses import (
     kl_x_flow_grpo,
     policy_loss,
 )
+from branchgrpo.engine.plans import build_plan
+from branchgrpo.engine.sde import flow_sde, log_prob
+from branchgrpo.engine.tree import edge_log_prob, rollout
 from branchgrpo.models.analytic import GaussianPolicy
-from branchgrpo.plans import build_plan
-from branchgrpo.sde import flow_sde, log_prob
-from branchgrpo.tree import edge_log_prob, rollout
 
 
 def test_clipped_surrogate_by_hand():

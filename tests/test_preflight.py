@@ -10,14 +10,14 @@ import torch
 
 from branchgrpo import cli
 from branchgrpo.config import ConfigError, load_config
+from branchgrpo.engine.methods import METHODS
+from branchgrpo.engine.plans import build_plan
+from branchgrpo.engine.tree import rollout
 from branchgrpo.evaluate import evaluate
 from branchgrpo.log import RunLogger, read_metrics
-from branchgrpo.methods import METHODS
 from branchgrpo.models.analytic import GaussianPolicy
-from branchgrpo.plans import build_plan
 from branchgrpo.preflight import MAX_LEAVES, check_run
 from branchgrpo.rewards import RewardError
-from branchgrpo.tree import rollout
 
 BAD = [
     (["reward.weights={nope: 1}"], "reward.weights.nope: unknown reward 'nope'"),

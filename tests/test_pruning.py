@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from branchgrpo.advantages import compute_advantages
+from branchgrpo.engine.advantages import compute_advantages
+from branchgrpo.engine.plans import build_plan
+from branchgrpo.engine.pruning import leaf_count, select_edges
+from branchgrpo.engine.tree import rollout
 from branchgrpo.models.analytic import GaussianPolicy
-from branchgrpo.plans import build_plan
-from branchgrpo.pruning import leaf_count, select_edges
-from branchgrpo.tree import rollout
 
 
 @pytest.fixture(scope="module")

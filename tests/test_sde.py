@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from branchgrpo.schedule import flux_dynamic, flux_mu, make_sigmas, shifted
-from branchgrpo.sde import KERNELS, cps_log_prob, dpm2, log_prob, ode
+from branchgrpo.engine.schedule import flux_dynamic, flux_mu, make_sigmas, shifted
+from branchgrpo.engine.sde import KERNELS, cps_log_prob, dpm2, log_prob, ode
 
 
 def _inputs(n=5, d=(3, 4), seed=0):

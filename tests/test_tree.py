@@ -5,13 +5,13 @@ import sys
 import pytest
 import torch
 
-from branchgrpo.advantages import compute_advantages
-from branchgrpo.methods import METHODS
+from branchgrpo.engine.advantages import compute_advantages
+from branchgrpo.engine.methods import METHODS
+from branchgrpo.engine.plans import PLANS, build_plan
+from branchgrpo.engine.schedule import shifted
+from branchgrpo.engine.sde import log_prob
+from branchgrpo.engine.tree import Fork, Lane, RolloutPlan, chain_plan, edge_log_prob, rollout
 from branchgrpo.models.analytic import GaussianPolicy
-from branchgrpo.plans import PLANS, build_plan
-from branchgrpo.schedule import shifted
-from branchgrpo.sde import log_prob
-from branchgrpo.tree import Fork, Lane, RolloutPlan, chain_plan, edge_log_prob, rollout
 
 SMALL = {
     "dance": {"num_steps": 6, "group_size": 3},

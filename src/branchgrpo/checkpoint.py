@@ -24,6 +24,11 @@ allow-list of DCP's own metadata classes (`branchgrpo.checkpoint_dcp`), and old 
 ``iter_NNNNNN.pt`` checkpoints, through ``torch.load(weights_only=True)`` with only numpy's
 array globals allowed (for the numpy RNG state): no file can run code. `load_checkpoint`
 reads every format into the same plain dict.
+
+A run saves and resumes through `save`, `pick_checkpoint` and `restore`, which map a run's
+`Trained` parts (module, optimizer, LR schedule, EMA) onto these files for one process or
+torchrun (DDP / FSDP2; the DCP side is `branchgrpo.checkpoint_dcp`). Restoring writes
+nothing: the caller opens the run directory only once a checkpoint has loaded.
 """
 
 from __future__ import annotations
@@ -33,13 +38,17 @@ import json
 import os
 import random
 import shutil
+import sys
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from . import dist
 
 FORMAT = "branchgrpo-checkpoint"
 VERSION = 1
@@ -158,7 +167,7 @@ def _rng_from_disk(tensors: dict[str, Tensor], js: dict[str, Any]) -> dict[str, 
     return s
 
 
-def _split_optimizer(sd: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+def split_optimizer(sd: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """A name-keyed optimizer state dict as (tensor state {name: {key: tensor}}, JSON part:
     param groups and non-tensor state)."""
     tensors = {n: {k: v for k, v in st.items() if isinstance(v, Tensor)}
@@ -170,7 +179,7 @@ def _split_optimizer(sd: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dic
 
 
 def join_optimizer(tensors: dict[str, dict[str, Tensor]], js: dict[str, Any]) -> dict[str, Any]:
-    """Inverse of `_split_optimizer` (JSON lists in param groups, e.g. betas, become tuples)."""
+    """Inverse of `split_optimizer` (JSON lists in param groups, e.g. betas, become tuples)."""
     state = {n: {**v, **js["state"].get(n, {})} for n, v in tensors.items()}
     groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v)
                for k, v in g.items()} for g in js["param_groups"]]
@@ -211,7 +220,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_extras(folder: Path, meta: dict[str, Any], optim_js: dict[str, Any]) -> None:
+def write_extras(folder: Path, meta: dict[str, Any], optim_js: dict[str, Any]) -> None:
     """``rng.safetensors``, ``meta.json`` and, last, ``manifest.json`` over every file."""
     tensors, rng_js = _rng_to_disk(rng_state())
     _write_tensors(tensors, folder / RNG)
@@ -225,7 +234,7 @@ def _write_extras(folder: Path, meta: dict[str, Any], optim_js: dict[str, Any]) 
     _fsync(folder)
 
 
-def _publish(tmp: Path, path: Path, keep_last: int) -> None:
+def publish(tmp: Path, path: Path, keep_last: int) -> None:
     """Rename the finished temp folder to ``path`` and prune."""
     shutil.rmtree(path, ignore_errors=True)
     if path.with_suffix(".pt").is_file():  # an old-format checkpoint of the same iteration
@@ -235,7 +244,7 @@ def _publish(tmp: Path, path: Path, keep_last: int) -> None:
     prune(path.parent, keep_last)
 
 
-def _temp_folder(run_dir: Path, iteration: int) -> tuple[Path, Path]:
+def temp_folder(run_dir: Path, iteration: int) -> tuple[Path, Path]:
     folder = Path(run_dir) / "checkpoints"
     return folder / f"iter_{iteration:06d}", folder / f"iter_{iteration:06d}.tmp"
 
@@ -246,47 +255,17 @@ def save_checkpoint(run_dir: Path, iteration: int, meta: dict[str, Any],
     """One process: write ``checkpoints/iter_<iteration>/`` (see the module docstring) and
     keep the newest ``keep_last`` intact checkpoints. ``optimizer``: a name-keyed state dict
     (`optimizer_by_name`); ``meta``: JSON-safe (iteration, scheduler, config, ...)."""
-    path, tmp = _temp_folder(run_dir, iteration)
+    path, tmp = temp_folder(run_dir, iteration)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    state, optim_js = _split_optimizer(optimizer)
+    state, optim_js = split_optimizer(optimizer)
     _write_tensors(model, tmp / MODEL)
     _write_tensors({f"{n}/{k}": v for n, st in state.items() for k, v in st.items()},
                    tmp / OPTIMIZER)
     if ema is not None:
         _write_tensors(ema, tmp / EMA)
-    _write_extras(tmp, {**meta, "layout": "safetensors", "has_ema": ema is not None}, optim_js)
-    _publish(tmp, path, keep_last)
-    return path
-
-
-def save_distributed(run_dir: Path, iteration: int, meta: dict[str, Any],
-                     model: dict[str, Any], optimizer: dict[str, Any],
-                     ema: dict[str, Any] | None, keep_last: int, main: bool) -> Path:
-    """Collective: every rank writes its shards of ``model`` / ``optimizer`` (name-keyed, as
-    `get_state_dict` gives them; DTensors or replicated tensors) / ``ema`` with DCP into
-    ``iter_<iteration>.tmp/``; rank 0 (``main``) adds ``rng.safetensors``, ``meta.json`` and
-    the manifest, renames the folder after a barrier and prunes; a second barrier makes the
-    result visible to every rank. Only tensors go through DCP (it pickles anything else)."""
-    import torch.distributed as td
-    import torch.distributed.checkpoint as dcp
-
-    path, tmp = _temp_folder(run_dir, iteration)
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    td.barrier()
-    state, optim_js = _split_optimizer(optimizer)
-    tensors: dict[str, Any] = {"model": model, "optim": {"state": state}}
-    if ema is not None:
-        tensors["ema"] = ema
-    dcp.save(tensors, checkpoint_id=str(tmp))
-    if main:
-        _write_extras(tmp, {**meta, "layout": "dcp", "has_ema": ema is not None}, optim_js)
-    td.barrier()
-    if main:
-        _publish(tmp, path, keep_last)
-    td.barrier()
+    write_extras(tmp, {**meta, "layout": "safetensors", "has_ema": ema is not None}, optim_js)
+    publish(tmp, path, keep_last)
     return path
 
 
@@ -519,3 +498,103 @@ def _load_legacy(path: Path) -> dict[str, Any]:
 def shapes(tensors: Iterable[tuple[str, Any]]) -> dict[str, torch.Size]:
     """{name: shape} of (name, tensor) pairs (global shapes for DTensors)."""
     return {k: torch.Size(v.shape) for k, v in tensors}
+
+
+# ----------------------------------------------------------------------------- a run
+@dataclass
+class Trained:
+    """The parts of a run a checkpoint saves and restores: ``module`` (the unwrapped module
+    holding the trained parameters, `branchgrpo.models.families.module_of`), the optimizer
+    over ``params`` (named ``names``), its LR schedule and the EMA copies of ``params`` (or
+    None); ``device``: where the EMA lives."""
+
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    params: list[Tensor]
+    names: list[str]
+    ema: list[Tensor] | None
+    device: torch.device
+
+    def shapes(self) -> dict[str, torch.Size]:
+        return dict(zip(self.names, (torch.Size(p.shape) for p in self.params), strict=True))
+
+
+def save(run_dir: Path, iteration: int, t: Trained, meta: dict[str, Any], keep_last: int,
+         d: dist.Dist) -> Path:
+    """Write the checkpoint of ``iteration`` (collective under torchrun: DCP shards, see the
+    module docstring); ``meta``: the run's JSON-safe state (clock, config, metrics lines,
+    ...), to which the LR schedule and parameter names are added."""
+    meta = {"iteration": iteration, **meta, "scheduler": t.scheduler.state_dict(),
+            "param_names": t.names}
+    ema = None if t.ema is None else dict(zip(t.names, t.ema, strict=True))
+    if d.enabled:
+        from .checkpoint_dcp import save_distributed
+
+        return save_distributed(run_dir, iteration, meta, t.module, t.optimizer, ema,
+                                keep_last, d.main)
+    optim = optimizer_by_name(t.optimizer.state_dict(), t.names)
+    return save_checkpoint(run_dir, iteration, meta, trainable_state(t.module), optim, ema,
+                           keep_last)
+
+
+def pick_checkpoint(run_dir: Path, d: dist.Dist, checkpoint_every: int) -> Path:
+    """Rank 0 picks the newest intact checkpoint (one warning line per damaged newer one) and
+    tells every rank; raises `CheckpointError` on every rank when there is none."""
+    found: tuple[str, str] = ("", "")
+    if d.main:
+        hint = (f" (log.checkpoint_every={checkpoint_every}); start it again without "
+                "--resume")
+        try:
+            path, damaged = find_checkpoint(run_dir, hint=hint)
+            for line in damaged:
+                print(f"warning: {line}; resuming from {path.name} instead", file=sys.stderr)
+            found = (str(path), "")
+        except CheckpointError as e:
+            found = ("", str(e))
+    path, error = dist.broadcast(d, found)
+    if error:
+        raise CheckpointError(error)
+    return Path(path)
+
+
+def restore(path: Path, t: Trained, d: dist.Dist) -> dict[str, Any]:
+    """Load the checkpoint at ``path`` into ``t`` (weights, optimizer, EMA in place, LR
+    schedule) and the global RNGs after checking it fits the model; writes nothing. Returns
+    its metadata (iteration, elapsed, extra, metrics lines, ...)."""
+    expected = t.shapes()
+    if d.enabled and is_dcp(path):
+        from .checkpoint_dcp import restore_dcp
+
+        st = restore_dcp(path, t, expected)
+    else:
+        st = load_checkpoint(path, check=False)
+        check_fits(st["policy"], expected, f"checkpoint {path}")
+        if st["ema"] is not None:
+            check_fits(st["ema"], expected, f"the EMA of checkpoint {path}")
+        if d.enabled:
+            from .checkpoint_dcp import restore_full
+
+            restore_full(st, t, expected)
+        else:
+            _restore_single(st, t, expected)
+    t.scheduler.load_state_dict(st["scheduler"])
+    set_rng_state(st["rng"])
+    dist.print0(d, f"resumed from {path} at iteration {st['iteration']}")
+    threads = st.get("threads")
+    if d.main and threads is not None and threads != torch.get_num_threads():
+        print(f"warning: {path.name} was written with {threads} torch threads, this run "
+              f"has {torch.get_num_threads()}: the resumed run is valid, but a bit-exact "
+              f"resume needs the same count (e.g. OMP_NUM_THREADS={threads})", file=sys.stderr)
+    return st
+
+
+def _restore_single(st: dict[str, Any], t: Trained, expected: dict[str, torch.Size]) -> None:
+    """A checkpoint of any format (as full tensors) into a single-process run."""
+    optim = optimizer_by_index(st["optimizer"], t.names, expected)
+    load_trainable_state(t.module, st["policy"])
+    t.optimizer.load_state_dict(optim)
+    if st["ema"] is not None and t.ema is not None:
+        with torch.no_grad():
+            for e, n in zip(t.ema, t.names, strict=True):
+                e.copy_(st["ema"][n])

@@ -1,4 +1,5 @@
-"""Reading torch.distributed.checkpoint (DCP) folders without running code.
+"""Checkpoints of torchrun runs: torch.distributed.checkpoint (DCP) folders written by every
+rank, restored into a run on any number of ranks, and read without running code.
 
 DCP pickles its ``.metadata`` and would unpickle any non-tensor entry with ``torch.load``
 (``weights_only`` off). Here ``.metadata`` is read by an unpickler that allows only DCP's own
@@ -9,13 +10,22 @@ non-tensor entries; tensors are read by DCP itself (``torch.load`` with ``weight
 from __future__ import annotations
 
 import pickle
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from .checkpoint import DCP_METADATA, CheckpointError, DamagedCheckpoint, error_summary
+from . import checkpoint as ck
+from .checkpoint import (
+    DCP_METADATA,
+    CheckpointError,
+    DamagedCheckpoint,
+    Trained,
+    error_summary,
+)
 
 _DCP_ALLOWED = {
     ("torch.distributed.checkpoint.metadata", n) for n in (
@@ -108,3 +118,85 @@ def load_dcp_full(path: Path) -> dict[str, Any]:
         d[keys[-1]] = torch.empty(m.size, dtype=m.properties.dtype)
     load_dcp(flat, path, no_dist=True)
     return flat
+
+
+def save_distributed(run_dir: Path, iteration: int, meta: dict[str, Any], module: nn.Module,
+                     optimizer: torch.optim.Optimizer, ema: dict[str, Any] | None,
+                     keep_last: int, main: bool) -> Path:
+    """Collective: every rank writes its shards of the trained weights of ``module`` and the
+    ``optimizer`` state (name-keyed, as `get_state_dict` gives them; DTensors or replicated
+    tensors) and of ``ema`` with DCP into ``iter_<iteration>.tmp/``; rank 0 (``main``) adds
+    ``rng.safetensors``, ``meta.json`` and the manifest, renames the folder after a barrier and
+    prunes; a second barrier makes the result visible to every rank. Only tensors go through
+    DCP (it pickles anything else)."""
+    import torch.distributed as td
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, optim = get_state_dict(module, optimizer, options=_dcp_options())
+    path, tmp = ck.temp_folder(run_dir, iteration)
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    td.barrier()
+    state, optim_js = ck.split_optimizer(optim)
+    tensors: dict[str, Any] = {"model": model, "optim": {"state": state}}
+    if ema is not None:
+        tensors["ema"] = ema
+    dcp.save(tensors, checkpoint_id=str(tmp))
+    if main:
+        ck.write_extras(tmp, {**meta, "layout": "dcp", "has_ema": ema is not None}, optim_js)
+    td.barrier()
+    if main:
+        ck.publish(tmp, path, keep_last)
+    td.barrier()
+    return path
+
+
+def restore_dcp(path: Path, t: Trained, expected: dict[str, torch.Size]) -> dict[str, Any]:
+    """Load a DCP folder into this run's (wrapped or sharded) module, optimizer and EMA: DCP
+    reshards to the current rank count. Returns the metadata (``meta.json``, RNG)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    saved = {k[1]: m.size for k, m in dcp_metadata(path).items() if k[0] == "model"}
+    ck.check_fits(saved, expected, f"checkpoint {path}")
+    meta = ck.read_meta(path)
+    module = t.module
+    model, optim = get_state_dict(module, t.optimizer, options=_dcp_options())
+    state = {n: {k: v for k, v in st.items() if isinstance(v, torch.Tensor)}
+             for n, st in optim["state"].items()}
+    tensors = {"model": model, "optim": {"state": state}}
+    if t.ema is not None and meta["has_ema"]:
+        tensors["ema"] = dict(zip(t.names, t.ema, strict=True))
+    load_dcp(tensors, path)
+    optim = ck.join_optimizer(tensors["optim"]["state"], meta["optimizer"])
+    set_state_dict(module, t.optimizer, model_state_dict=tensors["model"],
+                   optim_state_dict=optim, options=_dcp_options())
+    return meta
+
+
+def restore_full(st: dict[str, Any], t: Trained, expected: dict[str, torch.Size]) -> None:
+    """A single-process checkpoint (full tensors on every rank) into a multi-rank run, sharded
+    (FSDP) or copied (DDP) by ``set_state_dict``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    ck.optimizer_by_index(st["optimizer"], t.names, expected)  # check only
+    set_state_dict(t.module, t.optimizer, model_state_dict=st["policy"],
+                   optim_state_dict=st["optimizer"],
+                   options=StateDictOptions(full_state_dict=True, ignore_frozen_params=True,
+                                            strict=False))
+    if st["ema"] is not None and t.ema is not None:
+        with torch.no_grad():
+            for e, n in zip(t.ema, t.names, strict=True):
+                full = st["ema"][n].to(e.device, e.dtype)
+                if isinstance(e, DTensor):  # FSDP: keep this rank's shard
+                    full = distribute_tensor(full, e.device_mesh, e.placements)
+                e.copy_(full)
+
+
+def _dcp_options() -> Any:
+    """Trainable weights only (frozen base weights reload from the model); non-strict load."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, strict=False)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 TABLE_DEFAULT = Path(__file__).resolve().parents[2] / "docs" / "recipes.md"
 DESCRIPTION = """\
@@ -26,36 +29,8 @@ commands:
   bench iteration every method's rollout/reward/update time on one policy, vs DanceGRPO
   bench learn     every method's held-out judge vs training time on the embedded default
   bench credit    how much of each trained edge's advantage its own action earned
+  bench reward-server  load, batching and fault tests of the reward server
 """
-
-
-def _bench_nfe(args: argparse.Namespace) -> int:
-    from .bench import markdown, nfe_table
-
-    rows = nfe_table(args.methods or None)
-    print(json.dumps(rows, indent=2) if args.json else markdown(rows))
-    return 0
-
-
-def _bench_rollout(args: argparse.Namespace) -> int:
-    import torch
-
-    from .bench import bench_policy, markdown, rollout_timings
-
-    device = torch.device(args.device)
-    policy, cond, _ = bench_policy(args.model, args.trees, device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.storage_dtype]
-    t = rollout_timings(policy, cond, trees=args.trees, max_batch=args.max_batch,
-                        repeats=args.repeats, storage_dtype=dtype)
-    base = {x.name: x.seconds for x in t}
-    rows = [{"rollout": x.name, "forwards_per_tree": x.forwards,
-             "seconds_per_tree": round(x.seconds, 5),
-             "ratio_vs_branch_per_node": round(x.seconds / base["branch_per_node"], 4),
-             "ratio_vs_dance_sequential": round(x.seconds / base["dance_sequential"], 4)}
-            for x in t]
-    print(json.dumps({"device": str(device), "model": args.model, "trees": args.trees,
-                      "rows": rows}, indent=2) if args.json else markdown(rows))
-    return 0
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -150,115 +125,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _serve_reward(args: argparse.Namespace) -> int:
+    from . import scoring  # noqa: F401  (the embedded task's rewards are servable by name)
     from .rewards.server import main as serve_main
 
     return serve_main(args.rest, prog="branchgrpo serve-reward")
-
-
-def _bench_iteration(args: argparse.Namespace) -> int:
-    import torch
-
-    from .bench import bench_policy, machine, markdown
-    from .bench_iteration import DEFAULT_METHODS, iteration_table
-
-    device = torch.device(args.device)
-    policy, _, prompts = bench_policy(args.model, args.prompts, device)
-    if args.model == "flux-dev":
-        plan_kw = _flux_dev_plan_kw(policy)
-        reward = lambda media, p: media.float().flatten(1).mean(1)  # noqa: E731
-        extra = {"storage_dtype": torch.bfloat16, "autocast": torch.bfloat16}
-    else:
-        from .tasks.shapes_reward import ShapesReward
-
-        plan_kw, reward, extra = {}, ShapesReward(), {}
-    rows = iteration_table(policy, prompts, reward, methods=args.methods or DEFAULT_METHODS,
-                           plan_kw=plan_kw, repeats=args.repeats, max_batch=args.max_batch,
-                           edge_chunk=args.edge_chunk, per_sample_baseline=not args.no_batch1,
-                           **extra)
-    info = {"device": device.type, "model": args.model, "prompts": args.prompts,
-            "machine": machine()}
-    print(json.dumps({**info, "rows": rows}, indent=2) if args.json else
-          f"{json.dumps(info)}\n\n" + markdown(rows))
-    return 0
-
-
-def _flux_dev_plan_kw(policy):
-    """Per method: the plan kwargs FLUX.1-dev at the bench's size resolves to (the family's
-    documented schedule config), setting the policy's timestep quantisation to match."""
-    from .config import load_config
-    from .models.flux import FLUX_DEV
-    from .spec import resolve
-
-    def kw(method: str) -> dict:
-        spec = resolve(load_config(None, [
-            "model.kind=flux", f"model.path={FLUX_DEV}", f"model.height={policy.family.height}",
-            f"model.width={policy.family.width}", f"rollout.method={method}"]))
-        policy.family.quantize_timestep = spec.quantize_timestep
-        return spec.plan_kwargs
-
-    return kw
-
-
-def _bench_learn(args: argparse.Namespace) -> int:
-    import shlex
-
-    from .bench_learn import DEFAULT_BUDGET_S, DEFAULT_METHODS, QUICK, check_pipeline, learn
-    from .config import ConfigError
-
-    q = args.quick
-    methods = args.methods.split(",") if args.methods else list(
-        QUICK["methods"] if q else DEFAULT_METHODS)
-    seeds = list(range(args.seeds if args.seeds is not None else QUICK["seeds"] if q else 3))
-    budget = args.budget if args.budget is not None else (
-        QUICK["budget_s"] if q else DEFAULT_BUDGET_S)
-    overrides = [*(QUICK["overrides"] if q else ()), *args.overrides]
-    every = args.eval_every if args.eval_every is not None else (budget / 2 if q else None)
-    bad = [o for o in overrides if "=" not in o]
-    if bad or not seeds or budget <= 0:
-        print(f"error: overrides look like key.sub=value (got {bad}), --seeds >= 1, "
-              "--budget > 0", file=sys.stderr)
-        return 2
-    cmd = ["branchgrpo", "bench", "learn", "--methods", ",".join(methods), "--seeds",
-           str(len(seeds)), "--budget", f"{budget:g}", "--out", str(args.out)]
-    cmd += ["--eval-every", f"{every:g}"] if every is not None else []
-    cmd += ["--target", f"{args.target:g}"] if args.target is not None else []
-    try:
-        result = learn(methods, seeds, budget, overrides, Path(args.out), every, args.target,
-                       progress=True, command=shlex.join([*cmd, *overrides]))
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    failed = [r for r in result["runs"] if r["error"]]
-    print(f"report: {Path(args.out) / 'learn.md'}" + (f" ({len(failed)} of "
-          f"{len(result['runs'])} runs failed)" if failed else ""))
-    problems = check_pipeline(result, Path(args.out)) if q else []
-    for p in problems:
-        print(f"quick check failed: {p}", file=sys.stderr)
-    return 1 if problems or len(failed) == len(result["runs"]) else 0
-
-
-def _bench_credit(args: argparse.Namespace) -> int:
-    import shlex
-
-    from .bench_credit import DEFAULT_METHODS, credit
-    from .config import ConfigError
-
-    methods = args.methods.split(",") if args.methods else list(DEFAULT_METHODS)
-    if any("=" not in o for o in args.overrides) or args.prompts < 1 or args.continuations < 2:
-        print("error: overrides look like key.sub=value, --prompts >= 1, --continuations >= 2",
-              file=sys.stderr)
-        return 2
-    cmd = ["branchgrpo", "bench", "credit", "--methods", ",".join(methods), "--prompts",
-           str(args.prompts), "--continuations", str(args.continuations), "--seed",
-           str(args.seed), "--out", str(args.out), *args.overrides]
-    try:
-        credit(methods, args.prompts, args.continuations, args.overrides, Path(args.out),
-               seed=args.seed, command=shlex.join(cmd))
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    print(f"report: {Path(args.out) / 'credit.md'}")
-    return 0
 
 
 CREDIT_HELP = """\
@@ -293,7 +163,93 @@ settings, e.g. data.eval_samples=128 or train.lr=1e-4.
 """
 
 
+def _bench_reward_server(args: argparse.Namespace) -> int:
+    from .rewards.loadtest import main as loadtest_main
+
+    return loadtest_main(args.rest, prog="branchgrpo bench reward-server")
+
+
+def _bench(name: str) -> Callable[[argparse.Namespace], int]:
+    """``bench <name>``: `branchgrpo.bench.<name>.command`, imported when it runs."""
+
+    def run(args: argparse.Namespace) -> int:
+        return importlib.import_module(f"branchgrpo.bench.{name}").command(args)
+
+    return run
+
+
+def _add_bench(sub: Any) -> None:
+    """``bench nfe | rollout | iteration | learn | reward-server | credit``."""
+    bench = sub.add_parser("bench", help="benchmarks of the rollout engine and the methods")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    nfe = bsub.add_parser("nfe", help="forwards, edges and trained edges per tree, per method")
+    nfe.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    nfe.add_argument("--methods", nargs="*", help="subset of methods (default: all)")
+    nfe.set_defaults(fn=_bench("nfe"))
+    ro = bsub.add_parser("rollout", help="batched engine vs per-node and sequential rollouts")
+    ro.add_argument("--model", default="tiny", help="tiny (the embedded default's FLUX "
+                    "transformer), analytic, or flux-dev (FLUX.1-dev size, random weights)")
+    ro.add_argument("--trees", type=int, default=2, help="prompts (trees) per rollout batch")
+    ro.add_argument("--max-batch", type=int, default=256, help="max rows per forward call")
+    ro.add_argument("--repeats", type=int, default=3, help="timed runs; the best is kept")
+    ro.add_argument("--device", default="cpu", help="cpu or cuda")
+    ro.add_argument("--storage-dtype", default="fp32", choices=["fp32", "bf16"])
+    ro.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    ro.set_defaults(fn=_bench("rollout"))
+    it = bsub.add_parser("iteration", help="every method's iteration time on one policy")
+    it.add_argument("--model", default="tiny", help="tiny (embedded default size) or flux-dev")
+    it.add_argument("--methods", nargs="*", help="subset (default: all, DanceGRPO first)")
+    it.add_argument("--prompts", type=int, default=1, help="prompts (trees) per iteration")
+    it.add_argument("--repeats", type=int, default=1, help="timed runs per method (best kept)")
+    it.add_argument("--max-batch", type=int, default=64, help="max rows per forward call")
+    it.add_argument("--edge-chunk", type=int, default=64, help="edges per backward chunk")
+    it.add_argument("--device", default="cpu", help="cpu or cuda")
+    it.add_argument("--no-batch1", action="store_true", help="skip the baseline run one sample "
+                    "per forward and one edge per backward (the published code's way)")
+    it.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
+    it.set_defaults(fn=_bench("iteration"))
+    le = bsub.add_parser("learn", help="every method's held-out judge vs training time "
+                         "(several seeds)", description=LEARN_HELP,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    le.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="config overrides for every run (see train --help-config)")
+    le.add_argument("--methods", metavar="A,B,...", help="comma-separated methods (default: "
+                    "dance_full,dance,flow_grpo,mix,mix_flash,g2rpo,branch,branch_depth,"
+                    "branch_mix)")
+    le.add_argument("--seeds", type=int, metavar="N", help="seeds 0..N-1 per method "
+                    "(default 3)")
+    le.add_argument("--budget", type=float, metavar="SECONDS", help="training seconds per "
+                    "run, evaluation excluded (default 100)")
+    le.add_argument("--eval-every", type=float, metavar="SECONDS", help="held-out evaluation "
+                    "every this many training seconds (default: budget / 5)")
+    le.add_argument("--target", type=float, metavar="X", help="judge score for the time-to-"
+                    "target column (default: 1.2 x the mean judge before training)")
+    le.add_argument("--out", default="bench_learn", metavar="DIR", help="output folder "
+                    "(default ./bench_learn; its runs/ are overwritten)")
+    le.add_argument("--quick", action="store_true", help="a one-minute pipeline check (CI)")
+    le.set_defaults(fn=_bench("learn"))
+    # as serve-reward: every argument, --help included, goes to rewards.loadtest.main
+    lt = bsub.add_parser("reward-server", help="load and fault tests of the reward server "
+                         "(docs/benchmarks/reward_server.md)", add_help=False, prefix_chars="+")
+    lt.add_argument("rest", nargs=argparse.REMAINDER)
+    lt.set_defaults(fn=_bench_reward_server)
+    cr = bsub.add_parser("credit", help="how much of each trained edge's advantage its own "
+                         "action earned (per method)", description=CREDIT_HELP,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    cr.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="config overrides (see train --help-config)")
+    cr.add_argument("--methods", metavar="A,B,...", help="comma-separated methods (default: "
+                    "dance_full,flow_grpo,mix,g2rpo,branch,branch_depth)")
+    cr.add_argument("--prompts", type=int, default=2, help="training prompts (trees)")
+    cr.add_argument("--continuations", type=int, default=16, metavar="K",
+                    help="continuations per stochastic node (split in two halves)")
+    cr.add_argument("--seed", type=int, default=0, help="rollout and continuation seed")
+    cr.add_argument("--out", default="bench_credit", metavar="DIR", help="output folder")
+    cr.set_defaults(fn=_bench("credit"))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Every command and its options."""
     p = argparse.ArgumentParser(prog="branchgrpo", description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -342,67 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                         prefix_chars="+")
     se.add_argument("rest", nargs=argparse.REMAINDER)
     se.set_defaults(fn=_serve_reward)
-    bench = sub.add_parser("bench", help="benchmarks of the rollout engine and the methods")
-    bsub = bench.add_subparsers(dest="bench", required=True)
-    nfe = bsub.add_parser("nfe", help="forwards, edges and trained edges per tree, per method")
-    nfe.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
-    nfe.add_argument("--methods", nargs="*", help="subset of methods (default: all)")
-    nfe.set_defaults(fn=_bench_nfe)
-    ro = bsub.add_parser("rollout", help="batched engine vs per-node and sequential rollouts")
-    ro.add_argument("--model", default="tiny", help="tiny (the embedded default's FLUX "
-                    "transformer), analytic, or flux-dev (FLUX.1-dev size, random weights)")
-    ro.add_argument("--trees", type=int, default=2, help="prompts (trees) per rollout batch")
-    ro.add_argument("--max-batch", type=int, default=256, help="max rows per forward call")
-    ro.add_argument("--repeats", type=int, default=3, help="timed runs; the best is kept")
-    ro.add_argument("--device", default="cpu", help="cpu or cuda")
-    ro.add_argument("--storage-dtype", default="fp32", choices=["fp32", "bf16"])
-    ro.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
-    ro.set_defaults(fn=_bench_rollout)
-    it = bsub.add_parser("iteration", help="every method's iteration time on one policy")
-    it.add_argument("--model", default="tiny", help="tiny (embedded default size) or flux-dev")
-    it.add_argument("--methods", nargs="*", help="subset (default: all, DanceGRPO first)")
-    it.add_argument("--prompts", type=int, default=1, help="prompts (trees) per iteration")
-    it.add_argument("--repeats", type=int, default=1, help="timed runs per method (best kept)")
-    it.add_argument("--max-batch", type=int, default=64, help="max rows per forward call")
-    it.add_argument("--edge-chunk", type=int, default=64, help="edges per backward chunk")
-    it.add_argument("--device", default="cpu", help="cpu or cuda")
-    it.add_argument("--no-batch1", action="store_true", help="skip the baseline run one sample "
-                    "per forward and one edge per backward (the published code's way)")
-    it.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
-    it.set_defaults(fn=_bench_iteration)
-    le = bsub.add_parser("learn", help="every method's held-out judge vs training time "
-                         "(several seeds)", description=LEARN_HELP,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    le.add_argument("overrides", nargs="*", metavar="key=value",
-                    help="config overrides for every run (see train --help-config)")
-    le.add_argument("--methods", metavar="A,B,...", help="comma-separated methods (default: "
-                    "dance_full,dance,flow_grpo,mix,mix_flash,g2rpo,branch,branch_depth,"
-                    "branch_mix)")
-    le.add_argument("--seeds", type=int, metavar="N", help="seeds 0..N-1 per method "
-                    "(default 3)")
-    le.add_argument("--budget", type=float, metavar="SECONDS", help="training seconds per "
-                    "run, evaluation excluded (default 100)")
-    le.add_argument("--eval-every", type=float, metavar="SECONDS", help="held-out evaluation "
-                    "every this many training seconds (default: budget / 5)")
-    le.add_argument("--target", type=float, metavar="X", help="judge score for the time-to-"
-                    "target column (default: 1.2 x the mean judge before training)")
-    le.add_argument("--out", default="bench_learn", metavar="DIR", help="output folder "
-                    "(default ./bench_learn; its runs/ are overwritten)")
-    le.add_argument("--quick", action="store_true", help="a one-minute pipeline check (CI)")
-    le.set_defaults(fn=_bench_learn)
-    cr = bsub.add_parser("credit", help="how much of each trained edge's advantage its own "
-                         "action earned (per method)", description=CREDIT_HELP,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    cr.add_argument("overrides", nargs="*", metavar="key=value",
-                    help="config overrides (see train --help-config)")
-    cr.add_argument("--methods", metavar="A,B,...", help="comma-separated methods (default: "
-                    "dance_full,flow_grpo,mix,g2rpo,branch,branch_depth)")
-    cr.add_argument("--prompts", type=int, default=2, help="training prompts (trees)")
-    cr.add_argument("--continuations", type=int, default=16, metavar="K",
-                    help="continuations per stochastic node (split in two halves)")
-    cr.add_argument("--seed", type=int, default=0, help="rollout and continuation seed")
-    cr.add_argument("--out", default="bench_credit", metavar="DIR", help="output folder")
-    cr.set_defaults(fn=_bench_credit)
+    _add_bench(sub)
     return p
 
 

@@ -1,17 +1,22 @@
-"""torch.distributed for the recipe: init from torchrun's environment, batch geometry, DDP and
-FSDP2 wrapping, collectives for logging and global statistics, and a cross-rank sync check.
+"""torch.distributed for the recipe: init from torchrun's environment, DDP and FSDP2 wrapping,
+collectives for logging and global statistics, and a cross-rank sync check.
 
 Layout: every rank holds whole trees (one prompt = one tree = one group), so group statistics
 stay local; only Flow-GRPO's ``prompt_global_std`` needs a gather (`global_std`). Gradients
 are averaged across ranks by DDP (replicated weights) or FSDP2 (sharded weights, reduce-scatter);
 each rank averages its loss over its own edges, so with equal edge counts per rank the mean
 over ranks is the global mean. Single-process runs never touch torch.distributed.
+
+Every function takes plain values (a `Dist`, tensors, flags), not the run's Config: the
+recipe reads the config (`branchgrpo.spec.strategy_of`, `branchgrpo.preflight.check_geometry`)
+and passes what this module needs.
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -19,8 +24,6 @@ from typing import Any
 import torch
 import torch.distributed as td
 from torch import nn
-
-from .config import Config, ConfigError, prompts_per_rank
 
 
 @dataclass(frozen=True)
@@ -48,29 +51,23 @@ def env_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def strategy_of(cfg: Config) -> str:
-    """ddp or fsdp for ``dist.strategy``; auto shards (fsdp) only the full fine-tuning of a
-    real (non-tiny) model, whose replicated weights and Adam states do not fit one device."""
-    if cfg.dist.strategy != "auto":
-        return cfg.dist.strategy
-    return "fsdp" if cfg.model.finetune == "full" and cfg.model.kind != "tiny" else "ddp"
-
-
-def init(cfg: Config, device: torch.device) -> Dist:
-    """Join the process group torchrun describes (env://); a no-op for one process.
-    Backend auto: nccl on CUDA, gloo on CPU."""
+def init(device: torch.device, *, strategy: str, backend: str = "auto",
+         timeout_minutes: float = 30) -> tuple[Dist, torch.device]:
+    """Join the process group torchrun describes (env://) and return this process's place and
+    device (on CUDA: the local rank's GPU); a no-op for one process. ``strategy``: ddp or
+    fsdp; backend auto: nccl on CUDA, gloo on CPU."""
     world = env_world()
     if world <= 1:
-        return Dist()
+        return Dist(), device
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    backend = cfg.dist.backend
     if backend == "auto":
         backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
     if not td.is_initialized():
-        td.init_process_group(backend, timeout=timedelta(minutes=cfg.dist.timeout_minutes))
-    return Dist(rank, world, local, strategy_of(cfg))
+        td.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
+    return Dist(rank, world, local, strategy), device
 
 
 def close(d: Dist) -> None:
@@ -83,6 +80,23 @@ def barrier(d: Dist) -> None:
         td.barrier()
 
 
+@contextmanager
+def main_first(d: Dist) -> Iterator[None]:
+    """Rank 0 runs the block before the other ranks (e.g. it fills the model caches they then
+    read); one process: just the block."""
+    if d.enabled and not d.main:
+        td.barrier()
+    yield
+    if d.enabled and d.main:
+        td.barrier()
+
+
+def print0(d: Dist, *lines: str) -> None:
+    """Print on rank 0 only (flushed, so torchrun's interleaved logs stay in order)."""
+    if d.main:
+        print(*lines, sep="\n", flush=True)
+
+
 def broadcast(d: Dist, obj: Any) -> Any:
     """Rank 0's ``obj`` on every rank (e.g. the run directory name)."""
     if not d.enabled:
@@ -92,66 +106,55 @@ def broadcast(d: Dist, obj: Any) -> Any:
     return box[0]
 
 
-# ----------------------------------------------------------------------------- geometry
-def check_geometry(cfg: Config, world: int, num_prompts: int) -> int:
-    """Validate the batch over ``world`` ranks and return prompts per rank P; raise
-    ConfigError saying what to change. Trees never straddle ranks, so a group always divides;
-    the global batch (world x P) must divide evenly and fit the prompt set."""
-    gp = cfg.dist.global_prompts
-    p = prompts_per_rank(cfg, world)
-    if p < 1:
-        raise ConfigError(f"{world} ranks leave {p} prompts per rank: every rank needs at least "
-                          "one tree; raise train.prompts_per_iteration (or dist.global_prompts) "
-                          "or use fewer ranks")
-    if world > 1 and world > num_prompts:
-        raise ConfigError(f"{world} ranks > {num_prompts} training prompts: each rank needs its "
-                          f"own prompt; use at most {num_prompts} ranks or give more prompts in "
-                          "data.prompts")
-    if world > 1 and world * p > num_prompts:
-        best = max(1, num_prompts // world)
-        key = "dist.global_prompts" if gp else "train.prompts_per_iteration"
-        to = best * world if gp else best
-        raise ConfigError(f"{world} ranks x {p} prompts = {world * p} > {num_prompts} training "
-                          f"prompts: lower {key} to {to} or give more prompts in data.prompts")
-    if world > 1 and cfg.advantage.combine == "advantage_sum" and len(cfg.reward.weights) > 1:
-        from .spec import resolved_rules
-
-        if resolved_rules(cfg)[0] == "prompt_global_std":
-            raise ConfigError("prompt_global_std over ranks gathers one std of the combined "
-                              "reward: set advantage.combine=reward_sum (or run on one rank)")
-    return p
-
-
 # ----------------------------------------------------------------------------- wrapping
-def wrap(policy: Any, d: Dist, cfg: Config, trainable: bool = True) -> None:
+def wrap(policy: Any, d: Dist, *, trainable: bool = True, bf16: bool = False,
+         cpu_offload: bool = False, find_unused_parameters: bool = False) -> None:
     """Wrap ``policy.transformer`` in place: DDP (replicated, gradients all-reduced) or FSDP2
-    (``fully_shard`` each transformer block, then the transformer). The frozen text encoder
-    and VAE stay outside, so DDP sees only trained weights. ``trainable=False`` (the KL
-    reference): FSDP shards it too, DDP leaves it as is (it has no gradients)."""
-    if not d.enabled or (d.strategy == "ddp" and not trainable):
+    (``fully_shard`` each transformer block, then the transformer; ``bf16``: bf16 parameters,
+    fp32 gradient reduction; ``cpu_offload``: parameters on the CPU between uses). The frozen
+    text encoder and VAE stay outside, so DDP sees only trained weights. ``trainable=False``
+    (the KL reference): FSDP shards it too, DDP leaves it as is (it has no gradients). A no-op
+    for one process or ``policy`` None."""
+    if policy is None or not d.enabled or (d.strategy == "ddp" and not trainable):
         return
     inner = getattr(policy, "transformer", None)
     if not isinstance(inner, nn.Module):
-        raise ConfigError(f"{type(policy).__name__} has no .transformer module to wrap for "
-                          f"dist.strategy={d.strategy}")
+        raise ValueError(f"{type(policy).__name__} has no .transformer module to wrap for "
+                         f"dist.strategy={d.strategy}")
     if d.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         dev = [d.local_rank] if next(inner.parameters()).is_cuda else None
         policy.transformer = DDP(inner, device_ids=dev, forward_sync_buffers=False,
-                                 find_unused_parameters=cfg.dist.find_unused_parameters)
+                                 find_unused_parameters=find_unused_parameters)
         return
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     kw: dict[str, Any] = {}
-    if cfg.model.dtype == "bf16":
+    if bf16:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                                                reduce_dtype=torch.float32)
-    if cfg.dist.cpu_offload:
+    if cpu_offload:
         kw["offload_policy"] = CPUOffloadPolicy()
     for block in transformer_blocks(inner):
         fully_shard(block, **kw)
     fully_shard(inner, **kw)
+
+
+@contextmanager
+def unwrapped(policy: Any) -> Iterator[Any]:
+    """``policy`` with its DDP-wrapped transformer swapped back for the inner module for the
+    block (e.g. to export its LoRA through the module's own API); otherwise as it is."""
+    inner = getattr(policy, "transformer", None)
+    module = getattr(inner, "module", None)
+    if not isinstance(module, nn.Module) or not hasattr(inner, "no_sync"):
+        yield policy
+        return
+    policy.transformer = module
+    try:
+        yield policy
+    finally:
+        policy.transformer = inner
 
 
 def transformer_blocks(module: nn.Module) -> list[nn.Module]:
@@ -199,6 +202,12 @@ def mean_metrics(d: Dist, metrics: dict[str, Any]) -> dict[str, Any]:
         if isinstance(v, (int, float)) and not isinstance(v, bool) and vals:
             out[k] = sum(vals) / len(vals)
     return out
+
+
+def same_work(d: Dist, counts: list[int]) -> bool:
+    """Whether ranks with per-rank work ``counts`` can step together: FSDP needs the same
+    forwards on every rank (its all-gathers are collective), DDP and one process do not."""
+    return d.strategy != "fsdp" or len(set(counts)) == 1
 
 
 def gather_int(d: Dist, value: int) -> list[int]:

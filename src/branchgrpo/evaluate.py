@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .models.base import Policy
+from .engine.policy import Policy
+from .engine.tree import chain_plan, rollout
 from .rewards.base import check_scores
-from .tree import chain_plan, rollout
 
 
 @torch.no_grad()

@@ -122,8 +122,7 @@ def sample_command(target: str, prompts: list[str], out: str | None, n: int, see
 
 def eval_command(target: str, samples: int, as_json: bool) -> int:
     """Held-out prompts scored by the judge and every configured reward; prints a table."""
-    from .rewards import RewardSet
-    from .train import _judge
+    from . import scoring
 
     loaded = _load_or_report(target)
     if loaded is None:
@@ -133,10 +132,10 @@ def eval_command(target: str, samples: int, as_json: bool) -> int:
     n = samples or cfg.data.eval_samples
     prompts = [held[i % len(held)] for i in range(n)]
     scorers: dict[str, Any] = {}
-    judge = _judge(cfg)
+    judge = scoring.judge(cfg)
     if judge is not None:
         scorers["judge"] = judge
-    scorers |= RewardSet(dict(cfg.reward.weights), dict(cfg.reward.options)).rewards
+    scorers |= scoring.reward_set(cfg).rewards
     metrics, _ = evaluate(policy, prompts, _sigmas(cfg), scorers, seed=cfg.train.seed + 10_000,
                           device=device)
     metrics = {"iteration": state["iteration"], "samples": n, **metrics}

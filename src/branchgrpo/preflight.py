@@ -49,8 +49,8 @@ def check_plan(cfg: Config) -> RunSpec:
 def _check_plan(cfg: Config) -> tuple[RunSpec, Any]:
     """The method's plan builds with the model's schedule, takes every rollout key set, and
     its trees stay bounded."""
-    from .methods import METHODS
-    from .plans import plan_parameters
+    from .engine.methods import METHODS
+    from .engine.plans import plan_parameters
 
     method = cfg.rollout.method
     if method not in METHODS:
@@ -78,8 +78,8 @@ def _check_plan(cfg: Config) -> tuple[RunSpec, Any]:
 
 def _check_rules(cfg: Config, plan: Any) -> None:
     """The advantage rule and selector exist and take the keyword arguments configured."""
-    from .advantages import ADVANTAGES
-    from .pruning import SELECTORS
+    from .engine.advantages import ADVANTAGES
+    from .engine.pruning import SELECTORS
 
     rule, sel, sel_kw = resolved_rules(cfg)
     if rule not in ADVANTAGES:
@@ -105,10 +105,10 @@ def _check_rules(cfg: Config, plan: Any) -> None:
 def dry_run_counts(cfg: Config, spec: RunSpec) -> dict[str, int]:
     """One tree of ``spec``'s plan on the analytic policy, scored and selected as ``cfg``
     says: its forwards, nodes, edges, trained edges and leaves."""
-    from .advantages import compute_advantages
+    from .engine.advantages import compute_advantages
+    from .engine.pruning import select_edges
+    from .engine.tree import rollout
     from .models.analytic import GaussianPolicy
-    from .pruning import select_edges
-    from .tree import rollout
 
     rule, sel, sel_kw = resolved_rules(cfg)
     gen = torch.Generator().manual_seed(0)  # never the global generator: a resumed run calls
@@ -165,7 +165,7 @@ def check_rewards(cfg: Config) -> None:
 
 def _check_source(source: str, key: str, opts: dict) -> None:
     """A registered reward name, ``remote`` with a url, or an importable ``pkg.mod:attr``."""
-    from .rewards import REWARDS
+    from .scoring import REWARDS
 
     if ":" in source:
         from .rewards.base import _import_path
@@ -229,7 +229,7 @@ def _keywords(fn: Callable[..., Any]) -> set[str]:
 
 
 def _selectors_taking(key: str) -> list[str]:
-    from .pruning import SELECTORS
+    from .engine.pruning import SELECTORS
 
     return [n for n in SELECTORS.names() if key in _keywords(SELECTORS.get(n))]
 
@@ -237,3 +237,30 @@ def _selectors_taking(key: str) -> list[str]:
 def _msg(e: BaseException) -> str:
     """An exception's message without KeyError's quotes."""
     return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
+def check_geometry(cfg: Config, world: int, num_prompts: int) -> int:
+    """Validate the batch over ``world`` ranks and return prompts per rank P; raise
+    ConfigError saying what to change. Trees never straddle ranks, so a group always divides;
+    the global batch (world x P) must divide evenly and fit the prompt set."""
+    gp = cfg.dist.global_prompts
+    p = prompts_per_rank(cfg, world)
+    if p < 1:
+        raise ConfigError(f"{world} ranks leave {p} prompts per rank: every rank needs at least "
+                          "one tree; raise train.prompts_per_iteration (or dist.global_prompts) "
+                          "or use fewer ranks")
+    if world > 1 and world > num_prompts:
+        raise ConfigError(f"{world} ranks > {num_prompts} training prompts: each rank needs its "
+                          f"own prompt; use at most {num_prompts} ranks or give more prompts in "
+                          "data.prompts")
+    if world > 1 and world * p > num_prompts:
+        best = max(1, num_prompts // world)
+        key = "dist.global_prompts" if gp else "train.prompts_per_iteration"
+        to = best * world if gp else best
+        raise ConfigError(f"{world} ranks x {p} prompts = {world * p} > {num_prompts} training "
+                          f"prompts: lower {key} to {to} or give more prompts in data.prompts")
+    if world > 1 and cfg.advantage.combine == "advantage_sum" and len(cfg.reward.weights) > 1:
+        if resolved_rules(cfg)[0] == "prompt_global_std":
+            raise ConfigError("prompt_global_std over ranks gathers one std of the combined "
+                              "reward: set advantage.combine=reward_sum (or run on one rank)")
+    return p

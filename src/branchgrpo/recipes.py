@@ -86,7 +86,7 @@ def fmt(v: Any) -> str:
 
 def _plan_param(spec: RunSpec, name: str) -> Any:
     """A plan parameter as resolved: the config's or preset's, else the builder's default."""
-    from .plans import PLANS, branch
+    from .engine.plans import PLANS, branch
 
     if name in spec.plan_kwargs:
         v = spec.plan_kwargs[name]
@@ -99,7 +99,7 @@ def _plan_param(spec: RunSpec, name: str) -> Any:
 
 
 def _plan_has(spec: RunSpec, name: str) -> bool:
-    from .plans import PLANS
+    from .engine.plans import PLANS
 
     if name.startswith("mix_"):
         return spec.plan == "branch_mix"

@@ -71,7 +71,7 @@ def _plot_panels(path: Path, panels: list[tuple[str, list[tuple[str, list, list]
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
     try:
-        for ax, (title, series) in zip(axes[0], panels):
+        for ax, (title, series) in zip(axes[0], panels, strict=True):
             for label, x, y in series:
                 if x:
                     ax.plot(x, y, marker="o" if len(x) < 20 else None, ms=3, label=label)

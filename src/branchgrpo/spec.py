@@ -45,9 +45,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import schedule as sch
 from .config import Config, ConfigError, RolloutConfig
-from .tree import RolloutPlan
+from .engine import schedule as sch
+from .engine.tree import RolloutPlan
 
 if TYPE_CHECKING:
     from .models.factory import ModelOptions
@@ -96,7 +96,7 @@ class RunSpec:
 
     ``sigmas`` [T + 1] is the grid the plan steps on; ``timesteps`` [T] what the transformer
     gets at steps 0..T-1 (``timestep=`` of its forward: sigma-scaled for FLUX, 1000 sigma for
-    SD3/Wan); ``plan_kwargs`` the keyword arguments of `branchgrpo.plans.build_plan` (with
+    SD3/Wan); ``plan_kwargs`` the keyword arguments of `branchgrpo.engine.plans.build_plan` (with
     ``sigmas``); ``rule`` why this schedule was chosen; ``notes`` what else to know."""
 
     method: str
@@ -118,15 +118,15 @@ class RunSpec:
 
     def build_plan(self, iteration: int = 0) -> RolloutPlan:
         """The plan at ``iteration`` (MixGRPO's window moves with it)."""
-        from .plans import build_plan
+        from .engine.plans import build_plan
 
         return build_plan(self.plan, iteration=iteration, **self.plan_kwargs)
 
 
 def resolve(cfg: Config) -> RunSpec:
     """The `RunSpec` of ``cfg`` (see the module docstring); `ConfigError` on a problem."""
-    from .methods import METHODS
-    from .plans import build_plan
+    from .engine.methods import METHODS
+    from .engine.plans import build_plan
 
     method = cfg.rollout.method
     if method not in METHODS:
@@ -186,7 +186,7 @@ def schedule_rule(plan: str, family: str) -> tuple[str, bool]:
 def _plan_default(plan: str, name: str) -> Any:
     import inspect
 
-    from .plans import PLANS, branch
+    from .engine.plans import PLANS, branch
 
     fn = branch if plan == "branch_mix" else PLANS.get(plan)
     return inspect.signature(fn).parameters[name].default
@@ -313,7 +313,7 @@ def _cached(repo: str, filename: str) -> str | None:
 def plan_params(cfg: Config) -> dict[str, Any]:
     """The plan keyword arguments of the method: its preset, then every rollout field set (the
     config alone; `branchgrpo.spec.resolve` adds the model's schedule and the family's level)."""
-    from .methods import METHODS
+    from .engine.methods import METHODS
 
     m = METHODS.get(cfg.rollout.method)
     params = dict(m.plan_kw)
@@ -327,7 +327,7 @@ def plan_params(cfg: Config) -> dict[str, Any]:
 
 def resolved_rules(cfg: Config) -> tuple[str, str, dict[str, Any]]:
     """(advantage rule, selector, selector kwargs): the method's, overridden by the config."""
-    from .methods import METHODS
+    from .engine.methods import METHODS
 
     m = METHODS.get(cfg.rollout.method)
     rule = cfg.advantage.rule or m.advantage
@@ -349,7 +349,7 @@ def advantage_kw(cfg: Config, rule: str) -> dict[str, Any]:
 
 def clip_eps(cfg: Config) -> float:
     """``train.clip_eps``, or the method's published clip range when it is null."""
-    from .methods import METHODS
+    from .engine.methods import METHODS
 
     if cfg.train.clip_eps is not None:
         return cfg.train.clip_eps
@@ -369,6 +369,14 @@ def model_options(cfg: Config, progress: bool = True) -> ModelOptions:
                         progress=progress)
 
 
-__all__ = ["RunSpec", "ModelFiles", "resolve", "schedule_rule", "read_model_files",
+__all__ = ["strategy_of", "RunSpec", "ModelFiles", "resolve", "schedule_rule", "read_model_files",
            "FAMILY_DEFAULTS", "FASTVIDEO_PLANS",
            "plan_params", "resolved_rules", "advantage_kw", "clip_eps", "model_options"]
+
+
+def strategy_of(cfg: Config) -> str:
+    """ddp or fsdp for ``dist.strategy``; auto shards (fsdp) only the full fine-tuning of a
+    real (non-tiny) model, whose replicated weights and Adam states do not fit one device."""
+    if cfg.dist.strategy != "auto":
+        return cfg.dist.strategy
+    return "fsdp" if cfg.model.finetune == "full" and cfg.model.kind != "tiny" else "ddp"

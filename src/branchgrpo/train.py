@@ -32,22 +32,30 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import dist
-from . import resume as resume_io
-from .advantages import RewardValueError, compute_advantages, zero_std_fraction
+from . import checkpoint as ckpt
+from . import dist, scoring
 from .config import Config, to_yaml
+from .engine.advantages import RewardValueError, compute_advantages, zero_std_fraction
+from .engine.losses import guard_log_ratio, kl_penalty, policy_loss
+from .engine.policy import select_cond
+from .engine.pruning import select_edges
+from .engine.tree import EdgeBatch, RolloutPlan, Tree, decode_leaves, edge_log_prob, rollout
 from .evaluate import evaluate, group_diversity, image_stats, save_grid, token_period
 from .log import RunLogger, Timer
-from .losses import guard_log_ratio, kl_penalty, policy_loss
-from .models.base import select_cond
 from .models.factory import build_policy, load_prompts
 from .models.families import module_of
 from .plan_report import plan_report
-from .preflight import check_run
-from .pruning import select_edges
+from .preflight import check_geometry, check_run
 from .rewards import RewardError, RewardSet
-from .spec import RunSpec, advantage_kw, clip_eps, model_options, resolve, resolved_rules
-from .tree import EdgeBatch, RolloutPlan, Tree, decode_leaves, edge_log_prob, rollout
+from .spec import (
+    RunSpec,
+    advantage_kw,
+    clip_eps,
+    model_options,
+    resolve,
+    resolved_rules,
+    strategy_of,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -126,12 +134,13 @@ def train(cfg: Config, resume: Path | None = None) -> Path:
                 with clock.paused():
                     run_eval(s, f"iter_{s.iteration:04d}")
             if done or s.iteration % cfg.log.checkpoint_every == 0:
-                resume_io.save(s)
+                _save(s)
             if done:
                 break
     finally:
         bar.close()
     run_eval(s, "after")
+    export_lora(s)
     s.logger.close()
     if main:
         from .report import write_report
@@ -140,6 +149,28 @@ def train(cfg: Config, resume: Path | None = None) -> Path:
     dist.barrier(s.dist)
     dist.close(s.dist)
     return s.run_dir
+
+
+def export_lora(s: State) -> Path | None:
+    """A run trained with LoRA (``model.finetune=lora`` on a diffusers family) leaves its
+    adapter under ``RUN/lora/`` in the diffusers format, EMA weights when kept (as ``branchgrpo
+    sample`` uses), so ``pipeline.load_lora_weights("RUN/lora")`` loads it. Full fine-tuning
+    (the embedded tiny default included) writes nothing here: its trained weights are the
+    checkpoint's ``model.safetensors``. Under FSDP the sharded adapter stays in the checkpoint."""
+    from .models.lora import save_lora
+
+    with dist.unwrapped(s.policy) as policy, _ema_weights(s):
+        if not getattr(getattr(policy, "transformer", None), "peft_config", None):
+            return None
+        if s.dist.strategy == "fsdp":
+            dist.print0(s.dist, "note: LoRA export under FSDP is not supported; the adapter is "
+                        "in the checkpoint")
+            return None
+        out = s.run_dir / "lora"
+        if s.dist.main:
+            save_lora(policy, out)
+        dist.barrier(s.dist)
+        return out
 
 
 class _Clock:
@@ -237,7 +268,7 @@ def update(s: State, edges: EdgeBatch, cond: dict, plan: RolloutPlan) -> dict[st
     if min(counts) < cfg.train.updates_per_rollout:
         raise TrainingStopped(f"{min(counts)} trained edges < train.updates_per_rollout="
                               f"{cfg.train.updates_per_rollout}")
-    if s.dist.strategy == "fsdp" and len(set(counts)) > 1:
+    if not dist.same_work(s.dist, counts):
         raise TrainingStopped(f"ranks selected different edge counts {counts}; FSDP needs the "
                               "same forwards on every rank: use a selection with a fixed count")
     perm = torch.randperm(n, generator=seeded(cfg.train.seed, s.iteration, s.purpose("shuffle")))
@@ -302,56 +333,81 @@ def _clip_and_step(s: State) -> float:
 def setup(cfg: Config, resume: Path | None) -> State:
     """Build everything; restore the newest checkpoint when resuming. Under torchrun: join
     the process group, check the batch geometry, wrap the policy (DDP / FSDP2)."""
-    device = _device(cfg)
-    d = dist.init(cfg, device)
-    if device.type == "cuda" and d.enabled:
-        device = torch.device("cuda", d.local_rank)
+    d, device = dist.init(_device(cfg), strategy=strategy_of(cfg), backend=cfg.dist.backend,
+                          timeout_minutes=cfg.dist.timeout_minutes)
     run_dir = Path(dist.broadcast(d, str(Path(resume) if resume else _new_run_dir(cfg))))
     train_prompts, eval_prompts = load_prompts(cfg.data.prompts, cfg.data.eval_prompts)
-    per_rank = dist.check_geometry(cfg, d.world, len(train_prompts))
-    path = resume_io.pick_checkpoint(cfg, d, run_dir) if resume else None
+    per_rank = check_geometry(cfg, d.world, len(train_prompts))
+    path = ckpt.pick_checkpoint(run_dir, d, cfg.log.checkpoint_every) if resume else None
     torch.manual_seed(cfg.train.seed)
-    if d.enabled and not d.main:
-        dist.barrier(d)  # rank 0 fills the model caches first
-    policy = build_policy(model_options(cfg, progress=cfg.log.progress and d.main), device)
-    judge = _judge(cfg, d.main)
-    if d.enabled and d.main:
-        dist.barrier(d)
+    with dist.main_first(d):  # rank 0 fills the model caches first
+        policy = build_policy(model_options(cfg, progress=cfg.log.progress and d.main), device)
+        judge = scoring.judge(cfg, d.main)
     # Building may have drawn from the global generators or not (the tiny base model is
     # pretrained on first use, loaded from the cache after): a run must not depend on which.
     torch.manual_seed(cfg.train.seed)
+    s = assemble(cfg, policy, device, (train_prompts, eval_prompts), run_dir, d=d, judge=judge,
+                 prompts_per_rank=per_rank)
+    _open_run_dir(s, _restore(s, path) if path else None)
+    dist.print0(d, f"run directory: {run_dir}\n{to_yaml(cfg)}")
+    if d.enabled:
+        dist.print0(d, f"distributed: {d.world} ranks, {d.strategy}, {per_rank} prompts per "
+                    f"rank ({d.world * per_rank} per iteration)")
+    return s
+
+
+def assemble(cfg: Config, policy: Any, device: torch.device, prompts: tuple[list[str], list[str]],
+             run_dir: Path, *, d: dist.Dist | None = None, judge: Any = None,
+             prompts_per_rank: int | None = None) -> State:
+    """The loop's `State` around a built ``policy``: trainable parameters by name, the KL
+    reference, DDP / FSDP2 wrapping (under torchrun), AdamW, the LR schedule, the rewards of
+    ``cfg.reward``, EMA. ``prompts``: (training, held-out). Writes nothing (`setup` opens the
+    run directory); `branchgrpo.bench` times `iteration` on states built here."""
+    d = d or dist.Dist()
+    if prompts_per_rank is None:
+        prompts_per_rank = check_geometry(cfg, d.world, len(prompts[0]))
     names = {id(p): n for n, p in module_of(policy).named_parameters()}
-    params = [p for p in policy.trainable_parameters()]
-    param_names = [names[id(p)] for p in params]
-    keep = {id(p) for p in params}
+    param_names = [names[id(p)] for p in policy.trainable_parameters()]
+    keep = {id(p) for p in policy.trainable_parameters()}
     for p in module_of(policy).parameters():
         p.requires_grad_(id(p) in keep)
-    reference = None
-    if d.enabled:  # wrap before the optimizer: FSDP2 replaces parameters by DTensors
-        if cfg.train.kl_coef > 0:
-            reference = copy.deepcopy(policy).requires_grad_(False)
-            dist.wrap(reference, d, cfg, trainable=False)
-        dist.wrap(policy, d, cfg)
-        params = [p for p in policy.trainable_parameters()]
+    reference = copy.deepcopy(policy).requires_grad_(False) if cfg.train.kl_coef > 0 else None
+    wrap = {"bf16": cfg.model.dtype == "bf16", "cpu_offload": cfg.dist.cpu_offload,
+            "find_unused_parameters": cfg.dist.find_unused_parameters}
+    dist.wrap(reference, d, trainable=False, **wrap)  # before the optimizer: FSDP2 replaces
+    dist.wrap(policy, d, **wrap)  # parameters by DTensors
+    params = list(policy.trainable_parameters())
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-    scorers = RewardSet(dict(cfg.reward.weights), dict(cfg.reward.options),
-                        batch_size=cfg.reward.batch_size)
-    s = State(cfg, run_dir, device, policy, params, opt, sched, scorers, judge,
-              train_prompts, eval_prompts,  # a logger that writes nothing until _open_run_dir
+    s = State(cfg, run_dir, device, policy, params, opt, sched, scoring.reward_set(cfg), judge,
+              *prompts,  # a logger that writes nothing until _open_run_dir
               RunLogger(run_dir, tensorboard=False, enabled=False), dist=d,
-              prompts_per_rank=per_rank, param_names=param_names, spec=resolve(cfg))
+              prompts_per_rank=prompts_per_rank, param_names=param_names, spec=resolve(cfg),
+              reference=reference)
     if cfg.train.ema_decay > 0:
         s.ema = [p.detach().clone() for p in params]
-    if cfg.train.kl_coef > 0:
-        s.reference = reference or copy.deepcopy(policy).requires_grad_(False)
-    _open_run_dir(s, resume_io.restore(s, path) if path else None)
-    if d.main:
-        print(f"run directory: {run_dir}\n{to_yaml(cfg)}", flush=True)
-        if d.enabled:
-            print(f"distributed: {d.world} ranks, {d.strategy}, {per_rank} prompts per rank "
-                  f"({d.world * per_rank} per iteration)", flush=True)
     return s
+
+
+def _trained(s: State) -> ckpt.Trained:
+    """The parts of ``s`` a checkpoint holds."""
+    return ckpt.Trained(module_of(s.policy), s.optimizer, s.scheduler, s.params, s.param_names,
+                        s.ema, s.device)
+
+
+def _save(s: State) -> None:
+    """Checkpoint the finished iteration ``s.iteration`` (format: `branchgrpo.checkpoint`)."""
+    meta = {"elapsed": s.elapsed, "metrics_lines": s.logger.lines(), "config": to_yaml(s.cfg),
+            "extra": s.extra, "world": s.dist.world}
+    ckpt.save(s.run_dir, s.iteration, _trained(s), meta, s.cfg.log.keep_last, s.dist)
+
+
+def _restore(s: State, path: Path) -> dict:
+    """Resume ``s`` from the checkpoint at ``path``: weights, optimizer, EMA, LR schedule, RNG,
+    iteration, training clock and ``extra``. Returns the checkpoint's metadata."""
+    st = ckpt.restore(path, _trained(s), s.dist)
+    s.iteration, s.elapsed, s.extra = st["iteration"], st["elapsed"], st["extra"]
+    return st
 
 
 def _open_run_dir(s: State, restored: dict | None) -> None:
@@ -500,19 +556,6 @@ class _ema_weights:
         with torch.no_grad():
             for p, v in zip(self.s.params, self.saved, strict=False):
                 p.copy_(v)
-
-
-def _judge(cfg: Config, main: bool = True):
-    if not cfg.reward.judge:
-        return None
-    if cfg.reward.judge == "judge":
-        from .tasks.shapes_reward import ShapesJudge
-
-        return ShapesJudge.cached(Path(cfg.model.cache_dir).expanduser(),
-                                  cfg.log.progress and main)
-    from .rewards import build_reward
-
-    return build_reward(cfg.reward.judge)
 
 
 def _progress(s: State):

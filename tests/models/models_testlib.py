@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from branchgrpo.engine.schedule import make_sigmas
+from branchgrpo.engine.tree import Tree, chain_plan, rollout
 from branchgrpo.models.flux import tiny_flux
 from branchgrpo.models.sd3 import tiny_sd3
 from branchgrpo.models.wan import set_pipeline_sigmas, tiny_wan
-from branchgrpo.schedule import make_sigmas
-from branchgrpo.tree import Tree, chain_plan, rollout
 
 BUILDERS = {"flux": tiny_flux, "sd3": tiny_sd3, "wan": tiny_wan}
 FAMILIES = tuple(BUILDERS)

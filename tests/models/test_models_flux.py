@@ -5,11 +5,11 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from models_testlib import PROMPTS
 
+from branchgrpo.engine.plans import build_plan
+from branchgrpo.engine.schedule import make_sigmas
+from branchgrpo.engine.tree import rollout
 from branchgrpo.models.flux import flux_dev_config, from_transformer, pack, tiny_flux, unpack
 from branchgrpo.models.lora import LoraSpec
-from branchgrpo.plans import build_plan
-from branchgrpo.schedule import make_sigmas
-from branchgrpo.tree import rollout
 
 
 def test_flux_dev_config_builds_12b_on_meta():

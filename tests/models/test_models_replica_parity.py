@@ -23,9 +23,9 @@ from models_testlib import (
     run_default_pipeline,
 )
 
+from branchgrpo.engine.sde import ode
 from branchgrpo.models.factory import build_policy
 from branchgrpo.models.loading import DTYPES
-from branchgrpo.sde import ode
 from branchgrpo.spec import model_options, resolve
 
 T = 4

@@ -11,8 +11,8 @@ import torch
 
 from branchgrpo.cli import main
 from branchgrpo.config import load_config
+from branchgrpo.engine.schedule import diffusers_static, transformer_timesteps
 from branchgrpo.models.testing import write_replica
-from branchgrpo.schedule import diffusers_static, transformer_timesteps
 from branchgrpo.spec import resolve, schedule_rule
 
 

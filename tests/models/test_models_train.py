@@ -6,11 +6,11 @@ import pytest
 import torch
 from models_testlib import FAMILIES, PROMPTS, build
 
-from branchgrpo.advantages import compute_advantages
-from branchgrpo.losses import policy_loss
+from branchgrpo.engine.advantages import compute_advantages
+from branchgrpo.engine.losses import policy_loss
+from branchgrpo.engine.plans import build_plan
+from branchgrpo.engine.tree import edge_log_prob, rollout
 from branchgrpo.models.lora import LoraSpec
-from branchgrpo.plans import build_plan
-from branchgrpo.tree import edge_log_prob, rollout
 
 
 @pytest.mark.parametrize("mode", ["lora", "full"])

@@ -74,11 +74,11 @@ class DiffusersPolicy:
         return self.family.timestep(sigma.to(self.device))
 
     def default_schedule(self) -> dict[str, Any]:
-        """kwargs of `branchgrpo.schedule.make_sigmas` (add num_steps)."""
+        """kwargs of `branchgrpo.engine.schedule.make_sigmas` (add num_steps)."""
         return self.family.default_schedule()
 
     def plan_kwargs(self) -> dict[str, Any]:
-        """The same schedule as keyword arguments of `branchgrpo.plans.build_plan`."""
+        """The same schedule as keyword arguments of `branchgrpo.engine.plans.build_plan`."""
         return plan_kwargs(self.family.default_schedule())
 
     # ---- Policy protocol ----------------------------------------------------------------

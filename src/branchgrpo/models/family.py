@@ -77,7 +77,7 @@ class Family(Protocol):
     - ``decode(parts, x0)``: media in [0, 1] from clean latents x0 [N, *L]: images
       [N, 3, H, W], videos [N, F, 3, H, W]; fp32.
     - ``timestep(sigma)``: the transformer's timestep [N] fp32 from sigma [N].
-    - ``default_schedule()``: kwargs of `branchgrpo.schedule.make_sigmas` (add num_steps).
+    - ``default_schedule()``: kwargs of `branchgrpo.engine.schedule.make_sigmas` (add num_steps).
     """
 
     pipeline_name: ClassVar[str]
@@ -138,5 +138,5 @@ def prompt_seed(prompt: str) -> int:
 
 def plan_kwargs(schedule: dict[str, Any]) -> dict[str, Any]:
     """`Family.default_schedule` (make_sigmas kwargs) as keyword arguments of
-    `branchgrpo.plans.build_plan` (``kind`` is called ``schedule`` there)."""
+    `branchgrpo.engine.plans.build_plan` (``kind`` is called ``schedule`` there)."""
     return {("schedule" if k == "kind" else k): v for k, v in schedule.items()}

@@ -115,7 +115,7 @@ class FluxFamily:
                    height=height, width=width, **options)
 
     def default_schedule(self) -> dict[str, Any]:
-        """kwargs of `branchgrpo.schedule.make_sigmas` (add num_steps): the FastVideo repos'
+        """kwargs of `branchgrpo.engine.schedule.make_sigmas` (add num_steps): the FastVideo repos'
         shifted schedule (shift 3) by default, or diffusers' "flux_dynamic"."""
         return {"kind": self.schedule, "shift": self.shift, "image_seq_len": self.latent_shape[0]}
 
@@ -139,7 +139,7 @@ class FluxFamily:
 
     def timestep(self, sigma: Tensor) -> Tensor:
         """The transformer's timestep [N] fp32 from sigma [N] (see the module docstring)."""
-        from ..schedule import transformer_timesteps
+        from ..engine.schedule import transformer_timesteps
 
         return transformer_timesteps(sigma, 1.0, self.quantize_timestep)
 

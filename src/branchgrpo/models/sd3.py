@@ -83,13 +83,13 @@ class SD3Family:
         return self.guidance_scale > 1.0
 
     def default_schedule(self) -> dict[str, Any]:
-        """kwargs of `branchgrpo.schedule.make_sigmas`: the shifted schedule at ``shift``."""
+        """kwargs of `branchgrpo.engine.schedule.make_sigmas`: the shifted schedule at ``shift``."""
         return {"kind": "shifted", "shift": self.shift}
 
     def timestep(self, sigma: Tensor) -> Tensor:
         """The transformer's timestep [N] fp32: 1000 sigma, floored with ``quantize_timestep``
         (the FastVideo repos' int(1000 sigma))."""
-        from ..schedule import transformer_timesteps
+        from ..engine.schedule import transformer_timesteps
 
         return transformer_timesteps(sigma, 1000.0, self.quantize_timestep)
 

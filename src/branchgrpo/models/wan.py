@@ -84,13 +84,13 @@ class WanFamily:
         return self.guidance_scale > 1.0
 
     def default_schedule(self) -> dict[str, Any]:
-        """kwargs of `branchgrpo.schedule.make_sigmas`: the shifted schedule at ``shift``."""
+        """kwargs of `branchgrpo.engine.schedule.make_sigmas`: the shifted schedule at ``shift``."""
         return {"kind": "shifted", "shift": self.shift}
 
     def timestep(self, sigma: Tensor) -> Tensor:
         """The transformer's timestep [N] fp32: 1000 sigma, or with ``quantize_timestep`` the
         int64(1000 sigma) of UniPC's grid that WanPipeline passes (999 at sigma 1)."""
-        from ..schedule import UNIPC_SIGMA_MAX, transformer_timesteps
+        from ..engine.schedule import UNIPC_SIGMA_MAX, transformer_timesteps
 
         return transformer_timesteps(sigma, 1000.0, self.quantize_timestep, UNIPC_SIGMA_MAX)
 

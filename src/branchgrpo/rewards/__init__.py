@@ -1,6 +1,7 @@
 """Reward models for online RL: the protocol, a registry of factories, weighted sets, a server
-and its client. Heavy dependencies (transformers, onnxruntime) are imported only when a model
-reward is built.
+and its client. The embedded task's rewards register from the tasks side (`branchgrpo.scoring`
+imports them for the recipe). Heavy dependencies (transformers, onnxruntime) are imported only
+when a model reward is built.
 
 >>> from branchgrpo.rewards import build_reward, REWARDS
 >>> "jpeg_compressibility" in REWARDS
@@ -28,12 +29,9 @@ from branchgrpo.rewards.base import (
     weighted_sum,
 )
 from branchgrpo.rewards.client import RemoteClient, RemoteReward
-from branchgrpo.rewards.scorer import AsyncScorer
-from branchgrpo.tasks import shapes_reward  # noqa: F401,E402  (registers "shapes", "judge")
 
 __all__ = [
     "REWARDS",
-    "AsyncScorer",
     "RemoteClient",
     "RemoteReward",
     "Reward",

@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from branchgrpo.registry import Registry
+from branchgrpo.engine.registry import Registry
 
 __all__ = [
     "REWARDS",

@@ -1,13 +1,13 @@
 """Bounded load and fault tests for the reward server (loopback only; each stops by itself).
 
     # throughput of a running server
-    python -m branchgrpo.rewards.loadtest --url http://127.0.0.1:8900 --requests 200 \\
+    branchgrpo bench reward-server --url http://127.0.0.1:8900 --requests 200 \\
         --concurrency 4 --batch 8 --size 512
     # dynamic batching vs one request at a time (--no-batching), at 1, 4 and 16 clients;
     # starts its own servers with the TinyCNN reward below
-    python -m branchgrpo.rewards.loadtest --compare --requests 96 --batch 4 --size 64
+    branchgrpo bench reward-server --compare --requests 96 --batch 4 --size 64
     # hostile clients against a fresh server, with its RSS before and after each
-    python -m branchgrpo.rewards.loadtest --faults
+    branchgrpo bench reward-server --faults
 
 Throughput runs send random images ``[batch, 3, size, size]`` and report images/s, requests/s
 and latency percentiles p50/p95/p99 in ms. The raw-socket helpers here (``post_head``,
@@ -434,10 +434,9 @@ def markdown(rows: Sequence[dict[str, object]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="branchgrpo.rewards.loadtest", description=__doc__.split("\n")[0]
-    )
+def main(argv: Sequence[str] | None = None, prog: str = "branchgrpo.rewards.loadtest") -> int:
+    """Command line entry point (``branchgrpo bench reward-server`` calls this)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--url", help="load-test a running loopback server")
     mode.add_argument("--compare", action="store_true",
@@ -464,7 +463,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"{r['requests_per_s']:.1f} req/s, {r['images_per_s']:.1f} images/s; latency ms "
             f"p50 {r['p50_ms']:.1f} p95 {r['p95_ms']:.1f} p99 {r['p99_ms']:.1f}"
         )
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

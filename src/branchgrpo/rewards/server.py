@@ -1,7 +1,6 @@
 """A reward server: score media over HTTP with rewards that live in another process/venv.
 
-    python -m branchgrpo.rewards.server jpeg_compressibility hps=hpsv2 \\
-        --host 127.0.0.1 --port 8900 --token SECRET --max-batch 64 --max-wait-ms 10
+    branchgrpo serve-reward jpeg_compressibility hps=hpsv2 --port 8900 --token SECRET
 
 Each NAME is a registered reward, a dotted path ``pkg.mod:fn``, or ``alias=source`` (served
 under ``alias``). ``--kwargs '{"hps": {"device": "cuda"}}'`` passes constructor arguments.
@@ -15,12 +14,9 @@ Protocol (JSON only, no pickle; see docs/rewards.md):
   too slow, 413 too many bytes or pixels, 500 a reward failed, 503 (uvicorn) too many
   connections. The server keeps serving after any of them.
 
-Why Starlette + uvicorn (not ``http.server``): ASGI reads the body as an async stream, so a slow
-or hostile client costs a coroutine, not a thread; the token and ``Content-Length`` are checked
-from the headers before any of the body is read, and the size limit is enforced while streaming
-(chunked bodies too); uvicorn brings a keep-alive timeout and a connection cap
-(``limit_concurrency``), and both are small, widely used packages. uvicorn has no deadline for
-headers or for a body nobody reads, so :func:`guarded_h11` adds one (per connection).
+Starlette + uvicorn, not ``http.server`` (docs/rewards.md): the body is an async stream, checked
+against token and limits before and while it is read; `guarded_h11` adds the deadlines uvicorn
+lacks.
 
 Scoring uses dynamic batching (:class:`Batcher`): requests from several clients are queued, and
 one worker merges compatible ones (same media shape and reward subset, up to ``--max-batch``
@@ -60,9 +56,8 @@ try:
     from starlette.routing import Route
     from uvicorn.protocols.http.h11_impl import H11Protocol
 except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        f"the reward server needs starlette and uvicorn ({e}); pip install 'branchgrpo[serve]'"
-    ) from e
+    raise ImportError(f"the reward server needs starlette and uvicorn ({e}); pip install "
+                      "'branchgrpo[serve]'") from e
 
 from branchgrpo.rewards.base import REWARDS, RewardSet
 from branchgrpo.rewards.media import MediaTooLarge, decode_media
@@ -593,11 +588,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "branchgrpo.rewards.serv
                               a.max_batch, a.max_wait_ms, not a.no_batching, a.reuse_port)
     except ValueError as e:
         p.error(str(e))
-    h, port = server.address
+    (h, port), names = server.address, list(parse_names(a.names))
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: reward server bound to {a.host}, reachable beyond loopback", flush=True)
-    shown = f"[{h}]" if ":" in h else h
-    print(f"serving {list(parse_names(a.names))} on http://{shown}:{port}", flush=True)
+    print(f"serving {names} on http://{f'[{h}]' if ':' in h else h}:{port}", flush=True)
     server.serve_forever()
     return 0
 

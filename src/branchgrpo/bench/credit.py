@@ -28,8 +28,11 @@ prediction of its parent's forward (docs/algorithms.md §1.8).
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import shlex
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -40,12 +43,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .advantages import compute_advantages
-from .methods import METHODS
-from .models.base import Cond, Policy, select_cond
-from .plans import build_plan
-from .pruning import select_edges
-from .tree import RolloutPlan, Tree, chain_plan, decode_leaves, rollout
+from ..config import ConfigError
+from ..engine.advantages import compute_advantages
+from ..engine.methods import METHODS
+from ..engine.plans import build_plan
+from ..engine.policy import Cond, Policy, select_cond
+from ..engine.pruning import select_edges
+from ..engine.tree import RolloutPlan, Tree, chain_plan, decode_leaves, rollout
 
 DEFAULT_METHODS = ("dance_full", "flow_grpo", "mix", "g2rpo", "branch", "branch_depth")
 
@@ -192,25 +196,24 @@ def credit(methods: Sequence[str], num_prompts: int, k: int, overrides: Sequence
     """Measure every method on the embedded default's base model and training reward (the
     policy ``branchgrpo train`` starts from, with ``overrides`` applied); write credit.md,
     credit.json and credit_by_step.png to ``out_dir``."""
-    from .bench import machine
-    from .config import load_config
-    from .models.factory import build_policy, load_prompts
-    from .rewards import RewardSet
-    from .spec import advantage_kw, model_options, resolve, resolved_rules
+    from ..config import load_config
+    from ..models.factory import build_policy, load_prompts
+    from ..scoring import reward_set
+    from ..spec import advantage_kw, model_options, resolve, resolved_rules
+    from .common import machine
 
     base = load_config(None, list(overrides))
     policy = build_policy(model_options(base, progress=progress), torch.device("cpu"))
     train_prompts, _ = load_prompts(base.data.prompts, base.data.eval_prompts)
     prompts = train_prompts[:num_prompts]
-    reward_set = RewardSet(dict(base.reward.weights), dict(base.reward.options),
-                           batch_size=base.reward.batch_size)
+    rewards = reward_set(base)
     rows = []
     t0 = time.perf_counter()
     for m in methods:
         cfg = load_config(None, [*overrides, f"rollout.method={m}"])
         rules = resolved_rules(cfg)
         t = time.perf_counter()
-        row = measure(policy, prompts, m, resolve(cfg).plan_kwargs, reward_set, rules,
+        row = measure(policy, prompts, m, resolve(cfg).plan_kwargs, rewards, rules,
                       advantage_kw(cfg, rules[0]), k=k, seed=seed,
                       max_batch=cfg.rollout.max_batch)
         row["seconds"] = time.perf_counter() - t
@@ -242,7 +245,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
 
 def write_outputs(out_dir: Path, rows: list[dict[str, Any]], info: dict[str, Any]) -> None:
     """credit.md (table, plot, command, machine), credit.json, credit_by_step.png."""
-    from .report import line_figure
+    from ..report import line_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "credit.json").write_text(json.dumps({**info, "rows": rows}, indent=1))
@@ -268,3 +271,23 @@ def write_outputs(out_dir: Path, rows: list[dict[str, Any]], info: dict[str, Any
           "", *table(rows), "",
           "![by step](credit_by_step.png)", ""]
     (out_dir / "credit.md").write_text("\n".join(md))
+
+
+def command(args: argparse.Namespace) -> int:
+    """``branchgrpo bench credit``."""
+    methods = args.methods.split(",") if args.methods else list(DEFAULT_METHODS)
+    if any("=" not in o for o in args.overrides) or args.prompts < 1 or args.continuations < 2:
+        print("error: overrides look like key.sub=value, --prompts >= 1, --continuations >= 2",
+              file=sys.stderr)
+        return 2
+    cmd = ["branchgrpo", "bench", "credit", "--methods", ",".join(methods), "--prompts",
+           str(args.prompts), "--continuations", str(args.continuations), "--seed",
+           str(args.seed), "--out", str(args.out), *args.overrides]
+    try:
+        credit(methods, args.prompts, args.continuations, args.overrides, Path(args.out),
+               seed=args.seed, command=shlex.join(cmd))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {Path(args.out) / 'credit.md'}")
+    return 0

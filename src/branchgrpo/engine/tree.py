@@ -21,12 +21,12 @@ log-prob uses the std actually sampled with, lambda * std (docs/algorithms.md §
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
 
-from .models.base import Cond, Policy, select_cond
+from .policy import Cond, Policy, select_cond
 from .sde import KERNELS, Reduce, dpm2, ode, transition_log_prob
 
 SOLVERS = ("sde", "ode", "dpm2")
@@ -191,10 +191,6 @@ class Tree:
         return int(self.parent.numel())
 
     @property
-    def num_trees(self) -> int:
-        return int(self.group.max().item()) + 1
-
-    @property
     def leaf_ids(self) -> Tensor:
         """Node ids of the leaves [L], ascending."""
         return self.leaf.nonzero().squeeze(1)
@@ -203,11 +199,6 @@ class Tree:
     def edge_mask(self) -> Tensor:
         """Nodes that have an incoming edge [N] bool."""
         return self.parent >= 0
-
-    def to(self, device: torch.device | str) -> Tree:
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return replace(self, **{k: v.to(device) if isinstance(v, Tensor) else v
-                                for k, v in moved.items()})
 
     def edges(self, select: Tensor | None = None, adv: Tensor | None = None) -> EdgeBatch:
         """The edges into the nodes where ``select`` [N] is True (default: every SDE edge), with
@@ -262,10 +253,6 @@ class EdgeBatch:
         """A sub-batch (minibatch or shuffle) by edge index [e]."""
         return EdgeBatch(**{f.name: (None if getattr(self, f.name) is None
                                      else getattr(self, f.name)[idx]) for f in fields(self)})
-
-    def to(self, device: torch.device | str) -> EdgeBatch:
-        return EdgeBatch(**{f.name: (None if getattr(self, f.name) is None
-                                     else getattr(self, f.name).to(device)) for f in fields(self)})
 
 
 def transition(
@@ -372,7 +359,10 @@ def rollout(
     ``generator`` draws all noise (root and SDE), on ``device`` (default: the cond's device).
     ``keep_mean`` stores each edge's rollout mean (needed by the GRPO-Guard ratio).
     ``x_start`` [num_trees * plan.roots, *D]: the root latents at the plan's first sigma instead
-    of drawn noise (continuing from intermediate states, e.g. `branchgrpo.bench_credit`)."""
+    of drawn noise (continuing from intermediate states, e.g. `branchgrpo.bench.credit`)."""
+    # One function, 80+ lines: the walk over grid indices keeps the frontier, the builder and the
+    # noise draws in one place, so the order of generator draws (which makes a tree independent
+    # of max_batch) is visible at a glance; helpers would scatter that shared state.
     if max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
     first = next(iter(cond.values()))

@@ -20,10 +20,13 @@ on it (``train.lr_schedule`` linear/cosine, ``selection.until`` < 1) are then st
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
+import shlex
 import shutil
+import sys
 import time
 import traceback
 from collections.abc import Sequence
@@ -33,8 +36,9 @@ from typing import Any
 
 import numpy as np
 
-from .bench import machine
-from .bench_iteration import DEFAULT_METHODS as ITERATION_METHODS
+from ..config import ConfigError
+from .common import machine
+from .iteration import DEFAULT_METHODS as ITERATION_METHODS
 
 DEFAULT_METHODS = tuple(m for m in ITERATION_METHODS if m != "branch_width")
 DEFAULT_BUDGET_S = 100.0  # 9 methods x 3 seeds: about an hour with evaluations, 2 cores
@@ -76,7 +80,7 @@ def run_overrides(method: str, seed: int, budget_s: float, eval_every_s: float, 
 
 def read_run(run: Run) -> None:
     """Fill ``run`` from its ``metrics.jsonl``: eval points, iterations and training seconds."""
-    from .log import read_metrics, split_evals
+    from ..log import read_metrics, split_evals
 
     train, evals = split_evals(read_metrics(Path(run.run_dir)))
     run.evals = [{"iteration": r["iteration"], "time": r.get("time/elapsed", 0.0),
@@ -90,8 +94,8 @@ def train_one(method: str, seed: int, budget_s: float, eval_every_s: float, out_
               overrides: Sequence[str]) -> Run:
     """Train one (method, seed) in this process; a failure is recorded, not raised. The run's
     stdout and stderr go to ``<run_dir>/train.log``."""
-    from .config import load_config
-    from .train import train
+    from ..config import load_config
+    from ..train import train
 
     run_dir = out_dir / "runs" / f"{method}-s{seed}"
     run = Run(method, seed, str(run_dir))
@@ -117,7 +121,7 @@ def train_one(method: str, seed: int, budget_s: float, eval_every_s: float, out_
 
 def check_configs(methods: Sequence[str], seeds: Sequence[int], overrides: Sequence[str]) -> None:
     """Load every run's config up front: a bad override fails before any training."""
-    from .config import load_config
+    from ..config import load_config
 
     for m in methods:
         load_config(None, run_overrides(m, seeds[0], 1.0, 0.0, Path("unused"), overrides))
@@ -196,7 +200,7 @@ def summarise(runs: list[Run], methods: Sequence[str], target: float | None) -> 
 # ----------------------------------------------------------------------------- outputs
 def plot(path: Path, curves: dict[str, dict], x: str, xlabel: str, target: float) -> None:
     """Mean judge per method against ``x`` with a min-max band over seeds."""
-    from .report import line_figure
+    from ..report import line_figure
 
     with line_figure(path, xlabel, "held-out judge (mean over seeds, band: min-max)",
                      size=(7, 4.2), legend_size=7, legend_cols=2) as ax:
@@ -323,3 +327,37 @@ def check_pipeline(result: dict[str, Any], out_dir: Path) -> list[str]:
         if row.get("iterations", 0) < 1:
             problems.append(f"{row['method']}: no training iteration")
     return problems
+
+
+def command(args: argparse.Namespace) -> int:
+    """``branchgrpo bench learn``."""
+    q = args.quick
+    methods = args.methods.split(",") if args.methods else list(
+        QUICK["methods"] if q else DEFAULT_METHODS)
+    seeds = list(range(args.seeds if args.seeds is not None else QUICK["seeds"] if q else 3))
+    budget = args.budget if args.budget is not None else (
+        QUICK["budget_s"] if q else DEFAULT_BUDGET_S)
+    overrides = [*(QUICK["overrides"] if q else ()), *args.overrides]
+    every = args.eval_every if args.eval_every is not None else (budget / 2 if q else None)
+    bad = [o for o in overrides if "=" not in o]
+    if bad or not seeds or budget <= 0:
+        print(f"error: overrides look like key.sub=value (got {bad}), --seeds >= 1, "
+              "--budget > 0", file=sys.stderr)
+        return 2
+    cmd = ["branchgrpo", "bench", "learn", "--methods", ",".join(methods), "--seeds",
+           str(len(seeds)), "--budget", f"{budget:g}", "--out", str(args.out)]
+    cmd += ["--eval-every", f"{every:g}"] if every is not None else []
+    cmd += ["--target", f"{args.target:g}"] if args.target is not None else []
+    try:
+        result = learn(methods, seeds, budget, overrides, Path(args.out), every, args.target,
+                       progress=True, command=shlex.join([*cmd, *overrides]))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    failed = [r for r in result["runs"] if r["error"]]
+    print(f"report: {Path(args.out) / 'learn.md'}" + (f" ({len(failed)} of "
+          f"{len(result['runs'])} runs failed)" if failed else ""))
+    problems = check_pipeline(result, Path(args.out)) if q else []
+    for p in problems:
+        print(f"quick check failed: {p}", file=sys.stderr)
+    return 1 if problems or len(failed) == len(result["runs"]) else 0
