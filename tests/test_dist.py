@@ -15,8 +15,9 @@ from torch import nn
 
 from branchgrpo import dist as D
 from branchgrpo.config import ConfigError, load_config
-from branchgrpo.dist import Dist, check_geometry
-from branchgrpo.preflight import check_run
+from branchgrpo.dist import Dist
+from branchgrpo.preflight import check_geometry, check_run
+from branchgrpo.spec import strategy_of
 
 
 @pytest.fixture
@@ -43,8 +44,8 @@ def test_single_process_defaults(monkeypatch):
 
 def test_init_without_torchrun_is_one_process(monkeypatch, no_collectives):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    d = D.init(load_config(), torch.device("cpu"))
-    assert d == Dist() and not td.is_initialized()
+    d, device = D.init(torch.device("cpu"), strategy="ddp")
+    assert d == Dist() and device == torch.device("cpu") and not td.is_initialized()
     D.close(d)
 
 
@@ -69,16 +70,16 @@ def test_wrap_and_no_sync_leave_one_process_alone(no_collectives):
 
     p = P()
     inner = p.transformer
-    D.wrap(p, Dist(), load_config())
+    D.wrap(p, Dist())
     assert p.transformer is inner
     assert isinstance(D.no_sync(p, Dist(), last=False), nullcontext)
     assert isinstance(D.no_sync(p, Dist(0, 2, 0, "fsdp"), last=False), nullcontext)
 
 
 def test_ddp_without_a_transformer_is_a_clear_error():
-    with pytest.raises(ConfigError, match="object has no .transformer module to wrap for "
-                                          "dist.strategy=ddp"):
-        D.wrap(object(), Dist(0, 2, 0, "ddp"), load_config())
+    with pytest.raises(ValueError, match="object has no .transformer module to wrap for "
+                                         "dist.strategy=ddp"):
+        D.wrap(object(), Dist(0, 2, 0, "ddp"))
 
 
 @pytest.mark.parametrize("over,expected", [
@@ -89,7 +90,7 @@ def test_ddp_without_a_transformer_is_a_clear_error():
     (["dist.strategy=fsdp"], "fsdp"),
 ])
 def test_strategy_rule(over, expected):
-    assert D.strategy_of(load_config(None, over)) == expected
+    assert strategy_of(load_config(None, over)) == expected
 
 
 def test_transformer_blocks_are_the_module_list_items_in_order():
