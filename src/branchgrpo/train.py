@@ -21,6 +21,7 @@ import copy
 import hashlib
 import json
 import math
+import random
 import sys
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -346,6 +348,8 @@ def setup(cfg: Config, resume: Path | None) -> State:
     # Building may have drawn from the global generators or not (the tiny base model is
     # pretrained on first use, loaded from the cache after): a run must not depend on which.
     torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)  # nothing draws from these today; a future draw stays seeded
+    np.random.seed(cfg.train.seed)
     s = assemble(cfg, policy, device, (train_prompts, eval_prompts), run_dir, d=d, judge=judge,
                  prompts_per_rank=per_rank)
     _open_run_dir(s, _restore(s, path) if path else None)
@@ -442,7 +446,27 @@ def run_eval(s: State, tag: str) -> dict[str, float]:
         save_grid(media, prompts, s.run_dir / "samples" / f"{tag}.png", title=tag)
     s.extra["last_eval_elapsed"] = s.elapsed
     s.logger.log(s.iteration, {"eval/tag": tag, "time/elapsed": s.elapsed, **metrics})
+    _warn_grid(s, metrics.get("eval/grid"), tag)
     return metrics
+
+
+GRID_ALERT = 1.5
+"""`_warn_grid` warns when held-out ``eval/grid`` exceeds this multiple of the base model's."""
+
+
+def _warn_grid(s: State, grid: float | None, tag: str) -> None:
+    """Say when the held-out samples grow a token-period grid (``eval/grid`` over `GRID_ALERT`
+    times the base model's, and 0.02 above it): the drift that optimizer noise gives every
+    direction the reward cannot see, identical in every flat region because their tokens have
+    one input (docs/algorithms.md §14). The first evaluation sets the base value."""
+    if grid is None:
+        return
+    base = s.extra.setdefault("grid_before", grid)
+    if s.dist.main and grid > GRID_ALERT * base and grid > base + 0.02:
+        print(f"warning: {tag}: monitor eval/grid {grid:.3f} is {grid / max(base, 1e-9):.1f}x "
+              f"the base model's {base:.3f}: the samples grow a grid of one dot per token; "
+              "a KL anchor (train.kl_coef, e.g. 0.1) holds it, see docs/algorithms.md §14",
+              file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- helpers
