@@ -162,22 +162,50 @@ def _pretrain(spec: TinySpec, prompts: list[str], progress: bool) -> TinyFluxPol
     return policy.eval()
 
 
+SHIPPED = Path(__file__).with_name("tiny_base.safetensors")
+"""The base model the package ships (built by ``branchgrpo build-base``): the embedded default
+loads it instead of pretraining, so its base is the same file on every machine."""
+
+
+def shipped_spec(path: Path = SHIPPED) -> TinySpec | None:
+    """The `TinySpec` a shipped base file was built with (its safetensors metadata), or None."""
+    from safetensors import safe_open
+
+    if not path.exists():
+        return None
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    return TinySpec(**json.loads(meta["spec"])) if "spec" in meta else None
+
+
+def save_base(policy: TinyFluxPolicy, path: Path) -> Path:
+    """Write ``policy`` as safetensors with its spec in the metadata (atomic rename)."""
+    from safetensors.torch import save_model
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_model(policy, str(tmp), metadata={"spec": json.dumps(asdict(policy.spec),
+                                                              sort_keys=True)})
+    tmp.replace(path)
+    return path
+
+
 def load_or_pretrain(spec: TinySpec, cache_dir: Path, prompts: list[str],
                      progress: bool = True) -> TinyFluxPolicy:
-    """The pretrained base policy from ``cache_dir`` (pretrained and saved on first use, as
-    safetensors: data, not pickle)."""
-    from safetensors.torch import load_model, save_model
+    """The pretrained base policy: the shipped file when ``spec`` is the one it was built
+    with, else from ``cache_dir`` (pretrained and saved on first use, as safetensors: data,
+    not pickle)."""
+    from safetensors.torch import load_model
 
     path = Path(cache_dir) / f"tiny_flux_{spec.key()}.safetensors"
+    if spec == shipped_spec():
+        path = SHIPPED
     if path.exists():
         policy = TinyFluxPolicy(spec)
         load_model(policy, path)
         return policy.eval()
     policy = pretrain(spec, prompts, progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_model(policy, str(tmp))
-    tmp.replace(path)
+    save_base(policy, path)
     return policy
 
 
