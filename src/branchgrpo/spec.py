@@ -51,12 +51,13 @@ from .engine.tree import RolloutPlan
 
 if TYPE_CHECKING:
     from .models.factory import ModelOptions
+    from .models.family import Family
 
 TINY_LEVEL = 1.0
 """The tiny family's noise level (the embedded default's, which its benches are measured at)."""
 
 
-def family_class(kind: str) -> Any:
+def family_class(kind: str) -> type[Family] | None:
     """The `branchgrpo.models.family.Family` class of ``model.kind`` ``kind`` (None for the
     embedded tiny policy); `ConfigError` naming the kinds a config may select otherwise."""
     from .models.families import FAMILIES

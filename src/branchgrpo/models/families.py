@@ -12,9 +12,12 @@ adding one.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from .family import Family
 
 FAMILIES: dict[str, str] = {
     "tiny": ".tiny",          # the embedded default: a tiny FLUX transformer in pixel space
@@ -35,7 +38,7 @@ def family_module(kind: str) -> Any:
     return importlib.import_module(FAMILIES[kind], __package__)
 
 
-def family_class(kind: str) -> Any:
+def family_class(kind: str) -> type[Family] | None:
     """The `branchgrpo.models.family.Family` class of diffusers family ``kind`` (its module's
     ``FAMILY``), or None for an embedded family (tiny, analytic)."""
     return getattr(family_module(kind), "FAMILY", None)
