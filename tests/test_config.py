@@ -186,7 +186,6 @@ def test_values_meaningless_together_are_rejected():
         (["reward.weights={a: 0.0, b: 0}"], "every reward.weights value is 0"),
         (["rollout.split_steps=[]"], "rollout.split_steps is empty"),
         (["rollout.granularities=[]"], "rollout.granularities is empty"),
-        (["model.kind=flux"], "model.kind=flux needs model.path"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config(None, over)

@@ -7,8 +7,7 @@ from pathlib import Path
 import pytest
 
 from branchgrpo.config import load_config, prompts_per_rank
-from branchgrpo.preflight import check_geometry
-from branchgrpo.preflight import check_plan, dry_run_counts
+from branchgrpo.preflight import check_geometry, check_plan, dry_run_counts
 from branchgrpo.recipes import load_published
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))

@@ -36,8 +36,9 @@ def f(default: Any, doc: str) -> Any:
 
 @dataclass
 class ModelConfig:
-    kind: str = f("tiny", "policy family: tiny (embedded default), flux, sd3 or wan")
-    path: str = f("", "Hugging Face id or local folder of the real model (flux/sd3/wan)")
+    kind: str = f("tiny", "policy family: tiny (embedded default) or a diffusers family of "
+                  "branchgrpo.models.families (flux, sd3, wan, ...)")
+    path: str = f("", "Hugging Face id or local folder of the real model (diffusers families)")
     dtype: str = f("fp32", "transformer compute dtype: fp32, bf16 or fp16 (step math is fp32)")
     storage_dtype: str = f("fp32", "dtype rollout latents are stored (and round-tripped) in")
     finetune: str = f("full", "full fine-tuning or lora")
@@ -314,7 +315,7 @@ RANGES: dict[str, str] = {
     "dist.timeout_minutes": "[1,)",
 }
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.kind": ("tiny", "flux", "sd3", "wan"), "model.dtype": ("fp32", "bf16", "fp16"),
+    "model.dtype": ("fp32", "bf16", "fp16"),
     "model.storage_dtype": ("fp32", "bf16", "fp16"), "model.finetune": ("full", "lora"),
     "rollout.kernel": ("dance", "flow", "cps"),
     "rollout.schedule": ("shifted", "flux_dynamic", "diffusers"),
@@ -346,7 +347,8 @@ def _check_range(key: str, v: Any) -> None:
 
 def validate(cfg: Config) -> None:
     """Check every value on its own: choices, ranges, no NaN or inf; raise ConfigError saying
-    what to change. What values mean together (the method's plan, rewards, prompt files) is
+    what to change. What values mean together (the method's plan, rewards, prompt files) and
+    ``model.kind`` (against the family registry, with ``model.path``: `branchgrpo.spec`) are
     checked by `branchgrpo.preflight.check_run`."""
     for key in all_keys():
         v = _get(cfg, key) if key.count(".") == 1 else None
@@ -369,9 +371,6 @@ def validate(cfg: Config) -> None:
         if v is not None and not v:
             raise ConfigError(f"rollout.{k} is empty: give at least one value, or null for the "
                               "method's")
-    if cfg.model.kind != "tiny" and not cfg.model.path:
-        raise ConfigError(f"model.kind={cfg.model.kind} needs model.path (a Hugging Face id "
-                          "or a local folder)")
 
 
 def prompts_per_rank(cfg: Config, world: int) -> int:

@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from .config import Config, prompts_per_rank
-from .spec import RunSpec
+from .spec import RunSpec, family_class
 
 PER_TREE = ("forwards", "nodes", "edges", "trained_edges", "leaves")
 
@@ -69,10 +69,10 @@ def _steps(plan: Any) -> list[dict[str, Any]]:
 
 
 def _guidance(cfg: Config, spec: RunSpec) -> str:
-    fam, g = cfg.model.kind, cfg.model.guidance
-    if fam == "tiny":
+    fam, g = family_class(cfg.model.kind), cfg.model.guidance
+    if fam is None:
         return "none (tiny policy)"
-    if fam == "flux":
+    if fam.guidance_kind == "embedding":
         return f"guidance embedding {g:g}"
     return (f"classifier-free, scale {g:g} (cond and uncond rows in one forward)" if g > 1
             else "off (scale <= 1)")
@@ -83,22 +83,24 @@ def _dtypes(cfg: Config) -> dict[str, str]:
     m = cfg.model
     math = {"step math": "fp32", "rollout latents": m.storage_dtype,
             "autocast": cfg.train.amp}
-    if m.kind == "tiny":
+    fam = family_class(m.kind)
+    if fam is None:
         return {"policy": "fp32", **math}
     out = {"transformer compute": m.dtype,
            "transformer weights": "fp32 (master)" if m.finetune == "full" else m.dtype,
-           "text encoders": m.dtype, "vae": "fp32" if m.kind == "wan" else m.dtype}
+           "text encoders": m.dtype, "vae": "fp32" if "vae" in fam.fp32_modules else m.dtype}
     if m.finetune == "lora":
         out["lora adapters"] = "fp32"
-    if m.kind == "wan" and m.dtype != "fp32":
-        out["transformer fp32 modules"] = ", ".join(_wan_fp32_modules())
+    if m.dtype != "fp32" and (keep := _fp32_modules(fam.transformer_class)):
+        out["transformer fp32 modules"] = ", ".join(keep)
     return {**out, **math}
 
 
-def _wan_fp32_modules() -> list[str]:
-    from diffusers import WanTransformer3DModel
+def _fp32_modules(transformer_class: str) -> list[str]:
+    """The ``_keep_in_fp32_modules`` of the diffusers transformer class ``transformer_class``."""
+    import diffusers
 
-    return list(WanTransformer3DModel._keep_in_fp32_modules or [])
+    return list(getattr(diffusers, transformer_class)._keep_in_fp32_modules or [])
 
 
 def format_report(r: dict[str, Any]) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, load_config
-from .spec import RunSpec, clip_eps, resolve, resolved_rules
+from .spec import RunSpec, clip_eps, family_class, resolve, resolved_rules
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -141,7 +141,8 @@ def resolved(cfg: Config) -> dict[str, Any]:
         out["train.kl_kind"] = t.kl_kind
     if m.finetune == "lora":
         out |= {"model.lora_rank": m.lora_rank, "model.lora_alpha": m.lora_alpha}
-    res = f"{m.height}x{m.width}" + (f"x{m.num_frames}" if m.kind == "wan" else "")
+    fam = family_class(m.kind)
+    res = f"{m.height}x{m.width}" + (f"x{m.num_frames}" if fam and fam.video else "")
     out |= {"model.resolution": res, "model.guidance": m.guidance,
             "reward.weights": dict(cfg.reward.weights)}
     return out

@@ -3,12 +3,12 @@
 `resolve` reads the config and, for a real model, the checkpoint's config files
 (``model_index.json``, ``scheduler/scheduler_config.json``, ``transformer/config.json``,
 ``vae/config.json``) from the local folder ``model.path``, or the Hugging Face cache for a Hub
-id; with neither it uses the family's documented defaults (`FAMILY_DEFAULTS`) and says so in
-`RunSpec.notes`. Training, preflight, ``branchgrpo plan`` and the benchmarks build their plans
-from the one `RunSpec` it returns.
+id; with neither it uses the family's released config (``released_config`` of its
+`branchgrpo.models.family.Family` class) and says so in `RunSpec.notes`. Training, preflight,
+``branchgrpo plan`` and the benchmarks build their plans from the one `RunSpec` it returns.
 
 The schedule rule (``rollout.schedule`` / ``rollout.quantize_timestep`` null), by plan and
-model family:
+model family (each family's ``schedule_rule``; `schedule_rule`):
 
 ================  ==========================================  =====================  ==========
 family            plan                                        sigma grid             timestep
@@ -51,31 +51,42 @@ from .engine.tree import RolloutPlan
 
 if TYPE_CHECKING:
     from .models.factory import ModelOptions
+    from .models.family import Family
 
-FASTVIDEO_PLANS = frozenset({"dance", "branch", "branch_mix", "mix", "mix_flash", "g2rpo"})
-"""Plans whose published FLUX code (the FastVideo repos) runs the shifted linspace, shift 3,
-and gives the transformer int(1000 sigma) / 1000."""
 TINY_LEVEL = 1.0
 """The tiny family's noise level (the embedded default's, which its benches are measured at)."""
-PIPELINES = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline", "wan": "WanPipeline"}
 
-FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "flux": {"scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler",
-                           "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
-                           "base_image_seq_len": 256, "max_image_seq_len": 4096, "shift": 3.0,
-                           "num_train_timesteps": 1000},
-             "transformer": {"patch_size": 1, "in_channels": 64, "guidance_embeds": True},
-             "vae_scale_factor": 8},
-    "sd3": {"scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0,
-                          "num_train_timesteps": 1000},
-            "transformer": {"patch_size": 2, "in_channels": 16}, "vae_scale_factor": 8},
-    "wan": {"scheduler": {"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True,
-                          "flow_shift": 3.0, "prediction_type": "flow_prediction",
-                          "final_sigmas_type": "zero", "num_train_timesteps": 1000},
-            "transformer": {"patch_size": [1, 2, 2], "in_channels": 16}, "vae_scale_factor": 8},
-}
-"""The released checkpoints' config values that decide the schedule (FLUX.1-dev,
-SD3.5-medium, Wan2.1-T2V-1.3B-Diffusers), used when no config file can be read."""
+
+def family_class(kind: str) -> type[Family] | None:
+    """The `branchgrpo.models.family.Family` class of ``model.kind`` ``kind`` (None for the
+    embedded tiny policy); `ConfigError` naming the kinds a config may select otherwise."""
+    from .models.families import FAMILIES
+    from .models.families import family_class as registered
+
+    if kind == "tiny":
+        return None
+    cls = registered(kind) if kind in FAMILIES else None
+    if cls is None:
+        from .config import near
+
+        kinds = model_kinds()
+        raise ConfigError(f"model.kind={kind!r} is not one of {kinds}" + near(kind, kinds))
+    return cls
+
+
+def model_kinds() -> list[str]:
+    """The kinds a config may select: the embedded default (tiny) and every registered diffusers
+    family (`branchgrpo.models.families.FAMILIES`, in its order)."""
+    from .models.families import FAMILIES
+    from .models.families import family_class as registered
+
+    return [k for k in FAMILIES if k == "tiny" or registered(k) is not None]
+
+
+def _diffusers_kinds() -> str:
+    """The diffusers kinds as prose: "flux, sd3 or wan"."""
+    kinds = [k for k in model_kinds() if k != "tiny"]
+    return " or ".join(filter(None, [", ".join(kinds[:-1]), kinds[-1]]))
 
 
 @dataclass(frozen=True)
@@ -135,6 +146,7 @@ def resolve(cfg: Config) -> RunSpec:
         raise ConfigError(f"rollout.method={method!r} is unknown; valid: {METHODS.names()}"
                           + near(method, METHODS.names()))
     plan_name, family, r = METHODS.get(method).plan, cfg.model.kind, cfg.rollout
+    fam = family_class(family)
     files = read_model_files(cfg)
     rule_kind, rule_q = schedule_rule(plan_name, family)
     kind = r.schedule or rule_kind
@@ -144,9 +156,9 @@ def resolve(cfg: Config) -> RunSpec:
     steps = int(params.get("num_steps") or _plan_default(plan_name, "num_steps"))
     sig, shift, mu, seq = _grid(cfg, files, kind, steps)
     quant = r.quantize_timestep if r.quantize_timestep is not None else rule_q
-    if quant and family == "tiny":
+    if quant and fam is None:
         raise ConfigError("rollout.quantize_timestep=true needs a diffusers model (model.kind "
-                          "flux, sd3 or wan); the tiny policy takes sigma itself")
+                          f"{_diffusers_kinds()}); the tiny policy takes sigma itself")
     params |= {"sigmas": tuple(float(x) for x in sig)}
     if kind == "shifted":
         params |= {"schedule": "shifted", "shift": shift}
@@ -156,9 +168,8 @@ def resolve(cfg: Config) -> RunSpec:
         plan = build_plan(plan_name, **params)
     except (ValueError, KeyError, ZeroDivisionError) as e:
         raise ConfigError(f"method {method!r}: {e}") from None
-    scale = 1.0 if family in ("flux", "tiny") else 1000.0
-    ts = sch.transformer_timesteps(torch.tensor(plan.sigmas[:-1]), scale, bool(quant),
-                                   sch.UNIPC_SIGMA_MAX if family == "wan" else 1.0)
+    scale, top = (fam.timestep_scale, fam.timestep_sigma_max) if fam else (1.0, 1.0)
+    ts = sch.transformer_timesteps(torch.tensor(plan.sigmas[:-1]), scale, bool(quant), top)
     notes = [f"model config: {files.source}"] if files else []
     if files and files.scheduler.get("use_flow_sigmas") and kind == "diffusers":
         notes.append("UniPC lowers sigma_0 by 1e-6 for its own solver; SDE steps use 1 exactly")
@@ -175,12 +186,10 @@ _RULE_WHY = {("shifted", True): "FastVideo's shifted linspace and int(1000 sigma
 
 def schedule_rule(plan: str, family: str) -> tuple[str, bool]:
     """(schedule, quantize_timestep) of ``plan`` on ``family`` when the config leaves them null
-    (the module docstring's table)."""
-    if family == "tiny":
-        return "shifted", False
-    if family == "flux" and plan in FASTVIDEO_PLANS:
-        return "shifted", True
-    return "diffusers", family == "wan"  # UniPC hands Wan's transformer int64 timesteps
+    (the module docstring's table): the family class's ``schedule_rule``; the tiny policy's
+    shifted linspace on its own sigma."""
+    fam = family_class(family)
+    return fam.schedule_rule(plan) if fam else ("shifted", False)
 
 
 def _plan_default(plan: str, name: str) -> Any:
@@ -196,6 +205,7 @@ def _grid(cfg: Config, files: ModelFiles | None, kind: str, steps: int,
           ) -> tuple[torch.Tensor, float | None, float | None, int | None]:
     """(sigmas [T + 1], static shift or None, mu or None, image tokens or None)."""
     r, fam = cfg.rollout, cfg.model.kind
+    grid = family_class(fam).diffusers_grid if files else None
     if steps < 1:
         raise ConfigError(f"rollout.num_steps must be >= 1, got {steps}")
     if kind == "shifted":
@@ -205,10 +215,11 @@ def _grid(cfg: Config, files: ModelFiles | None, kind: str, steps: int,
         if kind == "flux_dynamic":  # the tiny policy: FLUX.1-dev's mu at 256 tokens
             return sch.flux_dynamic(steps, 256), None, sch.flux_mu(256), 256
         raise ConfigError(f"rollout.schedule={kind} needs a diffusers checkpoint (model.kind "
-                          "flux, sd3 or wan); use shifted or flux_dynamic on the tiny family")
+                          f"{_diffusers_kinds()}); use shifted or flux_dynamic on the tiny "
+                          "family")
     sc = files.scheduler
     n_train = int(sc.get("num_train_timesteps", 1000))
-    if fam == "flux":
+    if grid == "flux_pipeline":
         seq = _image_tokens(cfg, files, 2 * files.vae_scale_factor)
         if kind == "flux_dynamic" or sc.get("use_dynamic_shifting"):
             if r.shift is not None:
@@ -247,10 +258,15 @@ def _image_tokens(cfg: Config, files: ModelFiles, factor: int) -> int:
 
 def read_model_files(cfg: Config) -> ModelFiles | None:
     """The checkpoint's config values (None for the tiny family): the local folder
-    ``model.path``, else the Hugging Face cache, else `FAMILY_DEFAULTS` (offline: no download)."""
+    ``model.path``, else the Hugging Face cache, else the family's ``released_config``
+    (offline: no download)."""
     kind, path = cfg.model.kind, cfg.model.path
-    if kind == "tiny":
+    fam = family_class(kind)
+    if fam is None:
         return None
+    if not path:
+        raise ConfigError(f"model.kind={kind} needs model.path (a Hugging Face id or a local "
+                          "folder)")
     p = Path(path).expanduser()
     if p.is_dir():
         files = {n: _read_json(p / n, required=n != "vae/config.json")
@@ -262,23 +278,25 @@ def read_model_files(cfg: Config) -> ModelFiles | None:
     if cached["scheduler/scheduler_config.json"] and cached["transformer/config.json"]:
         files = {n: _read_json(Path(f), required=False) if f else None for n, f in cached.items()}
         return _model_files(kind, f"Hugging Face cache of {path!r}", files)
-    d = FAMILY_DEFAULTS[kind]
+    d = fam.released_config
     return ModelFiles(f"{kind} defaults (no local config files for {path!r}; the released "
-                      "checkpoint's values)", PIPELINES[kind], dict(d["scheduler"]),
+                      "checkpoint's values)", fam.pipeline_name, dict(d["scheduler"]),
                       dict(d["transformer"]), d["vae_scale_factor"])
 
 
 def _model_files(kind: str, source: str, files: dict[str, dict | None]) -> ModelFiles:
+    fam = family_class(kind)
     index = files["model_index.json"] or {}
     pipe = index.get("_class_name")
-    if pipe and pipe != PIPELINES[kind]:
-        other = {v: k for k, v in PIPELINES.items()}.get(pipe)
-        hint = f"set model.kind={other}" if other else f"use a {PIPELINES[kind]} checkpoint"
+    if pipe and pipe != fam.pipeline_name:
+        other = next((k for k in model_kinds() if k != "tiny"
+                      and family_class(k).pipeline_name == pipe), None)
+        hint = f"set model.kind={other}" if other else f"use a {fam.pipeline_name} checkpoint"
         raise ConfigError(f"model.path {source} holds a {pipe}, not model.kind={kind}'s "
-                          f"{PIPELINES[kind]}; {hint}")
+                          f"{fam.pipeline_name}; {hint}")
     vae = files["vae/config.json"]
     factor = (2 ** (len(vae["block_out_channels"]) - 1) if vae and "block_out_channels" in vae
-              else FAMILY_DEFAULTS[kind]["vae_scale_factor"])
+              else fam.released_config["vae_scale_factor"])
     return ModelFiles(source, pipe, files["scheduler/scheduler_config.json"] or {},
                       files["transformer/config.json"] or {}, factor)
 
@@ -370,7 +388,7 @@ def model_options(cfg: Config, progress: bool = True) -> ModelOptions:
 
 
 __all__ = ["strategy_of", "RunSpec", "ModelFiles", "resolve", "schedule_rule", "read_model_files",
-           "FAMILY_DEFAULTS", "FASTVIDEO_PLANS",
+           "family_class", "model_kinds",
            "plan_params", "resolved_rules", "advantage_kw", "clip_eps", "model_options"]
 
 

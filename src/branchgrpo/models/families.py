@@ -1,18 +1,23 @@
 """The model family registry: one line per family, ``model.kind`` -> the module that builds it.
 
 A family module exposes ``build(options: ModelOptions, device) -> Policy``
-(`branchgrpo.models.factory.ModelOptions`: plain values, no config object). The diffusers
-families implement `branchgrpo.models.family.Family` and build with
-`branchgrpo.models.loading.load`; the embedded ones (tiny, analytic) are `Policy` modules of
-their own. Modules are imported on first use, so listing a family costs nothing. See
-``models/README.md`` for adding one.
+(`branchgrpo.models.factory.ModelOptions`: plain values, no config object). A diffusers family
+module also names its `branchgrpo.models.family.Family` class ``FAMILY`` (it builds with
+`branchgrpo.models.loading.load`); the recipe layer (`branchgrpo.spec`, ``branchgrpo plan``)
+reads the family's class-level facts (pipeline, released config, schedule rule) from it. The
+embedded ones (tiny, analytic) are `Policy` modules of their own, without ``FAMILY``. Modules
+are imported on first use, so listing a family costs nothing. See ``models/README.md`` for
+adding one.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from .family import Family
 
 FAMILIES: dict[str, str] = {
     "tiny": ".tiny",          # the embedded default: a tiny FLUX transformer in pixel space
@@ -31,6 +36,12 @@ def family_module(kind: str) -> Any:
     if kind not in FAMILIES:
         raise ValueError(f"unknown model kind {kind!r}; registered: {sorted(FAMILIES)}")
     return importlib.import_module(FAMILIES[kind], __package__)
+
+
+def family_class(kind: str) -> type[Family] | None:
+    """The `branchgrpo.models.family.Family` class of diffusers family ``kind`` (its module's
+    ``FAMILY``), or None for an embedded family (tiny, analytic)."""
+    return getattr(family_module(kind), "FAMILY", None)
 
 
 def module_of(policy: Any) -> nn.Module:

@@ -61,6 +61,26 @@ class Family(Protocol):
       ``"vae"``). Transformer submodules kept in fp32 are the diffusers class's own
       ``_keep_in_fp32_modules`` (`branchgrpo.models.loading.keeps_fp32`), not listed here.
 
+    Recipe facts (``ClassVar``), read by `branchgrpo.spec` and ``branchgrpo plan`` without
+    loading weights:
+
+    - ``transformer_class``: the diffusers transformer class name (its
+      ``_keep_in_fp32_modules`` are reported by ``branchgrpo plan``).
+    - ``released_config``: the released checkpoint's config values that decide the schedule,
+      used when no config file can be read: ``{"scheduler": {...}, "transformer": {...},
+      "vae_scale_factor": f}``.
+    - ``diffusers_grid``: the sigma grid of the diffusers pipeline: ``"flux_pipeline"``
+      (FluxPipeline's linspace(1, 1/T, T) with a dynamic mu of the (H/2f)(W/2f) image tokens,
+      or the static shift) or ``"scheduler"`` (the scheduler config's own grid).
+    - ``timestep_scale``, ``timestep_sigma_max``: ``timestep(sigma)`` is
+      `branchgrpo.engine.schedule.transformer_timesteps` of them (1 for FLUX's sigma, 1000
+      for SD3/Wan; Wan's UniPC grid starts at ``UNIPC_SIGMA_MAX``).
+    - ``guidance_kind``: ``"embedding"`` (a distilled guidance embedding, FLUX.1-dev) or
+      ``"cfg"`` (classifier-free guidance).
+    - ``video``: decoded media are videos (``num_frames`` is an option of ``of``).
+    - ``schedule_rule(plan)`` (classmethod): (schedule kind, quantize_timestep) of plan name
+      ``plan`` when the config leaves them null (`branchgrpo.spec.schedule_rule`).
+
     Construction: ``of(pipe, transformer=None, **options)`` reads the geometry from the pipeline
     (VAE factors, channels) and validates the options; ``transformer`` defaults to
     ``pipe.transformer`` (given alone, with ``pipe=None``, for benchmark policies).
@@ -84,8 +104,18 @@ class Family(Protocol):
     subfolders: ClassVar[tuple[str, ...]]
     lora_targets: ClassVar[tuple[str, ...]]
     fp32_modules: ClassVar[tuple[str, ...]]
+    transformer_class: ClassVar[str]
+    released_config: ClassVar[dict[str, Any]]
+    diffusers_grid: ClassVar[str]
+    timestep_scale: ClassVar[float]
+    timestep_sigma_max: ClassVar[float]
+    guidance_kind: ClassVar[str]
+    video: ClassVar[bool]
     latent_shape: tuple[int, ...]
     token_period: int
+
+    @classmethod
+    def schedule_rule(cls, plan: str) -> tuple[str, bool]: ...
 
     def encode(self, parts: Parts, prompts: list[str]) -> dict[str, Tensor]: ...
 

@@ -37,6 +37,16 @@ if TYPE_CHECKING:
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer",
               "tokenizer_2", "scheduler")
+FASTVIDEO_PLANS = frozenset({"dance", "branch", "branch_mix", "mix", "mix_flash", "g2rpo"})
+"""Plans whose published FLUX code (the FastVideo repos) runs the shifted linspace, shift 3,
+and gives the transformer int(1000 sigma) / 1000."""
+RELEASED_CONFIG: dict[str, Any] = {
+    "scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True,
+                  "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
+                  "max_image_seq_len": 4096, "shift": 3.0, "num_train_timesteps": 1000},
+    "transformer": {"patch_size": 1, "in_channels": 64, "guidance_embeds": True},
+    "vae_scale_factor": 8}
+"""FLUX.1-dev's config values that decide the schedule (`FluxFamily.released_config`)."""
 
 
 def flux_dev_config() -> dict[str, Any]:
@@ -82,6 +92,13 @@ class FluxFamily:
     subfolders: ClassVar[tuple[str, ...]] = SUBFOLDERS
     lora_targets: ClassVar[tuple[str, ...]] = JOINT_ATTENTION_TARGETS
     fp32_modules: ClassVar[tuple[str, ...]] = ()
+    transformer_class: ClassVar[str] = "FluxTransformer2DModel"
+    released_config: ClassVar[dict[str, Any]] = RELEASED_CONFIG
+    diffusers_grid: ClassVar[str] = "flux_pipeline"
+    timestep_scale: ClassVar[float] = 1.0
+    timestep_sigma_max: ClassVar[float] = 1.0
+    guidance_kind: ClassVar[str] = "embedding"
+    video: ClassVar[bool] = False
     latent_shape: tuple[int, ...]
     token_period: int
     latent_hw: tuple[int, int]
@@ -114,6 +131,12 @@ class FluxFamily:
                    embed_dims=(cfg.joint_attention_dim, cfg.pooled_projection_dim),
                    height=height, width=width, **options)
 
+    @classmethod
+    def schedule_rule(cls, plan: str) -> tuple[str, bool]:
+        """(schedule, quantize_timestep) of ``plan`` by default: the FastVideo repos' shifted
+        linspace and int(1000 sigma) / 1000 for their plans, else FluxPipeline's grid."""
+        return ("shifted", True) if plan in FASTVIDEO_PLANS else ("diffusers", False)
+
     def default_schedule(self) -> dict[str, Any]:
         """kwargs of `branchgrpo.engine.schedule.make_sigmas` (add num_steps): the FastVideo repos'
         shifted schedule (shift 3) by default, or diffusers' "flux_dynamic"."""
@@ -141,7 +164,8 @@ class FluxFamily:
         """The transformer's timestep [N] fp32 from sigma [N] (see the module docstring)."""
         from ..engine.schedule import transformer_timesteps
 
-        return transformer_timesteps(sigma, 1.0, self.quantize_timestep)
+        return transformer_timesteps(sigma, self.timestep_scale, self.quantize_timestep,
+                                     self.timestep_sigma_max)
 
     def velocity(self, parts: Parts, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         """v [N, S, 4C] fp32 at packed latents x [N, S, 4C], sigma [N]."""
@@ -170,6 +194,10 @@ class FluxFamily:
             return lat[:, :3].sigmoid()
         lat = lat / vae.config.scaling_factor + vae.config.shift_factor
         return decode_vae(vae, lat, self.decode_batch)
+
+
+FAMILY = FluxFamily
+"""The registry's family class (`branchgrpo.models.families.family_class`)."""
 
 
 def build(o: ModelOptions, device: torch.device) -> DiffusersPolicy:

@@ -36,6 +36,11 @@ if TYPE_CHECKING:
 SD35_MEDIUM = "stabilityai/stable-diffusion-3.5-medium"
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3",
               "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler")
+RELEASED_CONFIG: dict[str, Any] = {
+    "scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0,
+                  "num_train_timesteps": 1000},
+    "transformer": {"patch_size": 2, "in_channels": 16}, "vae_scale_factor": 8}
+"""SD3.5-medium's config values that decide the schedule (`SD3Family.released_config`)."""
 
 
 @dataclass
@@ -49,6 +54,13 @@ class SD3Family:
     subfolders: ClassVar[tuple[str, ...]] = SUBFOLDERS
     lora_targets: ClassVar[tuple[str, ...]] = JOINT_ATTENTION_TARGETS
     fp32_modules: ClassVar[tuple[str, ...]] = ()
+    transformer_class: ClassVar[str] = "SD3Transformer2DModel"
+    released_config: ClassVar[dict[str, Any]] = RELEASED_CONFIG
+    diffusers_grid: ClassVar[str] = "scheduler"
+    timestep_scale: ClassVar[float] = 1000.0
+    timestep_sigma_max: ClassVar[float] = 1.0
+    guidance_kind: ClassVar[str] = "cfg"
+    video: ClassVar[bool] = False
     latent_shape: tuple[int, ...]
     token_period: int
     shift: float
@@ -91,7 +103,14 @@ class SD3Family:
         (the FastVideo repos' int(1000 sigma))."""
         from ..engine.schedule import transformer_timesteps
 
-        return transformer_timesteps(sigma, 1000.0, self.quantize_timestep)
+        return transformer_timesteps(sigma, self.timestep_scale, self.quantize_timestep,
+                                     self.timestep_sigma_max)
+
+    @classmethod
+    def schedule_rule(cls, plan: str) -> tuple[str, bool]:
+        """(schedule, quantize_timestep) of every plan by default: StableDiffusion3Pipeline's
+        grid (Flow-GRPO's) and 1000 sigma."""
+        return "diffusers", False
 
     def encode(self, parts: Parts, prompts: list[str]) -> dict[str, Tensor]:
         """Joint embeddings [b, 77 + L, D], pooled [b, P] (+ the negative prompt's, per row)."""
@@ -127,6 +146,10 @@ class SD3Family:
         vae = parts.pipe.vae
         lat = x0.to(parts.device).float() / vae.config.scaling_factor + vae.config.shift_factor
         return decode_vae(vae, lat, self.decode_batch)
+
+
+FAMILY = SD3Family
+"""The registry's family class (`branchgrpo.models.families.family_class`)."""
 
 
 def build(o: ModelOptions, device: torch.device) -> DiffusersPolicy:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..engine.schedule import UNIPC_SIGMA_MAX
 from .base import Cond
 from .diffusers_policy import DiffusersPolicy, compose
 from .family import Parts, classifier_free, decode_vae
@@ -31,6 +32,13 @@ WAN_1_3B = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 WAN_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 """Self- and cross-attention projections of every Wan block (attn1, attn2)."""
+RELEASED_CONFIG: dict[str, Any] = {
+    "scheduler": {"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True,
+                  "flow_shift": 3.0, "prediction_type": "flow_prediction",
+                  "final_sigmas_type": "zero", "num_train_timesteps": 1000},
+    "transformer": {"patch_size": [1, 2, 2], "in_channels": 16}, "vae_scale_factor": 8}
+"""Wan2.1-T2V-1.3B-Diffusers' config values that decide the schedule
+(`WanFamily.released_config`)."""
 
 
 @dataclass
@@ -43,6 +51,13 @@ class WanFamily:
     subfolders: ClassVar[tuple[str, ...]] = SUBFOLDERS
     lora_targets: ClassVar[tuple[str, ...]] = WAN_LORA_TARGETS
     fp32_modules: ClassVar[tuple[str, ...]] = ("vae",)
+    transformer_class: ClassVar[str] = "WanTransformer3DModel"
+    released_config: ClassVar[dict[str, Any]] = RELEASED_CONFIG
+    diffusers_grid: ClassVar[str] = "scheduler"
+    timestep_scale: ClassVar[float] = 1000.0
+    timestep_sigma_max: ClassVar[float] = UNIPC_SIGMA_MAX
+    guidance_kind: ClassVar[str] = "cfg"
+    video: ClassVar[bool] = True
     latent_shape: tuple[int, ...]
     token_period: int
     shift: float
@@ -90,9 +105,16 @@ class WanFamily:
     def timestep(self, sigma: Tensor) -> Tensor:
         """The transformer's timestep [N] fp32: 1000 sigma, or with ``quantize_timestep`` the
         int64(1000 sigma) of UniPC's grid that WanPipeline passes (999 at sigma 1)."""
-        from ..engine.schedule import UNIPC_SIGMA_MAX, transformer_timesteps
+        from ..engine.schedule import transformer_timesteps
 
-        return transformer_timesteps(sigma, 1000.0, self.quantize_timestep, UNIPC_SIGMA_MAX)
+        return transformer_timesteps(sigma, self.timestep_scale, self.quantize_timestep,
+                                     self.timestep_sigma_max)
+
+    @classmethod
+    def schedule_rule(cls, plan: str) -> tuple[str, bool]:
+        """(schedule, quantize_timestep) of every plan by default: WanPipeline's UniPC grid and
+        the int64 timesteps UniPC hands the transformer."""
+        return "diffusers", True
 
     def encode(self, parts: Parts, prompts: list[str]) -> dict[str, Tensor]:
         """UMT5 embeddings [b, L, 4096] (zero past each prompt's length), + the negative's."""
@@ -124,6 +146,10 @@ class WanFamily:
         std = torch.tensor(vae.config.latents_std, device=parts.device).view(1, z, 1, 1, 1)
         lat = x0.to(parts.device).float() * std + mean
         return decode_vae(vae, lat, self.decode_batch).permute(0, 2, 1, 3, 4)
+
+
+FAMILY = WanFamily
+"""The registry's family class (`branchgrpo.models.families.family_class`)."""
 
 
 def build(o: ModelOptions, device: torch.device) -> DiffusersPolicy:
