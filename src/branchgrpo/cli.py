@@ -21,6 +21,7 @@ commands:
   train --resume RUN_DIR           continue a stopped run from its newest checkpoint
   plan [CONFIG] [key=value ...]    the resolved run (schedule, level, tree sizes), no weights
   recipes [--check]                configs/*.yaml beside the published values (docs/recipes.md)
+  build-base [--check]             rebuild the embedded default's shipped base model and judge
   sample CHECKPOINT --prompt P     write images from a checkpoint
   eval RUN_DIR|CHECKPOINT          held-out prompts, every configured reward, a table
   serve-reward NAME ...            serve rewards over HTTP (see docs/rewards.md)
@@ -88,6 +89,12 @@ def _recipes(args: argparse.Namespace) -> int:
     print(f"wrote {out} ({sum(map(len, recipes.rows.values()))} rows, "
           f"{len(recipes.rows)} configs)")
     return 1 if recipes.errors else 0
+
+
+def _build_base(args: argparse.Namespace) -> int:
+    from .models.tiny import build_shipped
+
+    return build_shipped(Path(args.out) if args.out else None, check=args.check)
 
 
 def _split_config_args(args: argparse.Namespace) -> None:
@@ -279,6 +286,13 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--out", default=str(TABLE_DEFAULT), help="the table (default: "
                     "docs/recipes.md of this checkout)")
     rc.set_defaults(fn=_recipes)
+    bb = sub.add_parser("build-base", help="pretrain the shipped tiny base model and judge "
+                        "(one thread, so the files are reproducible on one CPU model)")
+    bb.add_argument("--out", default=None, metavar="DIR", help="write there instead of over "
+                    "the package's files")
+    bb.add_argument("--check", action="store_true", help="rebuild into a temporary folder and "
+                    "compare with the shipped files, tensor by tensor")
+    bb.set_defaults(fn=_build_base)
     sa = sub.add_parser("sample", help="write images from a checkpoint")
     sa.add_argument("checkpoint", help="a checkpoint file or a run directory (newest one)")
     sa.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")

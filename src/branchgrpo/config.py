@@ -49,7 +49,9 @@ class ModelConfig:
     width: int = f(512, "image width in pixels (real models)")
     num_frames: int = f(33, "video frames (wan)")
     guidance: float = f(3.5, "FLUX guidance embedding, or CFG scale for sd3/wan")
-    pretrain_steps: int = f(600, "tiny: flow-matching pretraining steps of the base model")
+    pretrain_steps: int = f(4000, "tiny: flow-matching pretraining steps of the base model "
+                            "(4000: the shipped base, no pretraining; any other value "
+                            "pretrains once into model.cache_dir)")
     clutter: float = f(0.5, "tiny: share of pretraining images holding an object their "
                             "prompt does not mention (the base model's flaw RL removes)")
     cache_dir: str = f("~/.cache/branchgrpo", "where pretrained tiny models and judges are cached")

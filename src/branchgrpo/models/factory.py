@@ -37,7 +37,7 @@ class ModelOptions:
     num_frames: int = 33
     guidance: float = 3.5
     quantize_timestep: bool = False
-    pretrain_steps: int = 600
+    pretrain_steps: int = 4000
     clutter: float = 0.5
     cache_dir: str = "~/.cache/branchgrpo"
     progress: bool = True

@@ -38,7 +38,7 @@ class TinySpec:
     heads: int = 4
     head_dim: int = 16
     text_dim: int = 64
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 4000
     pretrain_batch: int = 64
     pretrain_lr: float = 1e-3
     clutter: float = 0.5
@@ -217,3 +217,61 @@ def build(o: ModelOptions, device: torch.device) -> TinyFluxPolicy:
     policy = load_or_pretrain(spec, Path(o.cache_dir).expanduser(),
                               shapes.split_prompts()[0], o.progress)
     return policy.to(device)
+
+
+def build_files(folder: Path, spec: TinySpec = TinySpec(), judge_steps: int = 600,
+                progress: bool = True) -> list[Path]:
+    """Pretrain the base model of ``spec`` on the task's training prompts and train the
+    judge (`train_judge`), on one thread (float reductions round by thread count, so this
+    makes the files reproducible on one CPU model); write both into ``folder``."""
+    from ..tasks import shapes_reward as sr
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        base = save_base(pretrain(spec, shapes.split_prompts()[0], progress),
+                         Path(folder) / SHIPPED.name)
+        with torch.random.fork_rng():
+            judge = sr.save_judge(sr.train_judge(judge_steps, progress=progress),
+                                  Path(folder) / sr.SHIPPED_JUDGE.name)
+    finally:
+        torch.set_num_threads(threads)
+    return [base, judge]
+
+
+def differing(new: Sequence[Path], old: Sequence[Path]) -> list[str]:
+    """``file:tensor`` names that differ (or exist in one file only) between file pairs."""
+    from safetensors.torch import load_file
+
+    out = []
+    for n, o in zip(new, old, strict=True):
+        a, b = load_file(str(n)), load_file(str(o))
+        out += [f"{n.name}:{k}" for k in sorted(set(a) | set(b))
+                if k not in a or k not in b or not torch.equal(a[k], b[k])]
+    return out
+
+
+def build_shipped(out: Path | None = None, check: bool = False) -> int:
+    """``branchgrpo build-base``: `build_files` where the package loads them (or into
+    ``out``). ``check``: build into a temporary folder and report the tensors that differ
+    from the shipped files. Returns the exit code (check: 0 when bit-identical)."""
+    import tempfile
+
+    from ..tasks.shapes_reward import SHIPPED_JUDGE
+
+    shipped = [SHIPPED, SHIPPED_JUDGE]
+    if check and not all(p.exists() for p in shipped):
+        print(f"no shipped files to check against ({SHIPPED}, {SHIPPED_JUDGE})")
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) if check else Path(out) if out else SHIPPED.parent
+        files = build_files(folder)
+        if folder == SHIPPED.parent:  # the judge lives beside its task
+            files[1] = files[1].replace(SHIPPED_JUDGE)
+        print("wrote " + ", ".join(map(str, files)))
+        if not check:
+            return 0
+        bad = differing(files, shipped)
+        print(f"{len(bad)} tensors differ from the shipped files"
+              + (f": {bad[:5]}" if bad else " (bit-identical)"))
+        return 1 if bad else 0

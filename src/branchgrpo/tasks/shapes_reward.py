@@ -129,6 +129,22 @@ def train_judge(steps: int = 600, batch: int = 128, seed: int = 1234,
     return net.eval()
 
 
+DEFAULT_CACHE = Path("~/.cache/branchgrpo")
+SHIPPED_JUDGE = Path(__file__).with_name("shapes_judge.safetensors")
+"""The judge the package ships (built by ``branchgrpo build-base`` with `train_judge`)."""
+
+
+def save_judge(net: JudgeNet, path: Path) -> Path:
+    """Write the judge's weights as safetensors (atomic rename)."""
+    from safetensors.torch import save_model
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_model(net, str(tmp))
+    tmp.replace(path)
+    return path
+
+
 class ShapesJudge:
     """Held-out judge: mean probability of the prompt's four attribute values, [B] in [0, 1]."""
 
@@ -139,19 +155,18 @@ class ShapesJudge:
 
     @classmethod
     def cached(cls, cache_dir: Path, progress: bool = False) -> ShapesJudge:
-        """Load the judge from ``cache_dir``, training and saving it on first use."""
-        from safetensors.torch import load_model, save_model
+        """The shipped judge (`SHIPPED_JUDGE`, the same file on every machine); without one,
+        the judge in ``cache_dir``, trained and saved there on first use."""
+        from safetensors.torch import load_model
 
-        path = Path(cache_dir) / "shapes_judge.safetensors"
+        path = SHIPPED_JUDGE if SHIPPED_JUDGE.exists() else (
+            Path(cache_dir) / "shapes_judge.safetensors")
         net = JudgeNet()
         if path.exists():
             load_model(net, path)
         else:
             net = train_judge(progress=progress)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_model(net, str(tmp))
-            tmp.replace(path)
+            save_judge(net, path)
         return cls(net)
 
     @torch.no_grad()
@@ -168,9 +183,6 @@ class ShapesJudge:
     def strict(self, media: Tensor, prompts: Sequence[str]) -> Tensor:
         """1 where all four attributes are recognised (argmax) [B], GenEval-style accuracy."""
         return (self.probabilities(media, prompts) > 0.5).all(1).float()
-
-
-DEFAULT_CACHE = Path("~/.cache/branchgrpo")
 
 
 @REWARDS.register("shapes")
