@@ -132,7 +132,9 @@ class TrainConfig:
     max_grad_norm: float = f(1.0, "gradient clipping norm (0: off)")
     clip_eps: float | None = f(None, "PPO clip range (null: the method's, 1e-3 or 1e-4)")
     ratio: str = f("standard", "importance ratio: standard or guard (GRPO-Guard)")
-    kl_coef: float = f(0.0, "KL penalty to the base policy (0: off, no reference copy)")
+    kl_coef: float | None = f(None, "KL penalty to the base policy (null: 0.1 on the tiny "
+                              "family, where it holds the token grid, docs/algorithms.md §14; 0, "
+                              "as published, elsewhere; 0: off, no reference copy)")
     kl_kind: str = f("x", "KL estimator: x, v, or x_flow_grpo (x / (2 s_i^2), Flow-GRPO's)")
     ema_decay: float = f(0.0, "EMA of trainable weights (0: off); eval uses the EMA")
     amp: str = f("none", "autocast dtype for forwards: none, bf16 or fp16")

@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from .config import Config, prompts_per_rank
-from .spec import RunSpec, family_class
+from .spec import RunSpec, family_class, kl_coef
 
 PER_TREE = ("forwards", "nodes", "edges", "trained_edges", "leaves")
 
@@ -37,6 +37,7 @@ def plan_report(cfg: Config, spec: RunSpec | None = None) -> dict[str, Any]:
         "mu": spec.mu, "image_seq_len": spec.image_seq_len, "num_steps": len(spec.sigmas) - 1,
         "sigmas": list(spec.sigmas), "timesteps": list(spec.timesteps),
         "quantize_timestep": spec.quantize_timestep, "kernel": spec.kernel, "level": spec.level,
+        "kl_coef": kl_coef(cfg),
         "guidance": _guidance(cfg, spec), "steps": _steps(plan),
         **{k: counts[k] for k in PER_TREE},
         "per_rank": {k: counts[k] * per_rank for k in PER_TREE},
@@ -114,7 +115,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"sigmas [{r['num_steps'] + 1}]: {f6(r['sigmas'])}",
         f"timesteps [{r['num_steps']}]{' (quantised)' if r['quantize_timestep'] else ''}: "
         f"{f6(r['timesteps'])}",
-        f"kernel {r['kernel']}, level {r['level']:g}; guidance: {r['guidance']}",
+        f"kernel {r['kernel']}, level {r['level']:g}; KL coefficient {r['kl_coef']:g}; "
+        f"guidance: {r['guidance']}",
         "steps (branch x solvers): " + "  ".join(
             f"{s['step']}:{s['branch']}x{'/'.join(s['solvers'])}" for s in r["steps"]),
         "                 " + "  ".join(f"{k:>13}" for k in PER_TREE),

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config, ConfigError, load_config
-from .spec import RunSpec, clip_eps, family_class, resolve, resolved_rules
+from .spec import RunSpec, clip_eps, family_class, kl_coef, resolve, resolved_rules
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -135,9 +135,9 @@ def resolved(cfg: Config) -> dict[str, Any]:
             "train.max_grad_norm": t.max_grad_norm,
             "train.updates_per_rollout": t.updates_per_rollout,
             "train.prompts_per_iteration": t.prompts_per_iteration,
-            "train.iterations": t.iterations, "train.kl_coef": t.kl_coef,
+            "train.iterations": t.iterations, "train.kl_coef": kl_coef(cfg),
             "train.ema_decay": t.ema_decay, "train.amp": t.amp, "model.finetune": m.finetune}
-    if t.kl_coef > 0:
+    if kl_coef(cfg) > 0:
         out["train.kl_kind"] = t.kl_kind
     if m.finetune == "lora":
         out |= {"model.lora_rank": m.lora_rank, "model.lora_alpha": m.lora_alpha}

@@ -55,6 +55,9 @@ if TYPE_CHECKING:
 
 TINY_LEVEL = 1.0
 """The tiny family's noise level (the embedded default's, which its benches are measured at)."""
+TINY_KL = 0.1
+"""The tiny family's KL coefficient: it holds the token grid at the base model's level and
+learns as fast as no anchor (docs/algorithms.md §14)."""
 
 
 def family_class(kind: str) -> type[Family] | None:
@@ -374,6 +377,14 @@ def clip_eps(cfg: Config) -> float:
     return METHODS.get(cfg.rollout.method).clip_eps
 
 
+def kl_coef(cfg: Config) -> float:
+    """``train.kl_coef``, or when null the family's: `TINY_KL` on the tiny family, else 0 (the
+    published recipes of DanceGRPO and BranchGRPO have no KL; Flow-GRPO's config sets it)."""
+    if cfg.train.kl_coef is not None:
+        return cfg.train.kl_coef
+    return TINY_KL if cfg.model.kind == "tiny" else 0.0
+
+
 def model_options(cfg: Config, progress: bool = True) -> ModelOptions:
     """The `branchgrpo.models.factory.ModelOptions` of ``cfg.model`` with the resolved timestep
     rule (`resolve`), for `branchgrpo.models.factory.build_policy`."""
@@ -389,7 +400,7 @@ def model_options(cfg: Config, progress: bool = True) -> ModelOptions:
 
 __all__ = ["strategy_of", "RunSpec", "ModelFiles", "resolve", "schedule_rule", "read_model_files",
            "family_class", "model_kinds",
-           "plan_params", "resolved_rules", "advantage_kw", "clip_eps", "model_options"]
+           "plan_params", "resolved_rules", "advantage_kw", "clip_eps", "kl_coef", "model_options"]
 
 
 def strategy_of(cfg: Config) -> str:

@@ -53,6 +53,7 @@ from .spec import (
     RunSpec,
     advantage_kw,
     clip_eps,
+    kl_coef,
     model_options,
     resolve,
     resolved_rules,
@@ -302,7 +303,7 @@ def _loss_backward(s: State, e: EdgeBatch, cond: dict, plan: RolloutPlan,
     if cfg.train.ratio == "guard":
         log_ratio = guard_log_ratio(lp, e.old_log_prob, mean, e.old_mean, std)
     kl = None
-    if cfg.train.kl_coef > 0:
+    if kl_coef(cfg) > 0:
         with torch.no_grad(), _autocast(s):
             _, ref_mean, _, ref_v = edge_log_prob(s.reference, e, cond, plan,
                                                   max_batch=cfg.rollout.max_batch)
@@ -310,7 +311,7 @@ def _loss_backward(s: State, e: EdgeBatch, cond: dict, plan: RolloutPlan,
                         sigma=e.sigma, sigma_next=e.sigma_next, kernel=plan.kernel,
                         level=plan.level)
     loss, st = policy_loss(lp, e.old_log_prob, e.adv, clip_eps(cfg), step=e.step,
-                           log_ratio=log_ratio, kl=kl, kl_coef=cfg.train.kl_coef)
+                           log_ratio=log_ratio, kl=kl, kl_coef=kl_coef(cfg))
     if not torch.isfinite(loss):
         raise TrainingStopped(f"iteration {s.iteration + 1}: non-finite loss "
                               f"{loss.item()}; lower train.lr or train.max_grad_norm")
@@ -375,7 +376,7 @@ def assemble(cfg: Config, policy: Any, device: torch.device, prompts: tuple[list
     keep = {id(p) for p in policy.trainable_parameters()}
     for p in module_of(policy).parameters():
         p.requires_grad_(id(p) in keep)
-    reference = copy.deepcopy(policy).requires_grad_(False) if cfg.train.kl_coef > 0 else None
+    reference = copy.deepcopy(policy).requires_grad_(False) if kl_coef(cfg) > 0 else None
     wrap = {"bf16": cfg.model.dtype == "bf16", "cpu_offload": cfg.dist.cpu_offload,
             "find_unused_parameters": cfg.dist.find_unused_parameters}
     dist.wrap(reference, d, trainable=False, **wrap)  # before the optimizer: FSDP2 replaces
