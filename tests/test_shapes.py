@@ -3,6 +3,7 @@ penalises (the flaw of the default base model that RL removes)."""
 
 import numpy as np
 import pytest
+import torch
 
 from branchgrpo.tasks.shapes import all_specs, parse, sample_batch, split_prompts
 from branchgrpo.tasks.shapes_reward import ShapesReward
@@ -26,3 +27,20 @@ def test_clean_renders_score_high_and_clutter_is_penalised():
     assert r_clean.mean() > 0.85
     assert r_clut.mean() < r_clean.mean() - 0.1
     assert (cluttered != clean).flatten(1).any(1).float().mean() > 0.8  # an object was added
+
+
+def test_a_stray_object_of_another_colour_costs_one_miscount():
+    from branchgrpo.tasks.shapes import COLOURS, _stamp
+
+    img = np.zeros((16, 16, 3), dtype=np.float32)
+    _stamp(img, 5, 4, "circle", COLOURS["red"])  # what "one red circle on the left" asks
+    clean = torch.from_numpy(img.copy()).permute(2, 0, 1)[None]
+    _stamp(img, 12, 12, "square", COLOURS["green"])  # a stray object
+    stray = torch.from_numpy(img).permute(2, 0, 1)[None]
+    prompt = ["one red circle on the left"]
+    purity, count, position, _ = ShapesReward().components(clean, prompt)[0].tolist()
+    assert (purity, count, position) == (1.0, 1.0, 1.0)
+    purity, count, position, _ = ShapesReward().components(stray, prompt)[0].tolist()
+    assert count == pytest.approx(np.exp(-1.0))  # exp(-(|1 - 1| + 1 stray))
+    assert purity == pytest.approx(21 / 30)  # the circle: 21 of 21 + 9 foreground pixels
+    assert position == 1.0  # position and shape read the prompt colour only

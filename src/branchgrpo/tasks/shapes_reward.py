@@ -26,12 +26,20 @@ PALETTE = torch.tensor(list(COLOURS.values()))  # [4, 3]
 FG_THRESHOLD = 0.35
 
 
-def _component_scores(mask: np.ndarray, spec) -> tuple[float, float, float]:
-    """(count, position, shape) scores in [0, 1] of one colour mask [H, W] bool."""
+def _objects(mask: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """Connected components of a mask [H, W] bool: (labels, ids of those of 3+ pixels)."""
     lab, n = ndimage.label(mask)
     sizes = ndimage.sum(mask, lab, range(1, n + 1)) if n else np.zeros(0)
-    keep = [i + 1 for i, s in enumerate(sizes) if s >= 3]
-    count = float(np.exp(-abs(len(keep) - spec.count)))
+    return lab, [i + 1 for i, s in enumerate(sizes) if s >= 3]
+
+
+def _component_scores(mask: np.ndarray, spec, strays: int = 0) -> tuple[float, float, float]:
+    """(count, position, shape) scores in [0, 1] of the prompt colour's mask [H, W] bool.
+
+    count = exp(-(|objects - asked| + strays)): ``strays`` objects of other colours are
+    objects the prompt does not ask for, so each costs as much as a miscount."""
+    lab, keep = _objects(mask)
+    count = float(np.exp(-abs(len(keep) - spec.count) - strays))
     if not keep:
         return count, 0.0, 0.0
     rows, cols = np.nonzero(np.isin(lab, keep))
@@ -56,7 +64,8 @@ class ShapesReward:
         return self.components(media, prompts).mean(1)
 
     def components(self, media: Tensor, prompts: Sequence[str]) -> Tensor:
-        """Scores [B, 4]: colour purity, count, position, shape."""
+        """Scores [B, 4]: colour purity, count (stray objects of other colours count as
+        miscounts), position, shape."""
         img = media.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1)  # [B, H, W, 3]
         fg = img.max(-1).values > FG_THRESHOLD
         nearest = torch.cdist(img.reshape(-1, 3), PALETTE).argmin(1).reshape(fg.shape)
@@ -67,7 +76,8 @@ class ShapesReward:
             mask = (fg[b] & (nearest[b] == names.index(spec.colour))).numpy()
             n_fg = int(fg[b].sum())
             purity = mask.sum() / n_fg if n_fg else 0.0
-            out[b] = torch.tensor([purity, *_component_scores(mask, spec)])
+            strays = len(_objects(fg[b].numpy() & ~mask)[1])
+            out[b] = torch.tensor([purity, *_component_scores(mask, spec, strays)])
         return out
 
 
