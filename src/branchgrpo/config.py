@@ -121,7 +121,7 @@ class RewardConfig:
 
 @dataclass
 class TrainConfig:
-    iterations: int = f(40, "rollout/update iterations")
+    iterations: int = f(80, "rollout/update iterations")
     prompts_per_iteration: int = f(8, "prompts (trees) per rollout batch on each rank")
     updates_per_rollout: int = f(1, "optimizer steps per rollout batch (edges split evenly)")
     edge_chunk: int = f(512, "max edges per forward/backward (gradient accumulation)")
