@@ -20,7 +20,7 @@ from .loading import keeps_fp32
 from .lora import LoraSpec, setup_finetune
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
-"""Pipeline attribute names of the text encoders (offloaded, dropped, frozen)."""
+"""Pipeline attribute names of the text encoders (offloaded, frozen)."""
 
 
 class DiffusersPolicy:
@@ -43,7 +43,6 @@ class DiffusersPolicy:
         self.dtype = dtype
         self.offload_encoders = offload_encoders
         self._cache: dict[str, dict[str, Tensor]] = {}
-        self._encoders_dropped = False
         freeze(*self.frozen_modules())
         for m in self.frozen_modules():
             if m not in self.text_encoders():
@@ -86,9 +85,6 @@ class DiffusersPolicy:
         """Conditioning {name: [B, ...]} on ``device``; each distinct prompt is encoded once
         and cached (on the device it was computed on)."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        if missing and self._encoders_dropped:
-            raise ValueError(f"prompts {missing[:3]} are not cached and the text encoders were "
-                             "dropped (drop_encoders); encode every prompt before dropping")
         if missing:
             with torch.no_grad(), self._encoders_on_device():
                 enc = self.family.encode(self, missing)
@@ -121,14 +117,6 @@ class DiffusersPolicy:
         """Text encoders and VAE."""
         vae = getattr(self.pipe, "vae", None) if self.pipe is not None else None
         return self.text_encoders() + ([vae] if vae is not None else [])
-
-    def drop_encoders(self) -> None:
-        """Free the text encoders once every training prompt is cached (``encode`` of a new
-        prompt then raises); saves ~10 GB for FLUX/SD3's T5-XXL."""
-        for name in TEXT_ENCODERS:
-            if self.pipe is not None and getattr(self.pipe, name, None) is not None:
-                setattr(self.pipe, name, None)
-        self._encoders_dropped = True
 
     @contextlib.contextmanager
     def _encoders_on_device(self) -> Iterator[None]:
