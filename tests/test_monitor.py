@@ -79,3 +79,12 @@ def test_save_grid_upscales_with_nearest_neighbour(tmp_path):
     path = save_grid(imgs, prompts, tmp_path / "g.png", title="t")
     w, h = Image.open(path).size
     assert w >= 8 * 128 and h >= 2 * 128  # 8 columns, 2 rows of 128-pixel cells
+
+
+def test_saturation_reads_visible_pixels_only():
+    img = torch.zeros(1, 3, 4, 4)
+    img[0, :, 0, 0] = torch.tensor([0.8, 0.2, 0.2])  # saturation (0.8 - 0.2) / 0.8 = 0.75
+    img[0, :, 0, 1] = torch.tensor([0.5, 0.5, 0.5])  # grey: 0
+    img[0, :, 1, :] = torch.tensor([0.05, 0.0, 0.0])[:, None]  # near black, saturation 1: unseen
+    assert image_stats(img)["monitor/saturation"] == pytest.approx(0.375)
+    assert image_stats(torch.zeros(1, 3, 4, 4))["monitor/saturation"] == 0.0

@@ -71,15 +71,22 @@ def grid_energy(media: Tensor, period: int) -> float:
     return float(share.mean())
 
 
+VISIBLE = 0.1
+"""HSV value from which a pixel counts for the saturation monitor."""
+
+
 def image_stats(media: Tensor, period: int = 1) -> dict[str, float]:
-    """Brightness and HSV saturation means of images [B, 3, H, W] (or video frames), and
-    `grid_energy` at the token ``period`` in pixels (``monitor/grid``)."""
+    """Mean brightness of images [B, 3, H, W] (or video frames); mean HSV saturation of their
+    visible pixels (HSV value >= `VISIBLE`: a near-black pixel's hue is noise, and on a dark
+    background it would decide the mean; 0 when no pixel is visible); and `grid_energy` at the
+    token ``period`` in pixels (``monitor/grid``)."""
     x = media.float().clamp(0, 1)
     if x.dim() == 5:
         x = x.flatten(0, 1)
     mx, mn = x.max(1).values, x.min(1).values
-    sat = torch.where(mx > 1e-6, (mx - mn) / mx.clamp_min(1e-6), torch.zeros_like(mx))
-    return {"monitor/brightness": float(x.mean()), "monitor/saturation": float(sat.mean()),
+    seen = mx >= VISIBLE
+    sat = float(((mx - mn) / mx.clamp_min(VISIBLE))[seen].mean()) if bool(seen.any()) else 0.0
+    return {"monitor/brightness": float(x.mean()), "monitor/saturation": sat,
             "monitor/grid": grid_energy(media, period)}
 
 
