@@ -24,11 +24,12 @@ def small_args(cache_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     """Overrides that make a CLI run of the tiny default policy take seconds: 5 pretraining
     steps of the base model (cached in ``cache_dir``), a 4-step plan split at steps 0 and 1
     (4 leaves), 2 prompts per iteration, 4 held-out samples, evaluation only before and
-    after, no progress bars or TensorBoard. ``extra`` overrides come last and win."""
+    after, no KL reference (the kill-resume test turns it on), no progress bars or
+    TensorBoard. ``extra`` overrides come last and win."""
     return [f"log.run_dir={run_dir}", f"model.cache_dir={cache_dir}", "model.pretrain_steps=5",
             "rollout.num_steps=4", "rollout.split_steps=[0,1]", "train.prompts_per_iteration=2",
             "data.eval_samples=4", "log.progress=false", "log.tensorboard=false",
-            "log.eval_every=0", *extra]
+            "log.eval_every=0", "train.kl_coef=0", *extra]
 
 
 def cli_env() -> dict[str, str]:

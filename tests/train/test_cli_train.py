@@ -71,7 +71,7 @@ def _meta(folder, run_dir):
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, cache_dir):
     args = ["train.iterations=6", "log.checkpoint_every=1", "log.keep_last=10",
-            "train.ema_decay=0.9", "train.lr_schedule=cosine"]
+            "train.ema_decay=0.9", "train.lr_schedule=cosine", "train.kl_coef=0.1"]
     full = tmp_path / "full"
     run_cli("train", *small_args(cache_dir, full, *args))
     killed = tmp_path / "killed"
