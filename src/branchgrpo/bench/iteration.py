@@ -59,8 +59,10 @@ def timing(method: str, metrics: dict[str, float]) -> IterationTiming:
 
 def method_config(method: str, prompts: int, overrides: Sequence[str] = ()) -> Config:
     """The config a method's bench iteration runs: the embedded default (or ``overrides``)
-    with ``rollout.method=<method>``, ``prompts`` trees and one optimizer step per rollout."""
-    return load_config(None, [*overrides, f"rollout.method={method}",
+    with ``rollout.method=<method>``, ``prompts`` trees and one optimizer step per rollout,
+    without a KL reference unless ``overrides`` set one (the methods publish none; the tiny
+    family's anchor would add a reference forward per trained edge to every row)."""
+    return load_config(None, ["train.kl_coef=0", *overrides, f"rollout.method={method}",
                               f"train.prompts_per_iteration={prompts}",
                               "train.updates_per_rollout=1"])
 
