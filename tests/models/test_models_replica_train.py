@@ -1,8 +1,9 @@
 """One BranchGRPO-family training iteration per family through ``branchgrpo train`` on a
 replica checkpoint (complete tiny pipeline with the released configs), with LoRA and full
 fine-tuning: exit 0, a finite loss in ``metrics.jsonl``, the weights trained; for LoRA, the
-checkpoint exported with `save_lora` loads into the family's pipeline with
-``load_lora_weights`` and changes its output as our trained policy predicts."""
+run leaves ``RUN/lora/`` in the diffusers format, which the family's pipeline loads with
+``load_lora_weights`` (as the README shows) and which changes its output as our trained policy
+predicts; a full fine-tuning run writes no ``lora/``."""
 
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ from models_testlib import (
 from safetensors.torch import load_file
 
 from branchgrpo.inference import load_trained
-from branchgrpo.models.lora import save_lora
 from branchgrpo.spec import resolve
 
 SMALL = {"flux": ["rollout.num_steps=2", "rollout.split_steps=[0]", "rollout.branch_factor=2"],
@@ -84,6 +84,7 @@ def test_full_finetune_iteration(family, replica, prompts, tmp_path):
     assert all(bool(v.isfinite().all()) for v in state.values())
     changed = [k for k, v in state.items() if not torch.equal(v, base[k])]
     assert len(changed) > len(base) // 2
+    assert not (tmp_path / "run" / "lora").exists()  # the weights are the checkpoint's
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3", "wan"])
@@ -94,15 +95,15 @@ def test_lora_iteration_exports_into_pipeline(family, replica, prompts, tmp_path
               "model.lora_alpha=8", "train.lr=1e-2")
     state = _checkpoint(run)
     assert state and all("lora_" in k for k in state)
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
     policy, cfg, _, _ = load_trained(run)
-    save_lora(policy, tmp_path / "lora")
     pipe = load_replica_pipeline(family, path)
     with torch.no_grad():
         ours = ode_rollout(policy, torch.tensor(resolve(cfg).sigmas))
     x_T = ours.latents[ours.parent < 0]
     steps = len(resolve(cfg).sigmas) - 1
     base = run_default_pipeline(family, pipe, cfg, x_T.clone(), steps)
-    pipe.load_lora_weights(tmp_path / "lora")
+    pipe.load_lora_weights(run / "lora")  # what the run wrote, as the README loads it
     tuned = run_default_pipeline(family, pipe, cfg, x_T.clone(), steps)
     assert (tuned - base).abs().max() > 1e-3  # one step at lr 1e-2 moves the output ...
     if family != "wan":  # ... as our trained policy predicts (same Euler solver and grid)
