@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Cond
-from .family import Family, plan_kwargs
+from .family import Family, family_timestep, plan_kwargs
 from .loading import keeps_fp32
 from .lora import LoraSpec, setup_finetune
 
@@ -69,8 +69,8 @@ class DiffusersPolicy:
         return getattr(diffusers, self.family.pipeline_name)
 
     def timestep(self, sigma: Tensor) -> Tensor:
-        """The transformer's timestep [N] fp32 from sigma [N] (`Family.timestep`)."""
-        return self.family.timestep(sigma.to(self.device))
+        """The transformer's timestep [N] fp32 from sigma [N] (`family_timestep`)."""
+        return family_timestep(self.family, sigma.to(self.device))
 
     def default_schedule(self) -> dict[str, Any]:
         """kwargs of `branchgrpo.engine.schedule.make_sigmas` (add num_steps)."""

@@ -72,8 +72,8 @@ class Family(Protocol):
     - ``diffusers_grid``: the sigma grid of the diffusers pipeline: ``"flux_pipeline"``
       (FluxPipeline's linspace(1, 1/T, T) with a dynamic mu of the (H/2f)(W/2f) image tokens,
       or the static shift) or ``"scheduler"`` (the scheduler config's own grid).
-    - ``timestep_scale``, ``timestep_sigma_max``: ``timestep(sigma)`` is
-      `branchgrpo.engine.schedule.transformer_timesteps` of them (1 for FLUX's sigma, 1000
+    - ``timestep_scale``, ``timestep_sigma_max``: with the instance's ``quantize_timestep``
+      they decide the transformer's timestep, `family_timestep` (1 for FLUX's sigma, 1000
       for SD3/Wan; Wan's UniPC grid starts at ``UNIPC_SIGMA_MAX``).
     - ``guidance_kind``: ``"embedding"`` (a distilled guidance embedding, FLUX.1-dev) or
       ``"cfg"`` (classifier-free guidance).
@@ -96,7 +96,8 @@ class Family(Protocol):
       `classifier_free`).
     - ``decode(parts, x0)``: media in [0, 1] from clean latents x0 [N, *L]: images
       [N, 3, H, W], videos [N, F, 3, H, W]; fp32.
-    - ``timestep(sigma)``: the transformer's timestep [N] fp32 from sigma [N].
+    - ``quantize_timestep``: floor the timestep as the method's published code does (set by
+      the recipe from `branchgrpo.spec.resolve`).
     - ``default_schedule()``: kwargs of `branchgrpo.engine.schedule.make_sigmas` (add num_steps).
     """
 
@@ -113,6 +114,7 @@ class Family(Protocol):
     video: ClassVar[bool]
     latent_shape: tuple[int, ...]
     token_period: int
+    quantize_timestep: bool
 
     @classmethod
     def schedule_rule(cls, plan: str) -> tuple[str, bool]: ...
@@ -123,12 +125,21 @@ class Family(Protocol):
 
     def decode(self, parts: Parts, x0: Tensor) -> Tensor: ...
 
-    def timestep(self, sigma: Tensor) -> Tensor: ...
-
     def default_schedule(self) -> dict[str, Any]: ...
 
 
 # ---- helpers for family hooks -----------------------------------------------------------
+def family_timestep(family: Family, sigma: Tensor) -> Tensor:
+    """The transformer's timestep [N] fp32 from sigma [N]: `transformer_timesteps` of the
+    family's ``timestep_scale``, ``quantize_timestep`` and ``timestep_sigma_max`` (FLUX: sigma,
+    or int(1000 sigma) / 1000; SD3: 1000 sigma; Wan: 1000 sigma, or the int64 of UniPC's grid
+    that WanPipeline passes, 999 at sigma 1)."""
+    from ..engine.schedule import transformer_timesteps
+
+    return transformer_timesteps(sigma, family.timestep_scale, family.quantize_timestep,
+                                 family.timestep_sigma_max)
+
+
 def classifier_free(
     forward: Callable[..., Tensor], x: Tensor, t: Tensor, cond: Sequence[Tensor],
     uncond: Sequence[Tensor] | None, *, scale: float, detach_uncond: bool, uncond_first: bool,

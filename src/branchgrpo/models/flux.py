@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .base import Cond
 from .diffusers_policy import DiffusersPolicy, compose
-from .family import Parts, decode_vae, prompt_seed
+from .family import Parts, decode_vae, family_timestep, prompt_seed
 from .loading import load
 from .lora import JOINT_ATTENTION_TARGETS
 from .testing import (
@@ -160,13 +160,6 @@ class FluxFamily:
             max_sequence_length=self.max_sequence_length)
         return {"prompt_embeds": emb, "pooled_prompt_embeds": pooled}
 
-    def timestep(self, sigma: Tensor) -> Tensor:
-        """The transformer's timestep [N] fp32 from sigma [N] (see the module docstring)."""
-        from ..engine.schedule import transformer_timesteps
-
-        return transformer_timesteps(sigma, self.timestep_scale, self.quantize_timestep,
-                                     self.timestep_sigma_max)
-
     def velocity(self, parts: Parts, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         """v [N, S, 4C] fp32 at packed latents x [N, S, 4C], sigma [N]."""
         emb = cond["prompt_embeds"]
@@ -176,7 +169,7 @@ class FluxFamily:
         txt_ids = torch.zeros(emb.shape[1], 3, device=parts.device, dtype=parts.model_dtype)
         img_ids = parts.model_input(latent_ids(*self.latent_hw))
         pooled = cond["pooled_prompt_embeds"]
-        t = self.timestep(sigma.to(parts.device))
+        t = family_timestep(self, sigma.to(parts.device))
         with parts.autocast():
             out = parts.transformer(
                 hidden_states=parts.model_input(x), timestep=parts.model_input(t),

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .base import Cond
 from .diffusers_policy import DiffusersPolicy, compose
-from .family import Parts, classifier_free, decode_vae
+from .family import Parts, classifier_free, decode_vae, family_timestep
 from .loading import load
 from .lora import JOINT_ATTENTION_TARGETS
 from .testing import (
@@ -98,14 +98,6 @@ class SD3Family:
         """kwargs of `branchgrpo.engine.schedule.make_sigmas`: the shifted schedule at ``shift``."""
         return {"kind": "shifted", "shift": self.shift}
 
-    def timestep(self, sigma: Tensor) -> Tensor:
-        """The transformer's timestep [N] fp32: 1000 sigma, floored with ``quantize_timestep``
-        (the FastVideo repos' int(1000 sigma))."""
-        from ..engine.schedule import transformer_timesteps
-
-        return transformer_timesteps(sigma, self.timestep_scale, self.quantize_timestep,
-                                     self.timestep_sigma_max)
-
     @classmethod
     def schedule_rule(cls, plan: str) -> tuple[str, bool]:
         """(schedule, quantize_timestep) of every plan by default: StableDiffusion3Pipeline's
@@ -137,7 +129,7 @@ class SD3Family:
         uncond = ((cond["negative_prompt_embeds"], cond["negative_pooled_prompt_embeds"])
                   if self.do_cfg else None)
         return classifier_free(
-            forward, x, self.timestep(sigma.to(parts.device)),
+            forward, x, family_timestep(self, sigma.to(parts.device)),
             (cond["prompt_embeds"], cond["pooled_prompt_embeds"]), uncond,
             scale=self.guidance_scale, detach_uncond=self.detach_uncond, uncond_first=True)
 

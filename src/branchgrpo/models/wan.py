@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..engine.schedule import UNIPC_SIGMA_MAX
 from .base import Cond
 from .diffusers_policy import DiffusersPolicy, compose
-from .family import Parts, classifier_free, decode_vae
+from .family import Parts, classifier_free, decode_vae, family_timestep
 from .loading import load
 from .testing import tiny_t5_encoder, tiny_t5_tokenizer
 
@@ -102,14 +102,6 @@ class WanFamily:
         """kwargs of `branchgrpo.engine.schedule.make_sigmas`: the shifted schedule at ``shift``."""
         return {"kind": "shifted", "shift": self.shift}
 
-    def timestep(self, sigma: Tensor) -> Tensor:
-        """The transformer's timestep [N] fp32: 1000 sigma, or with ``quantize_timestep`` the
-        int64(1000 sigma) of UniPC's grid that WanPipeline passes (999 at sigma 1)."""
-        from ..engine.schedule import transformer_timesteps
-
-        return transformer_timesteps(sigma, self.timestep_scale, self.quantize_timestep,
-                                     self.timestep_sigma_max)
-
     @classmethod
     def schedule_rule(cls, plan: str) -> tuple[str, bool]:
         """(schedule, quantize_timestep) of every plan by default: WanPipeline's UniPC grid and
@@ -135,7 +127,8 @@ class WanFamily:
 
         uncond = (cond["negative_prompt_embeds"],) if self.do_cfg else None
         return classifier_free(
-            forward, x, self.timestep(sigma.to(parts.device)), (cond["prompt_embeds"],), uncond,
+            forward, x, family_timestep(self, sigma.to(parts.device)), (cond["prompt_embeds"],),
+            uncond,
             scale=self.guidance_scale, detach_uncond=self.detach_uncond, uncond_first=False)
 
     def decode(self, parts: Parts, x0: Tensor) -> Tensor:
