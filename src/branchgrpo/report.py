@@ -22,21 +22,31 @@ def line_figure(path: Path, xlabel: str, title: str, size: tuple[float, float] =
     fig, ax = plt.subplots(figsize=size)
     try:
         yield ax
-        ax.set_xlabel(xlabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=legend_size, ncol=legend_cols)
+        _decorate(ax, xlabel, title, legend_size, legend_cols)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
     finally:
         plt.close(fig)
 
 
+def _decorate(ax: Any, xlabel: str, title: str, legend_size: int = 8,
+              legend_cols: int = 1) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size, ncol=legend_cols)
+
+
+def _lines(ax: Any, series: list[tuple[str, list, list]]) -> None:
+    """One line per non-empty (label, x, y), with markers when there are few points."""
+    for label, x, y in series:
+        if x:
+            ax.plot(x, y, marker="o" if len(x) < 20 else None, ms=3, label=label)
+
+
 def _plot(path: Path, series: list[tuple[str, list, list]], xlabel: str, title: str) -> None:
     with line_figure(path, xlabel, title) as ax:
-        for label, x, y in series:
-            if x:
-                ax.plot(x, y, marker="o" if len(x) < 20 else None, ms=3, label=label)
+        _lines(ax, series)
 
 
 def smooth(y: list[float], window: int) -> list[float]:
@@ -72,13 +82,8 @@ def _plot_panels(path: Path, panels: list[tuple[str, list[tuple[str, list, list]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
     try:
         for ax, (title, series) in zip(axes[0], panels, strict=True):
-            for label, x, y in series:
-                if x:
-                    ax.plot(x, y, marker="o" if len(x) < 20 else None, ms=3, label=label)
-            ax.set_xlabel(xlabel)
-            ax.set_title(title)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            _lines(ax, series)
+            _decorate(ax, xlabel, title)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
     finally:
