@@ -38,8 +38,8 @@ def test_a_spec_other_than_the_shipped_one_pretrains_into_the_cache(tmp_path, mo
 
 def test_build_files_are_reproducible_and_differences_are_named(tmp_path):
     spec = replace(TinySpec(), pretrain_steps=3, pretrain_batch=4)
-    a = build_files(tmp_path / "a", spec, judge_steps=2, progress=False)
-    b = build_files(tmp_path / "b", spec, judge_steps=2, progress=False)
+    a, b = (build_files(tmp_path / d / "base.safetensors", tmp_path / d / "judge.safetensors",
+                        spec, 2, False) for d in ("a", "b"))
     assert differing(a, b) == []
     from safetensors.torch import load_file, save_file
 
@@ -62,5 +62,6 @@ def test_build_files_runs_on_one_thread_and_restores_the_count(tmp_path, monkeyp
     monkeypatch.setattr(tiny, "pretrain", lambda *a, **k: seen.append(
         torch.get_num_threads()) or real(*a, **k))
     before = torch.get_num_threads()
-    build_files(tmp_path, replace(TinySpec(), pretrain_steps=1, pretrain_batch=2), 1, False)
+    build_files(tmp_path / "b.safetensors", tmp_path / "j.safetensors",
+                replace(TinySpec(), pretrain_steps=1, pretrain_batch=2), 1, False)
     assert seen == [1] and torch.get_num_threads() == before

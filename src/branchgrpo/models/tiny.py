@@ -219,24 +219,22 @@ def build(o: ModelOptions, device: torch.device) -> TinyFluxPolicy:
     return policy.to(device)
 
 
-def build_files(folder: Path, spec: TinySpec = TinySpec(), judge_steps: int = 600,
+def build_files(base: Path, judge: Path, spec: TinySpec = TinySpec(), judge_steps: int = 600,
                 progress: bool = True) -> list[Path]:
-    """Pretrain the base model of ``spec`` on the task's training prompts and train the
-    judge (`train_judge`), on one thread (float reductions round by thread count, so this
-    makes the files reproducible on one CPU model); write both into ``folder``."""
+    """Pretrain the base model of ``spec`` on the task's training prompts into ``base`` and
+    train the judge (`train_judge`) into ``judge``, on one thread (float reductions round by
+    thread count, so this makes the files reproducible on one CPU model)."""
     from ..tasks import shapes_reward as sr
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        base = save_base(pretrain(spec, shapes.split_prompts()[0], progress),
-                         Path(folder) / SHIPPED.name)
+        save_base(pretrain(spec, shapes.split_prompts()[0], progress), Path(base))
         with torch.random.fork_rng():
-            judge = sr.save_judge(sr.train_judge(judge_steps, progress=progress),
-                                  Path(folder) / sr.SHIPPED_JUDGE.name)
+            sr.save_judge(sr.train_judge(judge_steps, progress=progress), Path(judge))
     finally:
         torch.set_num_threads(threads)
-    return [base, judge]
+    return [Path(base), Path(judge)]
 
 
 def differing(new: Sequence[Path], old: Sequence[Path]) -> list[str]:
@@ -264,10 +262,9 @@ def build_shipped(out: Path | None = None, check: bool = False) -> int:
         print(f"no shipped files to check against ({SHIPPED}, {SHIPPED_JUDGE})")
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) if check else Path(out) if out else SHIPPED.parent
-        files = build_files(folder)
-        if folder == SHIPPED.parent:  # the judge lives beside its task
-            files[1] = files[1].replace(SHIPPED_JUDGE)
+        folder = Path(tmp) if check else Path(out) if out else None
+        targets = [folder / p.name for p in shipped] if folder else shipped
+        files = build_files(*targets)
         print("wrote " + ", ".join(map(str, files)))
         if not check:
             return 0
