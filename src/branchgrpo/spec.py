@@ -208,7 +208,6 @@ def _grid(cfg: Config, files: ModelFiles | None, kind: str, steps: int,
           ) -> tuple[torch.Tensor, float | None, float | None, int | None]:
     """(sigmas [T + 1], static shift or None, mu or None, image tokens or None)."""
     r, fam = cfg.rollout, cfg.model.kind
-    grid = family_class(fam).diffusers_grid if files else None
     if steps < 1:
         raise ConfigError(f"rollout.num_steps must be >= 1, got {steps}")
     if kind == "shifted":
@@ -220,43 +219,13 @@ def _grid(cfg: Config, files: ModelFiles | None, kind: str, steps: int,
         raise ConfigError(f"rollout.schedule={kind} needs a diffusers checkpoint (model.kind "
                           f"{_diffusers_kinds()}); use shifted or flux_dynamic on the tiny "
                           "family")
-    sc = files.scheduler
-    n_train = int(sc.get("num_train_timesteps", 1000))
-    if grid == "flux_pipeline":
-        seq = _image_tokens(cfg, files, 2 * files.vae_scale_factor)
-        if kind == "flux_dynamic" or sc.get("use_dynamic_shifting"):
-            if r.shift is not None:
-                raise ConfigError(f"rollout.shift is not used by FLUX's dynamic schedule "
-                                  f"({kind}: mu from the image size); remove it, or set "
-                                  "rollout.schedule=shifted")
-            mu = sch.flux_mu(seq, sc.get("base_image_seq_len", 256),
-                             sc.get("max_image_seq_len", 4096), sc.get("base_shift", 0.5),
-                             sc.get("max_shift", 1.15))
-            return sch.flux_pipeline(steps, mu=mu), None, mu, seq
-        shift = r.shift if r.shift is not None else float(sc.get("shift", 1.0))
-        return sch.flux_pipeline(steps, shift=shift), shift, None, seq
-    if kind == "flux_dynamic":
-        raise ConfigError(f"rollout.schedule=flux_dynamic is FLUX's schedule, not "
-                          f"model.kind={fam}'s; use diffusers or shifted")
-    cls = sc.get("_class_name", "")
-    if cls == "UniPCMultistepScheduler" and sc.get("use_flow_sigmas"):
-        shift = r.shift if r.shift is not None else float(sc.get("flow_shift", 1.0))
-        return sch.flow_sigmas(steps, shift, n_train), shift, None, None
-    if cls == "FlowMatchEulerDiscreteScheduler" and not sc.get("use_dynamic_shifting"):
-        shift = r.shift if r.shift is not None else float(sc.get("shift", 1.0))
-        return sch.diffusers_static(steps, shift, n_train), shift, None, None
-    raise ConfigError(f"{files.source}: scheduler {cls or '?'} (dynamic shifting "
-                      f"{bool(sc.get('use_dynamic_shifting'))}) has no diffusers grid here; set "
-                      "rollout.schedule=shifted")
-
-
-def _image_tokens(cfg: Config, files: ModelFiles, factor: int) -> int:
-    """Image tokens the transformer sees: (H / factor)(W / factor) (FLUX: 2 f, 2x2 packing)."""
-    h, w = cfg.model.height, cfg.model.width
-    if h % factor or w % factor:
-        raise ConfigError(f"model.height and model.width must be multiples of {factor} for "
-                          f"this {cfg.model.kind} checkpoint, got {h}x{w}")
-    return (h // factor) * (w // factor)
+    try:
+        g = family_class(fam).pipeline_grid(
+            files.scheduler, steps, cfg.model.height, cfg.model.width, files.vae_scale_factor,
+            r.shift, kind == "flux_dynamic")
+    except ValueError as e:
+        raise ConfigError(f"{files.source}: {e}") from None
+    return g.sigmas, g.shift, g.mu, g.image_seq_len
 
 
 def read_model_files(cfg: Config) -> ModelFiles | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -69,9 +70,12 @@ class Family(Protocol):
     - ``released_config``: the released checkpoint's config values that decide the schedule,
       used when no config file can be read: ``{"scheduler": {...}, "transformer": {...},
       "vae_scale_factor": f}``.
-    - ``diffusers_grid``: the sigma grid of the diffusers pipeline: ``"flux_pipeline"``
-      (FluxPipeline's linspace(1, 1/T, T) with a dynamic mu of the (H/2f)(W/2f) image tokens,
-      or the static shift) or ``"scheduler"`` (the scheduler config's own grid).
+    - ``pipeline_grid(scheduler, steps, height, width, vae_scale_factor, shift, dynamic)``
+      (classmethod): the `Grid` the family's diffusers pipeline runs for ``steps`` steps with
+      the checkpoint's scheduler config (FLUX: FluxPipeline's linspace(1, 1/T, T) with a
+      dynamic mu of its image tokens; SD3/Wan: `scheduler_grid`, the scheduler's own grid).
+      ``shift`` overrides the checkpoint's static shift; ``dynamic`` asks for the dynamic-mu
+      grid (``rollout.schedule=flux_dynamic``). ValueError with the reason otherwise.
     - ``timestep_scale``, ``timestep_sigma_max``: with the instance's ``quantize_timestep``
       they decide the transformer's timestep, `family_timestep` (1 for FLUX's sigma, 1000
       for SD3/Wan; Wan's UniPC grid starts at ``UNIPC_SIGMA_MAX``).
@@ -107,7 +111,6 @@ class Family(Protocol):
     fp32_modules: ClassVar[tuple[str, ...]]
     transformer_class: ClassVar[str]
     released_config: ClassVar[dict[str, Any]]
-    diffusers_grid: ClassVar[str]
     timestep_scale: ClassVar[float]
     timestep_sigma_max: ClassVar[float]
     guidance_kind: ClassVar[str]
@@ -119,6 +122,10 @@ class Family(Protocol):
     @classmethod
     def schedule_rule(cls, plan: str) -> tuple[str, bool]: ...
 
+    @classmethod
+    def pipeline_grid(cls, scheduler: dict[str, Any], steps: int, height: int, width: int,
+                      vae_scale_factor: int, shift: float | None, dynamic: bool) -> Grid: ...
+
     def encode(self, parts: Parts, prompts: list[str]) -> dict[str, Tensor]: ...
 
     def velocity(self, parts: Parts, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor: ...
@@ -128,7 +135,52 @@ class Family(Protocol):
     def default_schedule(self) -> dict[str, Any]: ...
 
 
+@dataclass(frozen=True)
+class Grid:
+    """A pipeline's sigma grid: ``sigmas`` [T + 1] (ending in 0), the static ``shift`` or the
+    dynamic ``mu`` it used (the other None), and the image token count ``image_seq_len`` that
+    decided ``mu`` (None for a static grid)."""
+
+    sigmas: Tensor
+    shift: float | None = None
+    mu: float | None = None
+    image_seq_len: int | None = None
+
+
 # ---- helpers for family hooks -----------------------------------------------------------
+def scheduler_grid(scheduler: dict[str, Any], steps: int, shift: float | None,
+                   dynamic: bool = False) -> Grid:
+    """The grid a pipeline gets from ``scheduler.set_timesteps(steps)`` (SD3, Wan): UniPC's
+    ``use_flow_sigmas`` grid at ``flow_shift``, or FlowMatchEulerDiscreteScheduler's static
+    ``shift``; ``shift`` (not None) overrides the config's. ValueError for any other scheduler
+    config and for ``dynamic`` (FLUX's grid)."""
+    from ..engine import schedule as sch
+
+    if dynamic:
+        raise ValueError("rollout.schedule=flux_dynamic is FLUX's schedule, not this "
+                         "family's; use diffusers or shifted")
+    cls = scheduler.get("_class_name", "")
+    n_train = int(scheduler.get("num_train_timesteps", 1000))
+    if cls == "UniPCMultistepScheduler" and scheduler.get("use_flow_sigmas"):
+        s = shift if shift is not None else float(scheduler.get("flow_shift", 1.0))
+        return Grid(sch.flow_sigmas(steps, s, n_train), shift=s)
+    if cls == "FlowMatchEulerDiscreteScheduler" and not scheduler.get("use_dynamic_shifting"):
+        s = shift if shift is not None else float(scheduler.get("shift", 1.0))
+        return Grid(sch.diffusers_static(steps, s, n_train), shift=s)
+    raise ValueError(f"scheduler {cls or '?'} (dynamic shifting "
+                     f"{bool(scheduler.get('use_dynamic_shifting'))}) has no diffusers grid "
+                     "here; set rollout.schedule=shifted")
+
+
+def image_tokens(height: int, width: int, factor: int) -> int:
+    """Image tokens the transformer sees at ``height`` x ``width``: (H / factor)(W / factor)
+    (``factor`` = VAE factor x patch or packing side); ValueError when they do not divide."""
+    if height % factor or width % factor:
+        raise ValueError(f"model.height and model.width must be multiples of {factor} for "
+                         f"this checkpoint, got {height}x{width}")
+    return (height // factor) * (width // factor)
+
+
 def family_timestep(family: Family, sigma: Tensor) -> Tensor:
     """The transformer's timestep [N] fp32 from sigma [N]: `transformer_timesteps` of the
     family's ``timestep_scale``, ``quantize_timestep`` and ``timestep_sigma_max`` (FLUX: sigma,

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..engine import schedule as sch
 from .base import Cond
 from .diffusers_policy import DiffusersPolicy, compose
-from .family import Parts, decode_vae, family_timestep, prompt_seed
+from .family import Grid, Parts, decode_vae, family_timestep, image_tokens, prompt_seed
 from .loading import load
 from .lora import JOINT_ATTENTION_TARGETS
 from .testing import (
@@ -94,7 +95,6 @@ class FluxFamily:
     fp32_modules: ClassVar[tuple[str, ...]] = ()
     transformer_class: ClassVar[str] = "FluxTransformer2DModel"
     released_config: ClassVar[dict[str, Any]] = RELEASED_CONFIG
-    diffusers_grid: ClassVar[str] = "flux_pipeline"
     timestep_scale: ClassVar[float] = 1.0
     timestep_sigma_max: ClassVar[float] = 1.0
     guidance_kind: ClassVar[str] = "embedding"
@@ -136,6 +136,25 @@ class FluxFamily:
         """(schedule, quantize_timestep) of ``plan`` by default: the FastVideo repos' shifted
         linspace and int(1000 sigma) / 1000 for their plans, else FluxPipeline's grid."""
         return ("shifted", True) if plan in FASTVIDEO_PLANS else ("diffusers", False)
+
+    @classmethod
+    def pipeline_grid(cls, scheduler: dict[str, Any], steps: int, height: int, width: int,
+                      vae_scale_factor: int, shift: float | None, dynamic: bool) -> Grid:
+        """FluxPipeline's grid: linspace(1, 1/T, T) time-shifted by the dynamic mu of the
+        (H/2f)(W/2f) image tokens (``use_dynamic_shifting`` or ``dynamic``), else by the static
+        ``shift`` (the config's unless given)."""
+        seq = image_tokens(height, width, 2 * vae_scale_factor)
+        if dynamic or scheduler.get("use_dynamic_shifting"):
+            if shift is not None:
+                raise ValueError("rollout.shift is not used by FLUX's dynamic schedule (mu "
+                                 "from the image size); remove it, or set "
+                                 "rollout.schedule=shifted")
+            mu = sch.flux_mu(seq, scheduler.get("base_image_seq_len", 256),
+                             scheduler.get("max_image_seq_len", 4096),
+                             scheduler.get("base_shift", 0.5), scheduler.get("max_shift", 1.15))
+            return Grid(sch.flux_pipeline(steps, mu=mu), mu=mu, image_seq_len=seq)
+        s = shift if shift is not None else float(scheduler.get("shift", 1.0))
+        return Grid(sch.flux_pipeline(steps, shift=s), shift=s, image_seq_len=seq)
 
     def default_schedule(self) -> dict[str, Any]:
         """kwargs of `branchgrpo.engine.schedule.make_sigmas` (add num_steps): the FastVideo repos'

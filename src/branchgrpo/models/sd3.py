@@ -19,7 +19,14 @@ from torch import Tensor, nn
 
 from .base import Cond
 from .diffusers_policy import DiffusersPolicy, compose
-from .family import Parts, classifier_free, decode_vae, family_timestep
+from .family import (
+    Grid,
+    Parts,
+    classifier_free,
+    decode_vae,
+    family_timestep,
+    scheduler_grid,
+)
 from .loading import load
 from .lora import JOINT_ATTENTION_TARGETS
 from .testing import (
@@ -56,7 +63,6 @@ class SD3Family:
     fp32_modules: ClassVar[tuple[str, ...]] = ()
     transformer_class: ClassVar[str] = "SD3Transformer2DModel"
     released_config: ClassVar[dict[str, Any]] = RELEASED_CONFIG
-    diffusers_grid: ClassVar[str] = "scheduler"
     timestep_scale: ClassVar[float] = 1000.0
     timestep_sigma_max: ClassVar[float] = 1.0
     guidance_kind: ClassVar[str] = "cfg"
@@ -103,6 +109,12 @@ class SD3Family:
         """(schedule, quantize_timestep) of every plan by default: StableDiffusion3Pipeline's
         grid (Flow-GRPO's) and 1000 sigma."""
         return "diffusers", False
+
+    @classmethod
+    def pipeline_grid(cls, scheduler: dict[str, Any], steps: int, height: int, width: int,
+                      vae_scale_factor: int, shift: float | None, dynamic: bool) -> Grid:
+        """The scheduler config's own grid (`scheduler_grid`)."""
+        return scheduler_grid(scheduler, steps, shift, dynamic)
 
     def encode(self, parts: Parts, prompts: list[str]) -> dict[str, Tensor]:
         """Joint embeddings [b, 77 + L, D], pooled [b, P] (+ the negative prompt's, per row)."""

@@ -21,7 +21,14 @@ from torch import Tensor, nn
 from ..engine.schedule import UNIPC_SIGMA_MAX
 from .base import Cond
 from .diffusers_policy import DiffusersPolicy, compose
-from .family import Parts, classifier_free, decode_vae, family_timestep
+from .family import (
+    Grid,
+    Parts,
+    classifier_free,
+    decode_vae,
+    family_timestep,
+    scheduler_grid,
+)
 from .loading import load
 from .testing import tiny_t5_encoder, tiny_t5_tokenizer
 
@@ -53,7 +60,6 @@ class WanFamily:
     fp32_modules: ClassVar[tuple[str, ...]] = ("vae",)
     transformer_class: ClassVar[str] = "WanTransformer3DModel"
     released_config: ClassVar[dict[str, Any]] = RELEASED_CONFIG
-    diffusers_grid: ClassVar[str] = "scheduler"
     timestep_scale: ClassVar[float] = 1000.0
     timestep_sigma_max: ClassVar[float] = UNIPC_SIGMA_MAX
     guidance_kind: ClassVar[str] = "cfg"
@@ -107,6 +113,12 @@ class WanFamily:
         """(schedule, quantize_timestep) of every plan by default: WanPipeline's UniPC grid and
         the int64 timesteps UniPC hands the transformer."""
         return "diffusers", True
+
+    @classmethod
+    def pipeline_grid(cls, scheduler: dict[str, Any], steps: int, height: int, width: int,
+                      vae_scale_factor: int, shift: float | None, dynamic: bool) -> Grid:
+        """The scheduler config's own grid (`scheduler_grid`)."""
+        return scheduler_grid(scheduler, steps, shift, dynamic)
 
     def encode(self, parts: Parts, prompts: list[str]) -> dict[str, Tensor]:
         """UMT5 embeddings [b, L, 4096] (zero past each prompt's length), + the negative's."""
