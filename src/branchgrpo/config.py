@@ -160,6 +160,9 @@ class LogConfig:
     checkpoint_every: int = f(10, "iterations between checkpoints")
     keep_last: int = f(2, "checkpoints kept")
     tensorboard: bool = f(True, "write TensorBoard event files")
+    wandb: bool = f(False, "also log to Weights & Biases: scalars, sample grids, the report's "
+                           "plots (the wandb extra; WANDB_MODE=offline needs no network)")
+    wandb_project: str = f("branchgrpo", "wandb project of the run (log.wandb=true)")
     progress: bool = f(True, "progress bars")
 
 
@@ -366,6 +369,9 @@ def validate(cfg: Config) -> None:
     for k, v in cfg.reward.weights.items():
         if not math.isfinite(v):
             raise ConfigError(f"reward.weights.{k} must be a finite number, got {v}")
+    if cfg.log.wandb and not cfg.log.wandb_project.strip():
+        raise ConfigError("log.wandb_project is empty: name the wandb project (or set "
+                          "log.wandb=false)")
     if not cfg.reward.weights:
         raise ConfigError("reward.weights is empty: name at least one training reward")
     if not any(cfg.reward.weights.values()):

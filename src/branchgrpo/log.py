@@ -1,4 +1,5 @@
-"""Run logging: stdout, ``metrics.jsonl`` (one line per iteration) and TensorBoard."""
+"""Run logging: stdout, ``metrics.jsonl`` (one line per iteration), TensorBoard and, with
+``log.wandb=true``, Weights & Biases (`WandbLog`)."""
 
 from __future__ import annotations
 
@@ -28,14 +29,53 @@ class Timer:
             time.perf_counter() - t0)
 
 
-class RunLogger:
-    """Appends metrics to ``metrics.jsonl`` and TensorBoard (when enabled). ``enabled=False``
-    (ranks other than 0) writes nothing."""
+class WandbLog:
+    """A Weights & Biases run beside ``metrics.jsonl``: the same numeric scalars at the same
+    steps (the iteration), the held-out sample grids and, at the end, the report's plots.
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True, enabled: bool = True) -> None:
+    The run lives in ``RUN/wandb/`` and is grouped under the run directory's name; each
+    (re)start of the run is a wandb run of its own (``RUN``, ``RUN-resume1``, ...), because a
+    resumed run logs again the iterations after its checkpoint, which wandb would drop from
+    the first one's history. ``WANDB_MODE=offline`` writes it without a network (``wandb
+    sync`` uploads it later)."""
+
+    def __init__(self, run_dir: Path, project: str, config: dict[str, Any]) -> None:
+        import wandb
+
+        root = Path(run_dir)
+        (root / "wandb").mkdir(parents=True, exist_ok=True)
+        starts = len(list((root / "wandb").glob("*run-*")))
+        name = root.name if starts == 0 else f"{root.name}-resume{starts}"
+        self.run = wandb.init(project=project, dir=str(root), group=root.name, name=name,
+                              config=config)
+
+    def log(self, step: int, row: dict[str, Any]) -> None:
+        """The numeric values of one ``metrics.jsonl`` row at ``step``."""
+        self.run.log({k: v for k, v in row.items() if _scalar(v) and k != "iteration"},
+                     step=step)
+
+    def images(self, step: int, images: dict[str, Path]) -> None:
+        """PNG files under their keys (``samples/after``, ``plots/heldout``) at ``step``."""
+        import wandb
+
+        self.run.log({k: wandb.Image(str(p)) for k, p in images.items() if Path(p).exists()},
+                     step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class RunLogger:
+    """Appends metrics to ``metrics.jsonl``, TensorBoard and wandb (each when enabled).
+    ``enabled=False`` (ranks other than 0) writes nothing; ``wandb`` is a started `WandbLog`
+    or None."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True, enabled: bool = True,
+                 wandb: WandbLog | None = None) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.tb = None
+        self.wandb = wandb if enabled else None
         if tensorboard and enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -58,13 +98,28 @@ class RunLogger:
             fh.write(json.dumps(row, allow_nan=False) + "\n")
         if self.tb is not None:
             for k, v in row.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iteration":
+                if _scalar(v) and k != "iteration":
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(step, row)
+
+    def images(self, step: int, images: dict[str, Path]) -> None:
+        """Image files for the loggers that show images (wandb); ``metrics.jsonl`` and
+        TensorBoard keep scalars only (the PNGs are in the run directory)."""
+        if self.wandb is not None:
+            self.wandb.images(step, images)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None
+
+
+def _scalar(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _plain(v: Any) -> Any:

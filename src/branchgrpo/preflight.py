@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ def check_run(cfg: Config) -> None:
     check_rewards(cfg)
     _check_device(cfg)
     _check_prompts(cfg)
+    _check_wandb(cfg)
 
 
 def check_plan(cfg: Config) -> RunSpec:
@@ -188,6 +190,26 @@ def _check_device(cfg: Config) -> None:
     if d == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda, but this machine has no CUDA device (or torch is "
                           f"a CPU build, {torch.__version__}); use train.device=cpu or auto")
+
+
+def _check_wandb(cfg: Config) -> None:
+    """``log.wandb=true`` has the package, and an online run has credentials (wandb would
+    otherwise ask for a key on stdin, or fail, after the models have loaded)."""
+    if not cfg.log.wandb:
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError("log.wandb=true needs the wandb package: pip install "
+                          "'branchgrpo[wandb]' (or set log.wandb=false)")
+    mode = os.environ.get("WANDB_MODE", "online")
+    if mode in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    if not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace")):
+        raise ConfigError("log.wandb=true online needs a wandb login: run `wandb login`, set "
+                          "WANDB_API_KEY, or log without a network with WANDB_MODE=offline "
+                          "(`wandb sync RUN/wandb/offline-run-*` uploads it later)")
 
 
 def _check_prompts(cfg: Config) -> None:

@@ -18,6 +18,7 @@ metrics are averaged over ranks for logging, and rank 0 alone writes the run dir
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -144,11 +145,13 @@ def train(cfg: Config, resume: Path | None = None) -> Path:
         bar.close()
     run_eval(s, "after")
     export_lora(s)
-    s.logger.close()
     if main:
         from .report import write_report
 
         write_report(s.run_dir)
+        s.logger.images(s.iteration, {f"plots/{p.stem}": p
+                                      for p in sorted((s.run_dir / "plots").glob("*.png"))})
+    s.logger.close()
     dist.barrier(s.dist)
     dist.close(s.dist)
     return s.run_dir
@@ -423,7 +426,12 @@ def _open_run_dir(s: State, restored: dict | None) -> None:
         s.run_dir.mkdir(parents=True, exist_ok=True)
         (s.run_dir / "config.yaml").write_text(to_yaml(s.cfg))
         (s.run_dir / "plan.json").write_text(json.dumps(plan_report(s.cfg), indent=1) + "\n")
-    s.logger = RunLogger(s.run_dir, s.cfg.log.tensorboard, enabled=s.dist.main)
+    wb = None
+    if s.cfg.log.wandb and s.dist.main:
+        from .log import WandbLog
+
+        wb = WandbLog(s.run_dir, s.cfg.log.wandb_project, dataclasses.asdict(s.cfg))
+    s.logger = RunLogger(s.run_dir, s.cfg.log.tensorboard, enabled=s.dist.main, wandb=wb)
     if restored is not None:
         s.logger.truncate(restored["metrics_lines"])
 
@@ -445,6 +453,7 @@ def run_eval(s: State, tag: str) -> dict[str, float]:
             raise TrainingStopped(f"held-out evaluation {tag!r}: {e}") from None
     if s.dist.main:  # every rank evaluates (FSDP forwards are collective), rank 0 writes
         save_grid(media, prompts, s.run_dir / "samples" / f"{tag}.png", title=tag)
+        s.logger.images(s.iteration, {f"samples/{tag}": s.run_dir / "samples" / f"{tag}.png"})
     s.extra["last_eval_elapsed"] = s.elapsed
     s.logger.log(s.iteration, {"eval/tag": tag, "time/elapsed": s.elapsed, **metrics})
     _warn_grid(s, metrics.get("eval/grid"), tag)
