@@ -213,6 +213,9 @@ def _add_bench(sub: Any) -> None:
     it.add_argument("--device", default="cpu", help="cpu or cuda")
     it.add_argument("--no-batch1", action="store_true", help="skip the baseline run one sample "
                     "per forward and one edge per backward (the published code's way)")
+    it.add_argument("--compile", action="store_true", help="run every method again with the "
+                    "transformer's blocks compiled (model.compile=true): compiled_total_s and "
+                    "speedup_compiled (eager / compiled) per row")
     it.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     it.set_defaults(fn=_bench("iteration"))
     le = bsub.add_parser("learn", help="every method's held-out judge vs training time "

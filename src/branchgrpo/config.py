@@ -45,6 +45,11 @@ class ModelConfig:
     lora_rank: int = f(32, "LoRA rank (finetune=lora)")
     lora_alpha: float = f(64.0, "LoRA alpha (finetune=lora)")
     gradient_checkpointing: bool = f(False, "recompute transformer activations in backward")
+    compile: bool = f(False, "torch.compile the transformer's repeated blocks (regional "
+                             "compilation, one compile per block type); exact up to rounding")
+    attention_backend: str = f("native", "diffusers attention kernel of the transformer: native "
+                                         "(PyTorch SDPA) or an exact one (flash, _native_flash, "
+                                         "_native_cudnn, _flash_3, xformers, flex, ...; CUDA)")
     height: int = f(512, "image height in pixels (real models)")
     width: int = f(512, "image width in pixels (real models)")
     num_frames: int = f(33, "video frames (wan)")
@@ -321,8 +326,18 @@ RANGES: dict[str, str] = {
     "dist.global_prompts": "[0,)", "dist.verify_sync": "[0,)",
     "dist.timeout_minutes": "[1,)",
 }
+EXACT_ATTENTION = ("native", "_native_math", "_native_efficient", "_native_flash",
+                   "_native_cudnn", "flash", "flash_varlen", "_flash_3", "_flash_varlen_3",
+                   "xformers", "flex")
+"""Attention kernels that compute softmax(QK^T / sqrt(d)) V exactly (up to float rounding)."""
+LOSSY_ATTENTION_WHY = (
+    "quantises Q, K (int8) and P, V (fp8/fp16) inside attention, so every velocity the policy "
+    "computes moves, the rollout samples from a different distribution than the model's and "
+    "the stored log-probs belong to neither; GRPO's importance ratio and KL then measure the "
+    "kernel's error as well as the update. Use an exact kernel")
+"""Why lossy attention kernels (SageAttention) are refused."""
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.dtype": ("fp32", "bf16", "fp16"),
+    "model.dtype": ("fp32", "bf16", "fp16"), "model.attention_backend": EXACT_ATTENTION,
     "model.storage_dtype": ("fp32", "bf16", "fp16"), "model.finetune": ("full", "lora"),
     "rollout.kernel": ("dance", "flow", "cps"),
     "rollout.schedule": ("shifted", "flux_dynamic", "diffusers"),
@@ -357,6 +372,9 @@ def validate(cfg: Config) -> None:
     what to change. What values mean together (the method's plan, rewards, prompt files) and
     ``model.kind`` (against the family registry, with ``model.path``: `branchgrpo.spec`) are
     checked by `branchgrpo.preflight.check_run`."""
+    if "sage" in cfg.model.attention_backend:
+        raise ConfigError(f"model.attention_backend={cfg.model.attention_backend} "
+                          f"{LOSSY_ATTENTION_WHY} ({', '.join(EXACT_ATTENTION[:6])}, ...)")
     for key in all_keys():
         v = _get(cfg, key) if key.count(".") == 1 else None
         if isinstance(v, float) and not math.isfinite(v):

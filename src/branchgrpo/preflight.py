@@ -190,6 +190,11 @@ def _check_device(cfg: Config) -> None:
     if d == "cuda" and not torch.cuda.is_available():
         raise ConfigError("train.device=cuda, but this machine has no CUDA device (or torch is "
                           f"a CPU build, {torch.__version__}); use train.device=cpu or auto")
+    backend = cfg.model.attention_backend
+    on_cuda = d == "cuda" or (d == "auto" and torch.cuda.is_available())
+    if backend not in ("native", "_native_math") and not on_cuda:
+        raise ConfigError(f"model.attention_backend={backend} is a CUDA kernel and this run is "
+                          "on the CPU; use model.attention_backend=native")
 
 
 def _check_wandb(cfg: Config) -> None:

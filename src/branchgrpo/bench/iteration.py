@@ -125,6 +125,16 @@ def rows_of(results: dict[str, IterationTiming], baseline: str) -> list[dict]:
     return rows
 
 
+def with_compiled(eager: list[dict], compiled: list[dict]) -> list[dict]:
+    """``eager`` rows with each method's compiled ``total_s`` (``compiled_total_s``) and
+    ``speedup_compiled`` = eager / compiled (above 1: compiling pays); rows without a compiled
+    run (the batch-1 baseline) get empty cells."""
+    by = {r["method"]: r["total_s"] for r in compiled}
+    return [{**r, "compiled_total_s": by.get(r["method"], ""),
+             "speedup_compiled": (round(r["total_s"] / by[r["method"]], 3)
+                                  if r["method"] in by else "")} for r in eager]
+
+
 def flux_dev_overrides(policy: Any) -> list[str]:
     """The config of FLUX.1-dev at the bench's size (the family's documented schedule), bf16
     storage and autocast."""
@@ -143,9 +153,16 @@ def command(args: argparse.Namespace) -> int:
         reward: Callable | None = lambda media, p: media.float().flatten(1).mean(1)  # noqa: E731
     else:
         overrides, reward = [], None  # the embedded default's own reward (shapes)
-    rows = iteration_table(policy, prompts, reward, methods=args.methods or DEFAULT_METHODS,
-                           overrides=overrides, repeats=args.repeats, max_batch=args.max_batch,
-                           edge_chunk=args.edge_chunk, per_sample_baseline=not args.no_batch1)
+    kw = dict(methods=args.methods or DEFAULT_METHODS, overrides=overrides,
+              repeats=args.repeats, max_batch=args.max_batch, edge_chunk=args.edge_chunk)
+    rows = iteration_table(policy, prompts, reward, per_sample_baseline=not args.no_batch1,
+                           **kw)
+    if args.compile:
+        from ..models.factory import ModelOptions, speed_up
+
+        speed_up(policy, ModelOptions(compile=True))
+        rows = with_compiled(rows, iteration_table(policy, prompts, reward,
+                                                   per_sample_baseline=False, **kw))
     info = {"device": device.type, "model": args.model, "prompts": args.prompts,
             "machine": machine()}
     print(json.dumps({**info, "rows": rows}, indent=2) if args.json else

@@ -23,7 +23,7 @@ class ModelOptions:
     (``lora_rank``, ``lora_alpha``). ``guidance``: FLUX's guidance embedding or the CFG scale.
     ``quantize_timestep``: the resolved rule (`branchgrpo.spec.RunSpec`). ``pretrain_steps``,
     ``clutter``, ``cache_dir``: the tiny family's pretraining and cache. ``progress``: show the
-    tiny pretraining bar."""
+    tiny pretraining bar. ``compile``, ``attention_backend``: see `speed_up`."""
 
     kind: str = "tiny"
     path: str = ""
@@ -32,6 +32,8 @@ class ModelOptions:
     lora_rank: int = 32
     lora_alpha: float = 64.0
     gradient_checkpointing: bool = False
+    compile: bool = False
+    attention_backend: str = "native"
     height: int = 512
     width: int = 512
     num_frames: int = 33
@@ -63,7 +65,28 @@ def build_policy(options: ModelOptions, device: torch.device) -> Policy:
     `ModelNotAvailableError` when its weights are not on this machine."""
     from .families import family_module
 
-    return family_module(options.kind).build(options, device)
+    return speed_up(family_module(options.kind).build(options, device), options)
+
+
+def speed_up(policy: Policy, options: ModelOptions) -> Policy:
+    """The exact speed-ups of ``options`` on ``policy.transformer`` (every family but the
+    analytic one has a diffusers transformer there): the diffusers attention backend
+    (``set_attention_backend``; "native" is PyTorch SDPA, left as loaded), then regional
+    compilation (``compile_repeated_blocks``: each repeated block class is compiled once and
+    reused by every block, so compiling takes seconds, not minutes). Applied after LoRA is
+    injected, so the adapters are compiled too; in place, so parameter names (checkpoints,
+    LoRA export) do not change."""
+    tr = getattr(policy, "transformer", None)
+    if tr is None:
+        if options.compile or options.attention_backend != "native":
+            raise ConfigError(f"model.kind={options.kind} has no transformer to compile or to "
+                              "give another attention backend")
+        return policy
+    if options.attention_backend != "native":
+        tr.set_attention_backend(options.attention_backend)
+    if options.compile:
+        tr.compile_repeated_blocks(fullgraph=True)
+    return policy
 
 
 def fetch_hint(spec: str) -> str:
