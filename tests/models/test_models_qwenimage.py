@@ -1,0 +1,262 @@
+"""Qwen-Image (`branchgrpo.models.qwenimage`) on its replica checkpoint (tiny random
+transformer / Qwen2.5-VL / VAE, the released scheduler and behaviour configs, an offline Qwen2
+BPE tokenizer trained on the pipeline's prompt template): our deterministic Euler rollout on the
+grid `branchgrpo.spec.resolve` gives equals ``QwenImagePipeline`` run on its own defaults (only
+``num_inference_steps``, size and initial latents: no negative prompt, so no CFG), and with the
+model card's true CFG (negative prompt " ", true_cfg_scale 4, norm rescaling); one BranchGRPO
+iteration through ``branchgrpo train`` (LoRA into ``load_lora_weights``, and full); bf16
+weights as diffusers loads them; the offline Hub id; ``branchgrpo plan`` of the recipe from the
+released config alone."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from models_testlib import PROMPTS, load_replica_pipeline, ode_rollout, run_default_pipeline
+from safetensors.torch import load_file
+
+from branchgrpo.config import load_config
+from branchgrpo.models.factory import build_policy
+from branchgrpo.models.hub import ModelNotAvailableError
+from branchgrpo.models.loading import load
+from branchgrpo.models.qwenimage import (
+    MODEL_CARD_NEGATIVE,
+    PROMPT_TEMPLATE,
+    QWEN_IMAGE,
+    RELEASED_CONFIG,
+    QwenImageFamily,
+    tiny_qwen_tokenizer,
+)
+from branchgrpo.spec import model_options, resolve
+
+ROOT = Path(__file__).resolve().parents[2]
+T = 4
+SIZE = ("model.height=64", "model.width=64")  # 16 image tokens: a mu of its own
+FP32_ATOL = 1e-5
+"""fp32, same Euler solver and grid: the differences are rounding (our grid from float64, the
+scheduler's fp32; batched [cond; uncond] vs the pipeline's two forwards): measured 1.4e-6
+without CFG and 1.7e-6 with true CFG on latents of magnitude ~5; a wrong grid (the shifted
+linspace) moves them by 0.08, plain CFG without the norm rescaling by 0.02."""
+BF16_RTOL = 0.04
+"""bf16 on both sides (the pipeline loaded in bf16; ours bf16 weights under autocast), max
+|difference| / max |latent| after 4 steps: measured 0.0072."""
+
+
+def _cfg(path, *extra: str):
+    """A BranchGRPO config on the replica at ``path``; model.guidance 1: the pipeline's
+    default (no negative prompt, no CFG); pass model.guidance=4 for the model card's CFG."""
+    return load_config(None, ["model.kind=qwenimage", f"model.path={path}",
+                              "model.guidance=1.0", *SIZE, "rollout.method=branch",
+                              "rollout.split_steps=[0,1]", f"rollout.num_steps={T}", *extra])
+
+
+def _ours(path, *extra: str):
+    cfg = _cfg(path, *extra)
+    spec = resolve(cfg)
+    policy = build_policy(model_options(cfg), torch.device("cpu"))
+    with torch.no_grad():
+        tree = ode_rollout(policy, torch.tensor(spec.sigmas))
+    return cfg, spec, policy, tree
+
+
+def test_tokenizer_drops_exactly_the_system_prompt(replica):
+    """The replica's saved tokenizer splits the pipeline's template so that its 34 dropped
+    tokens are the system prompt and the user turn's header, as the real vocabulary does."""
+    pipe = load_replica_pipeline("qwenimage", replica("qwenimage"))
+    assert pipe.prompt_template_encode == PROMPT_TEMPLATE
+    start = pipe.prompt_template_encode_start_idx
+    pieces = pipe.tokenizer.convert_ids_to_tokens(
+        pipe.tokenizer(PROMPT_TEMPLATE.format("a red cat")).input_ids)
+    assert start == 34 and pieces[start - 3:start + 1] == ["<|im_start|>", "user", "Ċ", "a"]
+    assert pieces[:4] == ["<|im_start|>", "system", "Ċ", "Describe"]
+    assert pipe.tokenizer.pad_token_id == 0 and len(tiny_qwen_tokenizer()) < 384
+
+
+def test_euler_rollout_matches_pipeline_default(replica):
+    path = replica("qwenimage")
+    cfg, spec, policy, tree = _ours(path)
+    fam = policy.family
+    assert not fam.do_cfg and fam.max_sequence_length == 512 and fam.norm_rescale
+    x_T = tree.latents[tree.parent < 0]
+    pipe = load_replica_pipeline("qwenimage", path)
+    theirs = run_default_pipeline("qwenimage", pipe, cfg, x_T.clone(), T)
+    torch.testing.assert_close(torch.tensor(spec.sigmas), pipe.scheduler.sigmas.float(),
+                               atol=1e-6, rtol=0)
+    assert spec.sigmas[-2] == pytest.approx(0.02) and spec.mu == pytest.approx(
+        0.5 + 0.4 * (16 - 256) / (8192 - 256))
+    torch.testing.assert_close(tree.leaf_x0, theirs, atol=FP32_ATOL, rtol=0)
+    _, other, _, wrong = _ours(path, "rollout.schedule=shifted")  # the comparison sees the grid
+    assert other.sigmas != spec.sigmas
+    assert (wrong.leaf_x0 - theirs).abs().max() > 100 * FP32_ATOL
+
+
+def test_true_cfg_matches_pipeline_with_negative_prompt(replica):
+    path = replica("qwenimage")
+    cfg, spec, policy, tree = _ours(path, "model.guidance=4.0")
+    fam = policy.family
+    assert fam.do_cfg and fam.negative_prompt == MODEL_CARD_NEGATIVE == " "
+    x_T = tree.latents[tree.parent < 0]
+    pipe = load_replica_pipeline("qwenimage", path)
+    theirs = run_default_pipeline("qwenimage", pipe, cfg, x_T.clone(), T,
+                                  negative_prompt=MODEL_CARD_NEGATIVE)
+    torch.testing.assert_close(tree.leaf_x0, theirs, atol=FP32_ATOL, rtol=0)
+    plain = load(QwenImageFamily, path, dtype=torch.float32, device="cpu", height=64, width=64,
+                 negative_prompt=" ", guidance_scale=4.0, norm_rescale=False)
+    with torch.no_grad():
+        other = ode_rollout(plain, torch.tensor(spec.sigmas))
+    assert (other.leaf_x0 - theirs).abs().max() > 100 * FP32_ATOL  # the rescaling matters
+
+
+def test_bf16_rollout_matches_bf16_pipeline(replica):
+    path = replica("qwenimage")
+    cfg, spec, policy, tree = _ours(path, "model.dtype=bf16")
+    x_T = tree.latents[tree.parent < 0]
+    pipe = load_replica_pipeline("qwenimage", path, torch.bfloat16)
+    theirs = run_default_pipeline("qwenimage", pipe, cfg, x_T.clone(), T).float()
+    err = (tree.leaf_x0 - theirs).abs().max() / theirs.abs().max()
+    assert err < BF16_RTOL, err
+
+
+def test_decode_matches_pipeline_images(replica):
+    path = replica("qwenimage")
+    cfg, _, policy, tree = _ours(path)
+    pipe = load_replica_pipeline("qwenimage", path)
+    x_T = tree.latents[tree.parent < 0]
+    images = pipe(prompt=PROMPTS, num_inference_steps=T, height=64, width=64,
+                  latents=x_T.clone(), output_type="pt").images
+    with torch.no_grad():
+        ours = policy.decode(tree.leaf_x0)
+    assert ours.shape == (len(PROMPTS), 3, 64, 64)
+    torch.testing.assert_close(ours, images.float(), atol=1e-5, rtol=0)
+
+
+def test_bf16_weights_match_diffusers_from_pretrained(replica):
+    from diffusers import QwenImageTransformer2DModel
+
+    path = replica("qwenimage")
+    loaded = load(QwenImageFamily, path, dtype=torch.bfloat16, device="cpu", height=64,
+                  width=64)
+    want = QwenImageTransformer2DModel.from_pretrained(path, subfolder="transformer",
+                                                       torch_dtype=torch.bfloat16)
+
+    def dtypes(m):
+        return {n: t.dtype for n, t in [*m.named_parameters(), *m.named_buffers()]}
+
+    assert dtypes(loaded.transformer) == dtypes(want)
+    assert not QwenImageTransformer2DModel._keep_in_fp32_modules
+    assert set(dtypes(loaded.transformer).values()) == {torch.bfloat16}
+    assert loaded.pipe.vae.dtype == loaded.pipe.text_encoder.dtype == torch.bfloat16
+    x = torch.randn(2, *loaded.latent_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        v = loaded.velocity(x, torch.tensor([0.9, 0.4]), loaded.encode(PROMPTS))
+    assert v.shape == x.shape and v.dtype == torch.float32 and torch.isfinite(v).all()
+
+
+def test_offline_hub_id_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    start = time.monotonic()
+    with pytest.raises(ModelNotAvailableError) as err:
+        load(QwenImageFamily, QWEN_IMAGE, cache_dir=tmp_path / "hub", device="cpu")
+    assert time.monotonic() - start < 10
+    msg = str(err.value)
+    assert QWEN_IMAGE in msg and "download" in msg and "HF_HUB_OFFLINE" in msg
+
+
+def test_plan_of_the_recipe_from_the_released_config(tmp_path):
+    """``branchgrpo plan`` offline with the real id: the grid of the released scheduler
+    config, as diffusers' own scheduler computes it for QwenImagePipeline at 1328 px."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "branchgrpo", "plan",
+                          str(ROOT / "configs" / "qwenimage_branchgrpo.yaml"), "--json"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    r = json.loads(out.stdout)
+    assert r["family"] == "qwenimage" and "defaults" in r["model_config"]
+    assert r["image_seq_len"] == 83 * 83 and r["schedule"] == "diffusers"
+    assert r["guidance"].startswith("true CFG, scale 4")
+    sched = FlowMatchEulerDiscreteScheduler.from_config(RELEASED_CONFIG["scheduler"])
+    sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 20, 20), mu=r["mu"])
+    np.testing.assert_allclose(r["sigmas"], sched.sigmas.numpy(), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(r["timesteps"], (sched.timesteps / 1000).numpy(), atol=1e-6)
+    tr = RELEASED_CONFIG["transformer"]
+    assert (tr["num_layers"], tr["joint_attention_dim"], tr["in_channels"]) == (60, 3584, 64)
+
+
+# ---- one BranchGRPO iteration through the CLI --------------------------------------------
+def _train(path: Path, run: Path, prompts: Path, *extra: str) -> None:
+    args = ["model.kind=qwenimage", f"model.path={path}", *SIZE, "rollout.method=branch",
+            "rollout.num_steps=2", "rollout.split_steps=[0]", "rollout.branch_factor=2",
+            "train.iterations=1", "train.prompts_per_iteration=1", "train.device=cpu",
+            "reward.weights={jpeg_compressibility: 1.0}", "reward.judge=''",
+            f"data.prompts={prompts}", f"data.eval_prompts={prompts}", "data.eval_samples=1",
+            f"log.run_dir={run}", "log.progress=false", "log.tensorboard=false",
+            "log.eval_every=0", *extra]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "branchgrpo", "train", *args],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, f"exit {out.returncode}\n{out.stderr[-3000:]}"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    (trained,) = [r for r in rows if "eval/tag" not in r]
+    losses = {k: v for k, v in trained.items() if k.startswith("loss/")}
+    assert "loss/total" in losses and all(math.isfinite(v) for v in losses.values())
+    assert trained["ratio/first"] == 1.0 and trained["grad_norm"] > 0
+
+
+@pytest.fixture
+def prompts(tmp_path) -> Path:
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(PROMPTS) + "\n")
+    return f
+
+
+def _checkpoint(run: Path) -> dict[str, torch.Tensor]:
+    (ckpt,) = (run / "checkpoints").iterdir()
+    return load_file(ckpt / "model.safetensors")
+
+
+def test_full_finetune_iteration(replica, prompts, tmp_path):
+    path = replica("qwenimage")
+    _train(path, tmp_path / "run", prompts, "model.finetune=full", "train.lr=1e-3",
+           "model.guidance=1.0")
+    state = _checkpoint(tmp_path / "run")
+    base = {k: p.detach() for k, p in
+            load_replica_pipeline("qwenimage", path).transformer.named_parameters()}
+    assert set(state) == set(base) and all(bool(v.isfinite().all()) for v in state.values())
+    assert len([k for k, v in state.items() if not torch.equal(v, base[k])]) > len(base) // 2
+    assert not (tmp_path / "run" / "lora").exists()
+
+
+def test_lora_iteration_with_cfg_exports_into_pipeline(replica, prompts, tmp_path):
+    from branchgrpo.inference import load_trained
+
+    path = replica("qwenimage")
+    run = tmp_path / "run"
+    _train(path, run, prompts, "model.finetune=lora", "model.lora_rank=4", "model.lora_alpha=8",
+           "train.lr=1e-2", "model.guidance=4.0")
+    state = _checkpoint(run)
+    assert state and all("lora_" in k for k in state)
+    policy, cfg, _, _ = load_trained(run)
+    assert policy.family.do_cfg
+    sigmas = torch.tensor(resolve(cfg).sigmas)
+    with torch.no_grad():
+        ours = ode_rollout(policy, sigmas)
+    x_T = ours.latents[ours.parent < 0]
+    pipe = load_replica_pipeline("qwenimage", path)
+    kw = {"negative_prompt": MODEL_CARD_NEGATIVE}
+    base = run_default_pipeline("qwenimage", pipe, cfg, x_T.clone(), len(sigmas) - 1, **kw)
+    pipe.load_lora_weights(run / "lora")
+    tuned = run_default_pipeline("qwenimage", pipe, cfg, x_T.clone(), len(sigmas) - 1, **kw)
+    assert (tuned - base).abs().max() > 1e-3
+    torch.testing.assert_close(ours.leaf_x0, tuned, atol=1e-5, rtol=0)
