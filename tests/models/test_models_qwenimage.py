@@ -52,11 +52,12 @@ BF16_RTOL = 0.04
 
 
 def _cfg(path, *extra: str):
-    """A BranchGRPO config on the replica at ``path``; model.guidance 1: the pipeline's
-    default (no negative prompt, no CFG); pass model.guidance=4 for the model card's CFG."""
+    """A Flow-GRPO config (its schedule rule: the pipeline's grid and sigma) on the replica at
+    ``path``; model.guidance 1: the pipeline's default (no negative prompt, no CFG); pass
+    model.guidance=4 for the model card's CFG."""
     return load_config(None, ["model.kind=qwenimage", f"model.path={path}",
-                              "model.guidance=1.0", *SIZE, "rollout.method=branch",
-                              "rollout.split_steps=[0,1]", f"rollout.num_steps={T}", *extra])
+                              "model.guidance=1.0", *SIZE, "rollout.method=flow_grpo",
+                              f"rollout.num_steps={T}", *extra])
 
 
 def _ours(path, *extra: str):
@@ -172,22 +173,38 @@ def test_offline_hub_id_fails_fast(tmp_path, monkeypatch):
     assert QWEN_IMAGE in msg and "download" in msg and "HF_HUB_OFFLINE" in msg
 
 
-def test_plan_of_the_recipe_from_the_released_config(tmp_path):
-    """``branchgrpo plan`` offline with the real id: the grid of the released scheduler
-    config, as diffusers' own scheduler computes it for QwenImagePipeline at 1328 px."""
+def test_plan_of_the_recipe_from_the_released_config(tmp_path, monkeypatch):
+    """``branchgrpo plan`` offline with the real id: the recipe's FastVideo grid (shift 3,
+    int(1000 sigma) / 1000), and with rollout.schedule=diffusers the grid diffusers' own
+    scheduler computes from the released config for QwenImagePipeline at 1328 px."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    from branchgrpo.engine.schedule import shifted
+    from branchgrpo.plan_report import plan_report
+
+    recipe = ROOT / "configs" / "qwenimage_branchgrpo.yaml"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "branchgrpo", "plan",
-                          str(ROOT / "configs" / "qwenimage_branchgrpo.yaml"), "--json"],
+    out = subprocess.run([sys.executable, "-m", "branchgrpo", "plan", str(recipe), "--json"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     r = json.loads(out.stdout)
     assert r["family"] == "qwenimage" and "defaults" in r["model_config"]
+    assert (r["schedule"], r["shift"], r["quantize_timestep"]) == ("shifted", 3.0, True)
+    assert r["guidance"].startswith("off") and r["dtypes"]["lora adapters"] == "fp32"
+    np.testing.assert_allclose(r["sigmas"], shifted(20, 3.0).numpy(), atol=1e-7)
+    fp32 = np.float32(r["sigmas"][:-1]) * np.float32(1000)  # floor(1000 sigma) in fp32
+    np.testing.assert_allclose(r["timesteps"], np.floor(fp32) / 1000, atol=1e-6, rtol=0)
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    r = plan_report(load_config(recipe, ["rollout.schedule=diffusers", "rollout.shift=null",
+                                         "rollout.quantize_timestep=false",
+                                         "model.guidance=4.0"]))
     assert r["image_seq_len"] == 83 * 83 and r["schedule"] == "diffusers"
     assert r["guidance"].startswith("true CFG, scale 4")
     sched = FlowMatchEulerDiscreteScheduler.from_config(RELEASED_CONFIG["scheduler"])
     sched.set_timesteps(sigmas=np.linspace(1.0, 1 / 20, 20), mu=r["mu"])
+    assert r["mu"] == pytest.approx(0.5 + 0.4 * (6889 - 256) / (8192 - 256))
     np.testing.assert_allclose(r["sigmas"], sched.sigmas.numpy(), atol=1e-6, rtol=0)
     np.testing.assert_allclose(r["timesteps"], (sched.timesteps / 1000).numpy(), atol=1e-6)
     tr = RELEASED_CONFIG["transformer"]
@@ -229,7 +246,7 @@ def _checkpoint(run: Path) -> dict[str, torch.Tensor]:
 def test_full_finetune_iteration(replica, prompts, tmp_path):
     path = replica("qwenimage")
     _train(path, tmp_path / "run", prompts, "model.finetune=full", "train.lr=1e-3",
-           "model.guidance=1.0")
+           "model.guidance=1.0")  # the branch rule: shifted linspace, quantised timestep
     state = _checkpoint(tmp_path / "run")
     base = {k: p.detach() for k, p in
             load_replica_pipeline("qwenimage", path).transformer.named_parameters()}
@@ -244,7 +261,8 @@ def test_lora_iteration_with_cfg_exports_into_pipeline(replica, prompts, tmp_pat
     path = replica("qwenimage")
     run = tmp_path / "run"
     _train(path, run, prompts, "model.finetune=lora", "model.lora_rank=4", "model.lora_alpha=8",
-           "train.lr=1e-2", "model.guidance=4.0")
+           "train.lr=1e-2", "model.guidance=4.0", "rollout.schedule=diffusers",
+           "rollout.quantize_timestep=false")
     state = _checkpoint(run)
     assert state and all("lora_" in k for k in state)
     policy, cfg, _, _ = load_trained(run)

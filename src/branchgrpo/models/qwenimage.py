@@ -21,14 +21,15 @@ prediction ``u + g (c - u)`` is rescaled per token to the conditional's norm,
 ``model.guidance``: above 1 it turns on the model card's CFG (that scale, negative prompt
 ``" "``); at or below 1 it is the pipeline's default (no CFG).
 
-The schedule is the pipeline's (`pipeline_grid`): ``linspace(1, 1/T, T)``, the scheduler's
-exponential time shift of ``mu`` (linear in the image tokens between the checkpoint's
-base/max shift 0.5 / 0.9 at 256 / 8192 tokens), stretched so the last sigma is
-``shift_terminal`` 0.02, then 0. No GRPO method published its Qwen-Image code with our plans,
-so every plan uses that grid with the pipeline's timestep (``schedule_rule``); the FastVideo-
-style alternative (shifted linspace, ``int(1000 sigma) / 1000``, as DanceGRPO-derived Qwen-
-Image trainers run) is ``rollout.schedule=shifted rollout.quantize_timestep=true``.
-Qwen-Image-Edit (image conditioning) is not covered.
+The pipeline's schedule (`pipeline_grid`, ``rollout.schedule=diffusers``) is
+``linspace(1, 1/T, T)`` under the scheduler's exponential time shift of ``mu`` (linear in the
+image tokens between the checkpoint's base/max shift 0.5 / 0.9 at 256 / 8192 tokens),
+stretched so the last sigma is ``shift_terminal`` 0.02, then 0. The schedule rule follows
+FLUX's (``schedule_rule``): the FastVideo plans (DanceGRPO, BranchGRPO, MixGRPO, G2RPO) get
+the FastVideo repos' shifted linspace (shift 3, DanceGRPO's Qwen-Image setting,
+docs/algorithms.md §2.2) and ``int(1000 sigma) / 1000`` (as the DanceGRPO-based Qwen-Image
+trainer CodeGoat24/Pref-GRPO fastvideo/train_qwenimage.py feeds it); Flow-GRPO gets the
+pipeline's grid and ``sigma``. Qwen-Image-Edit (image conditioning) is not covered.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from ..engine import schedule as sch
 from .base import Cond
 from .diffusers_policy import DiffusersPolicy, compose
 from .family import Grid, Parts, decode_vae, family_timestep, image_tokens
-from .flux import unpack
+from .flux import FASTVIDEO_PLANS, unpack
 from .loading import load
 from .lora import JOINT_ATTENTION_TARGETS
 from .testing import REPLICAS
@@ -97,7 +98,7 @@ class QwenImageFamily:
     ``guidance_scale`` is the pipeline's ``true_cfg_scale``; CFG is on when it is > 1 and
     ``negative_prompt`` is not None; ``norm_rescale`` the pipeline's rescaling of the guided
     prediction; ``detach_uncond``: no gradient through the unconditional rows; ``shift``: the
-    shifted linspace of `default_schedule` only (recipes take the grid from `branchgrpo.spec`)."""
+    shifted linspace of `default_schedule` (the FastVideo repos' 3)."""
 
     pipeline_name: ClassVar[str] = "QwenImagePipeline"
     subfolders: ClassVar[tuple[str, ...]] = SUBFOLDERS
@@ -145,8 +146,10 @@ class QwenImageFamily:
 
     @classmethod
     def schedule_rule(cls, plan: str) -> tuple[str, bool]:
-        """(schedule, quantize_timestep) of every plan: QwenImagePipeline's grid and sigma."""
-        return "diffusers", False
+        """(schedule, quantize_timestep) of ``plan`` by default: the FastVideo repos' shifted
+        linspace and int(1000 sigma) / 1000 for their plans (as DanceGRPO's Qwen-Image code),
+        else QwenImagePipeline's grid and sigma."""
+        return ("shifted", True) if plan in FASTVIDEO_PLANS else ("diffusers", False)
 
     @classmethod
     def pipeline_grid(cls, scheduler: dict[str, Any], steps: int, height: int, width: int,
@@ -171,9 +174,9 @@ class QwenImageFamily:
         return Grid(sch.qwen_image_pipeline(steps, shift=s, **kw), shift=s, image_seq_len=seq)
 
     def default_schedule(self) -> dict[str, Any]:
-        """kwargs of `branchgrpo.engine.schedule.make_sigmas` (add num_steps): the shifted
-        linspace at ``shift`` (make_sigmas has no Qwen-Image grid; recipes use `pipeline_grid`
-        through `branchgrpo.spec.resolve`)."""
+        """kwargs of `branchgrpo.engine.schedule.make_sigmas` (add num_steps): the FastVideo
+        repos' shifted linspace at ``shift`` (make_sigmas has no QwenImagePipeline grid:
+        `branchgrpo.spec.resolve` takes that from `pipeline_grid`)."""
         return {"kind": "shifted", "shift": self.shift}
 
     def encode(self, parts: Parts, prompts: list[str]) -> dict[str, Tensor]:
