@@ -21,7 +21,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from models_testlib import PROMPTS, load_replica_pipeline, ode_rollout, run_default_pipeline
+from models_testlib import (
+    PROMPTS,
+    load_replica_pipeline,
+    ode_rollout,
+    ode_tree,
+    run_default_pipeline,
+)
 from safetensors.torch import load_file
 
 from branchgrpo.config import load_config
@@ -138,6 +144,33 @@ def test_decode_matches_pipeline_images(replica):
         ours = policy.decode(tree.leaf_x0)
     assert ours.shape == (len(PROMPTS), 3, 64, 64)
     torch.testing.assert_close(ours, images.float(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("negative", [None, MODEL_CARD_NEGATIVE], ids=["no_cfg", "true_cfg"])
+def test_tiny_family_follows_given_sigmas_and_learns(negative):
+    """`tiny_qwenimage` (a pass-through scheduler) on the shifted linspace, with and without
+    CFG, through the pipeline's own ``sigmas=``; then one gradient step of its LoRA through
+    the guided velocity moves the prediction."""
+    from branchgrpo.models.lora import LoraSpec
+    from branchgrpo.models.qwenimage import tiny_qwenimage
+
+    policy, ref = tiny_qwenimage(negative_prompt=negative, lora=LoraSpec(rank=4, alpha=8))
+    with torch.no_grad():
+        tree, sig = ode_tree(policy)
+    x_T = tree.latents[tree.parent < 0]
+    ref.set_progress_bar_config(disable=True)
+    theirs = ref(prompt=PROMPTS, negative_prompt=negative, height=32, width=32,
+                 latents=x_T.clone(), sigmas=sig[:-1].tolist(), num_inference_steps=len(sig) - 1,
+                 max_sequence_length=16, output_type="latent").images
+    torch.testing.assert_close(tree.leaf_x0, theirs, atol=FP32_ATOL, rtol=0)
+    cond = policy.encode(PROMPTS)
+    sigma = torch.tensor([0.7, 0.3])
+    v0 = policy.velocity(x_T, sigma, cond)
+    opt = torch.optim.SGD(policy.trainable_parameters(), lr=1e-1)
+    v0.square().mean().backward()
+    opt.step()
+    with torch.no_grad():
+        assert (policy.velocity(x_T, sigma, cond) - v0).abs().max() > 1e-4
 
 
 def test_bf16_weights_match_diffusers_from_pretrained(replica):

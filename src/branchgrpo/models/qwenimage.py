@@ -329,16 +329,16 @@ def replica_parts(seed: int = 0) -> dict[str, Any]:
 
 def tiny_qwenimage(height: int = 32, width: int = 32, *, seed: int = 0,
                    max_sequence_length: int = 16, **kw: Any) -> tuple[DiffusersPolicy, Any]:
-    """A tiny random Qwen-Image (`replica_parts`, the released scheduler) as (policy,
-    reference QwenImagePipeline with its own transformer copy). ``kw``: `QwenImageFamily`
-    options and `compose`'s (lora, full_finetune, dtype, ...)."""
+    """A tiny random Qwen-Image (`replica_parts`) as (policy, reference QwenImagePipeline with
+    its own transformer copy). As `tiny_flux`'s, its scheduler (shift 1, no dynamic shift, no
+    terminal stretch) follows any ``sigmas=`` passed to it unchanged; the replica checkpoint
+    has the released one. ``kw``: `QwenImageFamily` options and `compose`'s (lora,
+    full_finetune, dtype, ...)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
 
-    cfg = dict(REPLICAS["qwenimage"]["scheduler/scheduler_config.json"])
-    cfg.pop("_class_name")
     parts = replica_parts(seed)
     transformer = parts.pop("transformer")
-    parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    parts["scheduler"] = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
     ref = QwenImagePipeline(transformer=copy.deepcopy(transformer), **parts)
     pipe = QwenImagePipeline(transformer=transformer, **parts)
     policy = compose(QwenImageFamily, pipe, height=height, width=width,
