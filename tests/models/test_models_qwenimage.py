@@ -244,6 +244,40 @@ def test_plan_of_the_recipe_from_the_released_config(tmp_path, monkeypatch):
     assert (tr["num_layers"], tr["joint_attention_dim"], tr["in_channels"]) == (60, 3584, 64)
 
 
+@pytest.mark.parametrize("overrides", [
+    {}, {"time_shift_type": "linear"}, {"shift_terminal": None},
+    {"use_dynamic_shifting": False, "shift": 3.0}, {"max_shift": 1.15, "max_image_seq_len": 4096}],
+    ids=["released", "linear", "no_terminal", "static", "flux_constants"])
+def test_pipeline_grid_is_what_the_pipeline_hands_its_scheduler(overrides):
+    """`QwenImageFamily.pipeline_grid` against FlowMatchEulerDiscreteScheduler fed as
+    QwenImagePipeline feeds it (linspace(1, 1/T, T), calculate_shift's mu of the image tokens),
+    for the released config and variants of each value that changes the grid."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage import calculate_shift
+
+    config = {**RELEASED_CONFIG["scheduler"], **overrides}
+    for steps, (h, w) in ((4, (64, 64)), (20, (1328, 1328)), (50, (928, 1664))):
+        grid = QwenImageFamily.pipeline_grid(config, steps, h, w, 8, None, False)
+        seq = (h // 16) * (w // 16)
+        mu = calculate_shift(seq, config["base_image_seq_len"], config["max_image_seq_len"],
+                             config["base_shift"], config["max_shift"])
+        sched = FlowMatchEulerDiscreteScheduler.from_config(config)
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        torch.testing.assert_close(grid.sigmas, sched.sigmas, atol=2e-7, rtol=0)
+        assert grid.image_seq_len == seq
+        assert (grid.mu, grid.shift) == ((None, 3.0) if "shift" in overrides else (mu, None))
+
+
+def test_schedule_rule_and_shift_errors():
+    for plan in ("dance", "branch", "branch_mix", "mix", "mix_flash", "g2rpo"):
+        assert QwenImageFamily.schedule_rule(plan) == ("shifted", True)
+    assert QwenImageFamily.schedule_rule("flow_grpo") == ("diffusers", False)
+    with pytest.raises(ValueError, match="rollout.shift is not used"):
+        QwenImageFamily.pipeline_grid(RELEASED_CONFIG["scheduler"], 4, 64, 64, 8, 3.0, False)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        QwenImageFamily.pipeline_grid(RELEASED_CONFIG["scheduler"], 4, 72, 64, 8, None, False)
+
+
 # ---- one BranchGRPO iteration through the CLI --------------------------------------------
 def _train(path: Path, run: Path, prompts: Path, *extra: str) -> None:
     args = ["model.kind=qwenimage", f"model.path={path}", *SIZE, "rollout.method=branch",
