@@ -278,6 +278,8 @@ def test_schedule_rule_and_shift_errors():
         QwenImageFamily.pipeline_grid(RELEASED_CONFIG["scheduler"], 4, 64, 64, 8, 3.0, False)
     with pytest.raises(ValueError, match="multiples of 16"):
         QwenImageFamily.pipeline_grid(RELEASED_CONFIG["scheduler"], 4, 72, 64, 8, None, False)
+    one = QwenImageFamily.pipeline_grid(RELEASED_CONFIG["scheduler"], 1, 64, 64, 8, None, False)
+    assert one.sigmas.tolist() == [1.0, 0.0]  # diffusers' stretch divides 0 by 0 at T = 1
 
 
 # ---- one BranchGRPO iteration through the CLI --------------------------------------------

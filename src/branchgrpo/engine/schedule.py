@@ -102,8 +102,10 @@ def flow_sigmas(num_steps: int, flow_shift: float = 3.0, num_train_timesteps: in
 def stretch_to_terminal(sigmas: Tensor, terminal: float) -> Tensor:
     """FlowMatchEulerDiscreteScheduler's ``stretch_shift_to_terminal``: sigmas [T] rescaled in
     ``1 - sigma`` so the last one equals ``terminal`` (``shift_terminal``; the first, 1, stays
-    1)."""
+    1). A grid that is all ones (T = 1) is returned as it is (diffusers divides 0 by 0)."""
     one_minus = 1.0 - sigmas
+    if float(one_minus[-1]) == 0.0:
+        return sigmas
     return 1.0 - one_minus / (one_minus[-1] / (1.0 - terminal))
 
 
