@@ -104,7 +104,7 @@ def stretch_to_terminal(sigmas: Tensor, terminal: float) -> Tensor:
     ``1 - sigma`` so the last one equals ``terminal`` (``shift_terminal``; the first, 1, stays
     1). A grid that is all ones (T = 1) is returned as it is (diffusers divides 0 by 0)."""
     one_minus = 1.0 - sigmas
-    if float(one_minus[-1]) == 0.0:
+    if float(one_minus[-1]) < 1e-9:  # the last sigma is 1 up to rounding
         return sigmas
     return 1.0 - one_minus / (one_minus[-1] / (1.0 - terminal))
 
