@@ -61,9 +61,13 @@ MODEL_CARD_NEGATIVE = " "
 have specific concept to remove"); `build` uses it when ``model.guidance`` > 1."""
 RELEASED_CONFIG: dict[str, Any] = {
     "scheduler": REPLICAS["qwenimage"]["scheduler/scheduler_config.json"],
-    "transformer": REPLICAS["qwenimage"]["transformer/config.json"], "vae_scale_factor": 8}
+    "transformer": REPLICAS["qwenimage"]["transformer/config.json"], "vae_scale_factor": 8,
+    # parameters counted on the meta device from the released configs: Qwen2.5-VL-7B (its
+    # 677M vision tower included), AutoencoderKLQwenImage; the transformer is 20.43B
+    "params": {"text_encoder": 8_292_166_656, "vae": 126_892_531}}
 """Qwen/Qwen-Image's scheduler and transformer configs (every key of the released files, in
-`branchgrpo.models.testing.REPLICAS`) and its VAE factor (2 ** len(temperal_downsample))."""
+`branchgrpo.models.testing.REPLICAS`), its VAE factor (2 ** len(temperal_downsample)) and the
+frozen components' sizes."""
 PROMPT_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, "
                    "texture, quantity, text, spatial relationships of the objects and "
                    "background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
