@@ -282,6 +282,22 @@ def test_schedule_rule_and_shift_errors():
     assert one.sigmas.tolist() == [1.0, 0.0]  # diffusers' stretch divides 0 by 0 at T = 1
 
 
+def test_released_transformer_config_builds_the_20b_model():
+    """The released transformer config alone (unknown keys ignored, as from_pretrained does)
+    builds the 20.43B MMDiT on the meta device; the VAE config the 127M VAE counted in
+    ``released_config["params"]``."""
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+    from branchgrpo.models.testing import REPLICAS
+
+    with torch.device("meta"):
+        tr = QwenImageTransformer2DModel.from_config(RELEASED_CONFIG["transformer"])
+        vae = AutoencoderKLQwenImage.from_config(REPLICAS["qwenimage"]["vae/config.json"])
+    assert sum(p.numel() for p in tr.parameters()) == 20_430_401_088
+    assert sum(p.numel() for p in vae.parameters()) == RELEASED_CONFIG["params"]["vae"]
+    assert len(tr.transformer_blocks) == 60 and tr.config.out_channels == 16
+
+
 # ---- one BranchGRPO iteration through the CLI --------------------------------------------
 def _train(path: Path, run: Path, prompts: Path, *extra: str) -> None:
     args = ["model.kind=qwenimage", f"model.path={path}", *SIZE, "rollout.method=branch",
