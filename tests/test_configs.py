@@ -46,6 +46,9 @@ CLAIMS = {
                        24 * 9, 1),
     # the FLUX tree on Wan's UniPC flow sigmas
     "wan_branchgrpo": ("branch", "wan", "diffusers", "dance", 0.3, *_TREE.values(), 218, 1),
+    # the FLUX tree with DanceGRPO's Qwen-Image grid (ours), one prompt per rank
+    "qwenimage_branchgrpo": ("branch", "qwenimage", "shifted", "dance", 0.3, *_TREE.values(),
+                             218, 1),
 }
 
 

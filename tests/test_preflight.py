@@ -3,6 +3,7 @@ left behind (config.validate, preflight.check_run, cli.main)."""
 
 import json
 import math
+import re
 import time
 
 import pytest
@@ -18,6 +19,7 @@ from branchgrpo.log import RunLogger, read_metrics
 from branchgrpo.models.analytic import GaussianPolicy
 from branchgrpo.preflight import MAX_LEAVES, check_run
 from branchgrpo.rewards import RewardError
+from branchgrpo.spec import model_kinds
 
 BAD = [
     (["reward.weights={nope: 1}"], "reward.weights.nope: unknown reward 'nope'"),
@@ -62,7 +64,8 @@ BAD = [
     (["rollout.split_steps=[]"], "rollout.split_steps is empty"),
     (["train.lrr=1"], "unknown config key 'train.lrr'.*did you mean 'train.lr'"),
     (["overrides=[1,"], "cannot parse the overrides"),
-    (["model.kind=nope"], r"model.kind='nope' is not one of \['tiny', 'flux', 'sd3', 'wan'\]$"),
+    (["model.kind=nope"],  # every registered kind, in the registry's order
+     "model.kind='nope' is not one of " + re.escape(str(model_kinds())) + "$"),
     (["model.kind=flx", "model.path=m"], "did you mean 'flux'"),
     (["model.kind=analytic", "model.path=m"], "model.kind='analytic' is not one of"),
     (["model.kind=flux"], "model.kind=flux needs model.path"),

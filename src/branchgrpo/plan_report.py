@@ -75,6 +75,10 @@ def _guidance(cfg: Config, spec: RunSpec) -> str:
         return "none (tiny policy)"
     if fam.guidance_kind == "embedding":
         return f"guidance embedding {g:g}"
+    if fam.guidance_kind == "true_cfg":  # Qwen-Image: model.guidance > 1 adds the negative " "
+        return (f"true CFG, scale {g:g}, negative prompt ' ', rescaled to the conditional's "
+                "norm (cond and uncond rows in one forward)" if g > 1
+                else "off (scale <= 1: the pipeline's default, no negative prompt)")
     return (f"classifier-free, scale {g:g} (cond and uncond rows in one forward)" if g > 1
             else "off (scale <= 1)")
 

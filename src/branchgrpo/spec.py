@@ -21,6 +21,11 @@ sd3               every plan (Flow-GRPO: its grid)            diffusers         
                                                               (set_timesteps(T))
 wan               every plan                                  diffusers (UniPC flow  UniPC's
                                                               sigmas, flow_shift)    int64
+qwenimage         dance, branch, branch_mix, mix, mix_flash,  shifted (DanceGRPO's   quantised
+                  g2rpo                                       Qwen-Image, shift 3)
+qwenimage         flow_grpo                                   diffusers (QwenImage-  sigma
+                                                              Pipeline: dynamic mu,
+                                                              shift_terminal 0.02)
 tiny              every plan                                  shifted (shift 3)      sigma
 ================  ==========================================  =====================  ==========
 

@@ -62,7 +62,7 @@ RECIPES = {"flux": ["rollout.method=branch", "rollout.split_steps=[0,1]",
            "wan": ["rollout.method=branch", "rollout.split_steps=[0,1]"]}
 """Configs whose schedule rule is the family pipeline's own (`branchgrpo.spec`)."""
 PIPELINE_CLASSES = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline",
-                    "wan": "WanPipeline"}
+                    "wan": "WanPipeline", "qwenimage": "QwenImagePipeline"}
 
 
 def pipeline_default(family: str, name: str) -> Any:

@@ -5,6 +5,8 @@ sigma_0 = 1 > sigma_1 > ... > sigma_T = 0, in fp32.
 - `flux_pipeline`: FluxPipeline's grid (linspace(1, 1/T, T), dynamic shift mu or a static shift).
 - `diffusers_static`: FlowMatchEulerDiscreteScheduler.set_timesteps(T) (StableDiffusion3Pipeline).
 - `flow_sigmas`: UniPCMultistepScheduler's ``use_flow_sigmas`` grid (WanPipeline).
+- `qwen_image_pipeline`: QwenImagePipeline's grid (FluxPipeline's, then the scheduler's
+  ``time_shift_type`` and ``shift_terminal`` stretch).
 - `transformer_timesteps`: the timestep a transformer receives for each sigma.
 """
 
@@ -94,6 +96,42 @@ def flow_sigmas(num_steps: int, flow_shift: float = 3.0, num_train_timesteps: in
     _check_steps(num_steps)
     t = torch.linspace(1.0, 1.0 / num_train_timesteps, num_steps + 1, dtype=torch.float64)[:-1]
     sig = shift_sigmas(t, flow_shift)
+    return torch.cat([sig, sig.new_zeros(1)]).float()
+
+
+def stretch_to_terminal(sigmas: Tensor, terminal: float) -> Tensor:
+    """FlowMatchEulerDiscreteScheduler's ``stretch_shift_to_terminal``: sigmas [T] rescaled in
+    ``1 - sigma`` so the last one equals ``terminal`` (``shift_terminal``; the first, 1, stays
+    1). A grid that is all ones (T = 1) is returned as it is (diffusers divides 0 by 0)."""
+    one_minus = 1.0 - sigmas
+    if float(one_minus[-1]) < 1e-9:  # the last sigma is 1 up to rounding
+        return sigmas
+    return 1.0 - one_minus / (one_minus[-1] / (1.0 - terminal))
+
+
+def qwen_image_pipeline(num_steps: int, mu: float | None = None, shift: float = 1.0,
+                        time_shift_type: str = "exponential",
+                        shift_terminal: float | None = None) -> Tensor:
+    """QwenImagePipeline (diffusers 0.42): ``sigmas = linspace(1, 1/T, T)`` passed to
+    ``FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=..., mu=mu)``, which applies the
+    dynamic time shift of ``mu`` (``time_shift_type`` "exponential": e^mu / (e^mu + 1/t - 1);
+    "linear": mu / (mu + 1/t - 1)) or, without ``mu``, its static ``shift``; then, with
+    ``shift_terminal``, `stretch_to_terminal`; then a final 0. Qwen-Image (base/max shift 0.5 /
+    0.9 over 256 / 8192 tokens, exponential, terminal 0.02) at 1328 px (6889 tokens, mu
+    0.834), T = 4: [1, .781, .476, .02, 0]."""
+    _check_steps(num_steps)
+    t = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
+    if mu is None:
+        sig = shift_sigmas(t, shift)
+    elif time_shift_type == "exponential":
+        sig = time_shift(mu, t)
+    elif time_shift_type == "linear":
+        sig = mu / (mu + (1.0 / t - 1.0))
+    else:
+        raise ValueError(f"unknown time_shift_type {time_shift_type!r}; diffusers knows "
+                         "'exponential' and 'linear'")
+    if shift_terminal:
+        sig = stretch_to_terminal(sig, shift_terminal)
     return torch.cat([sig, sig.new_zeros(1)]).float()
 
 

@@ -25,6 +25,7 @@ FAMILIES: dict[str, str] = {
     "flux": ".flux",          # FLUX.1
     "sd3": ".sd3",            # Stable Diffusion 3 / 3.5
     "wan": ".wan",            # Wan2.1 text-to-video
+    "qwenimage": ".qwenimage",  # Qwen-Image text-to-image
 }
 """``kind`` -> family module, relative to this package."""
 

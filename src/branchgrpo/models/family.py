@@ -79,8 +79,9 @@ class Family(Protocol):
     - ``timestep_scale``, ``timestep_sigma_max``: with the instance's ``quantize_timestep``
       they decide the transformer's timestep, `family_timestep` (1 for FLUX's sigma, 1000
       for SD3/Wan; Wan's UniPC grid starts at ``UNIPC_SIGMA_MAX``).
-    - ``guidance_kind``: ``"embedding"`` (a distilled guidance embedding, FLUX.1-dev) or
-      ``"cfg"`` (classifier-free guidance).
+    - ``guidance_kind``: ``"embedding"`` (a distilled guidance embedding, FLUX.1-dev),
+      ``"cfg"`` (classifier-free guidance) or ``"true_cfg"`` (Qwen-Image: CFG with a negative
+      prompt and the pipeline's norm rescaling, on only when the scale is > 1).
     - ``video``: decoded media are videos (``num_frames`` is an option of ``of``).
     - ``schedule_rule(plan)`` (classmethod): (schedule kind, quantize_timestep) of plan name
       ``plan`` when the config leaves them null (`branchgrpo.spec.schedule_rule`).

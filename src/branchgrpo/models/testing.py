@@ -151,6 +151,37 @@ def _variant(base: str, **files: dict[str, Any]) -> dict[str, dict[str, Any]]:
             for name, content in REPLICAS[base].items()}
 
 
+# Qwen/Qwen-Image (diffusers layout, as released): model_index.json, scheduler, transformer and
+# VAE configs; the transformer's unused pooled_projection_dim is in the released file too.
+# `branchgrpo.models.qwenimage.RELEASED_CONFIG` reads them from here.
+REPLICAS["qwenimage"] = {
+    "model_index.json": {"_class_name": "QwenImagePipeline",
+                         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                         "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+                         "tokenizer": ["transformers", "Qwen2Tokenizer"],
+                         "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+                         "vae": ["diffusers", "AutoencoderKLQwenImage"]},
+    "scheduler/scheduler_config.json": {
+        "_class_name": "FlowMatchEulerDiscreteScheduler", "base_image_seq_len": 256,
+        "base_shift": 0.5, "invert_sigmas": False, "max_image_seq_len": 8192, "max_shift": 0.9,
+        "num_train_timesteps": 1000, "shift": 1.0, "shift_terminal": 0.02,
+        "stochastic_sampling": False, "time_shift_type": "exponential", "use_beta_sigmas": False,
+        "use_dynamic_shifting": True, "use_exponential_sigmas": False,
+        "use_karras_sigmas": False},
+    "transformer/config.json": {
+        "_class_name": "QwenImageTransformer2DModel", "attention_head_dim": 128,
+        "axes_dims_rope": [16, 56, 56], "guidance_embeds": False, "in_channels": 64,
+        "joint_attention_dim": 3584, "num_attention_heads": 24, "num_layers": 60,
+        "out_channels": 16, "patch_size": 2, "pooled_projection_dim": 768},
+    "vae/config.json": {
+        "_class_name": "AutoencoderKLQwenImage", "attn_scales": [], "base_dim": 96,
+        "dim_mult": [1, 2, 4, 4], "dropout": 0.0,
+        "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+                         0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
+        "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687,
+                        2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.916],
+        "num_res_blocks": 2, "temperal_downsample": [False, True, True], "z_dim": 16},
+}
 REPLICAS["sd3_large"] = _variant(  # SD3.5-large: same scheduler (shift 3), a wider MMDiT
     "sd3", transformer_config={"num_layers": 38, "num_attention_heads": 38,
                                "caption_projection_dim": 2432, "pos_embed_max_size": 192,
@@ -244,7 +275,14 @@ def _wan_parts(seed: int) -> dict[str, Any]:
                 tokenizer=tiny_t5_tokenizer(512))
 
 
-_PARTS = {"flux": _flux_parts, "sd3": _sd3_parts, "wan": _wan_parts}
+def _qwenimage_parts(seed: int) -> dict[str, Any]:
+    from .qwenimage import replica_parts  # the family file holds its tiny components
+
+    return replica_parts(seed)
+
+
+_PARTS = {"flux": _flux_parts, "sd3": _sd3_parts, "wan": _wan_parts,
+          "qwenimage": _qwenimage_parts}
 
 
 def write_replica_pipeline(kind: str, folder: str | Path,
