@@ -53,7 +53,9 @@ class ModelConfig:
     height: int = f(512, "image height in pixels (real models)")
     width: int = f(512, "image width in pixels (real models)")
     num_frames: int = f(33, "video frames (wan)")
-    guidance: float = f(3.5, "FLUX guidance embedding, or CFG scale for sd3/wan")
+    guidance: float | None = f(None, "FLUX guidance embedding, or the CFG scale (null: the "
+                                     "family pipeline's default: FLUX.1-dev 3.5, SD3.5 7.0, "
+                                     "Wan 5.0, Qwen-Image off)")
     pretrain_steps: int = f(4000, "tiny: flow-matching pretraining steps of the base model "
                             "(4000: the shipped base, no pretraining; any other value "
                             "pretrains once into model.cache_dir)")

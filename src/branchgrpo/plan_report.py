@@ -73,6 +73,12 @@ def _guidance(cfg: Config, spec: RunSpec) -> str:
     fam, g = family_class(cfg.model.kind), cfg.model.guidance
     if fam is None:
         return "none (tiny policy)"
+    if g is None and fam.guidance_kind == "true_cfg":
+        g = 1.0  # Qwen-Image's pipeline runs no CFG without a negative prompt
+    elif g is None:
+        from .models.family import default_guidance
+
+        g = default_guidance(fam)
     if fam.guidance_kind == "embedding":
         return f"guidance embedding {g:g}"
     if fam.guidance_kind == "true_cfg":  # Qwen-Image: model.guidance > 1 adds the negative " "

@@ -76,12 +76,12 @@ def pipeline_default(family: str, name: str) -> Any:
 
 
 def replica_config(family: str, path: Any, *extra: str):
-    """The config of a run on the replica at ``path``: the family's `RECIPES` entry, the
-    pipeline's default guidance, `REPLICA_SIZE`, then ``extra`` overrides."""
+    """The config of a run on the replica at ``path``: the family's `RECIPES` entry,
+    `REPLICA_SIZE`, then ``extra`` overrides; ``model.guidance`` null, so the family's default
+    (which the parity tests check is the pipeline's)."""
     from branchgrpo.config import load_config
 
     args = [f"model.kind={family}", f"model.path={path}",
-            f"model.guidance={pipeline_default(family, 'guidance_scale')}",
             *(f"{k}={v}" for k, v in REPLICA_SIZE[family].items()), *RECIPES[family], *extra]
     return load_config(None, args)
 

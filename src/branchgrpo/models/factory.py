@@ -20,7 +20,8 @@ class ModelOptions:
     """What a family builder reads; defaults are the config's. ``kind``: a key of
     `branchgrpo.models.families.FAMILIES`. ``path``: Hub id or local folder (diffusers
     families). ``dtype``: compute dtype name (fp32, bf16, fp16). ``finetune``: full or lora
-    (``lora_rank``, ``lora_alpha``). ``guidance``: FLUX's guidance embedding or the CFG scale.
+    (``lora_rank``, ``lora_alpha``). ``guidance``: FLUX's guidance embedding or the CFG scale
+    (None: the family's default).
     ``quantize_timestep``: the resolved rule (`branchgrpo.spec.RunSpec`). ``pretrain_steps``,
     ``clutter``, ``cache_dir``: the tiny family's pretraining and cache. ``progress``: show the
     tiny pretraining bar. ``compile``, ``attention_backend``: see `speed_up`."""
@@ -37,7 +38,7 @@ class ModelOptions:
     height: int = 512
     width: int = 512
     num_frames: int = 33
-    guidance: float = 3.5
+    guidance: float | None = None
     quantize_timestep: bool = False
     pretrain_steps: int = 4000
     clutter: float = 0.5
@@ -52,11 +53,11 @@ class ModelOptions:
 
         lora = (LoraSpec(rank=self.lora_rank, alpha=self.lora_alpha)
                 if self.finetune == "lora" else None)
+        guidance = {} if self.guidance is None else {"guidance_scale": self.guidance}
         return {"dtype": DTYPES[self.dtype], "lora": lora,
                 "full_finetune": self.finetune == "full", "height": self.height,
-                "width": self.width, "guidance_scale": self.guidance,
-                "gradient_checkpointing": self.gradient_checkpointing,
-                "quantize_timestep": self.quantize_timestep}
+                "width": self.width, "gradient_checkpointing": self.gradient_checkpointing,
+                "quantize_timestep": self.quantize_timestep, **guidance}
 
 
 def build_policy(options: ModelOptions, device: torch.device) -> Policy:

@@ -193,6 +193,15 @@ def family_timestep(family: Family, sigma: Tensor) -> Tensor:
                                  family.timestep_sigma_max)
 
 
+def default_guidance(family: type) -> float:
+    """The ``guidance_scale`` a family dataclass uses when the config leaves
+    ``model.guidance`` null (its field default: the pipeline's, or the published recipe's)."""
+    import dataclasses
+
+    return next(float(f.default) for f in dataclasses.fields(family)
+                if f.name == "guidance_scale")
+
+
 def classifier_free(
     forward: Callable[..., Tensor], x: Tensor, t: Tensor, cond: Sequence[Tensor],
     uncond: Sequence[Tensor] | None, *, scale: float, detach_uncond: bool, uncond_first: bool,

@@ -252,7 +252,7 @@ FAMILY = QwenImageFamily
 def build(o: ModelOptions, device: torch.device) -> DiffusersPolicy:
     """The registry's builder: the checkpoint ``o.path`` as a Qwen-Image policy on ``device``;
     ``model.guidance`` > 1 turns on the model card's CFG (negative prompt " ")."""
-    negative = MODEL_CARD_NEGATIVE if o.guidance > 1.0 else None
+    negative = MODEL_CARD_NEGATIVE if (o.guidance or 0.0) > 1.0 else None
     return load(QwenImageFamily, o.path, device=device, negative_prompt=negative,
                 **o.diffusers_kwargs())
 

@@ -1,7 +1,8 @@
 """Stable Diffusion 3 / 3.5 as a model family (`SD3Family`, composed into a `DiffusersPolicy`):
 SD3Transformer2DModel on latents [C, H, W], two CLIP encoders + T5 (joint sequence and pooled
 embeddings), classifier-free guidance with the unconditional and conditional rows in one batched
-forward (as StableDiffusion3Pipeline and Flow-GRPO do, guidance 4.5), VAE with scaling/shift
+forward (as StableDiffusion3Pipeline and Flow-GRPO do; the pipeline's default scale 7.0,
+Flow-GRPO's recipe 4.5), VAE with scaling/shift
 factors.
 
 The transformer gets ``timestep = 1000 sigma`` (the scheduler's timesteps). The schedule is the
@@ -72,7 +73,7 @@ class SD3Family:
     shift: float
     height: int = 512
     width: int = 512
-    guidance_scale: float = 4.5
+    guidance_scale: float = 7.0
     negative_prompt: str = ""
     max_sequence_length: int = 256
     detach_uncond: bool = False
