@@ -250,7 +250,7 @@ def read_model_files(cfg: Config) -> ModelFiles | None:
     if cached["scheduler/scheduler_config.json"] and cached["transformer/config.json"]:
         files = {n: _read_json(Path(f), required=False) if f else None for n, f in cached.items()}
         return _model_files(kind, f"Hugging Face cache of {path!r}", files)
-    d = fam.released_config
+    d = getattr(fam, "released_configs", {}).get(path, fam.released_config)
     return ModelFiles(f"{kind} defaults (no local config files for {path!r}; the released "
                       "checkpoint's values)", fam.pipeline_name, dict(d["scheduler"]),
                       dict(d["transformer"]), d["vae_scale_factor"])
@@ -268,6 +268,7 @@ def _model_files(kind: str, source: str, files: dict[str, dict | None]) -> Model
                           f"{fam.pipeline_name}; {hint}")
     vae = files["vae/config.json"]
     factor = (2 ** (len(vae["block_out_channels"]) - 1) if vae and "block_out_channels" in vae
+              else vae["scale_factor_spatial"] if vae and "scale_factor_spatial" in vae
               else fam.released_config["vae_scale_factor"])
     return ModelFiles(source, pipe, files["scheduler/scheduler_config.json"] or {},
                       files["transformer/config.json"] or {}, factor)

@@ -20,7 +20,8 @@ class ModelOptions:
     """What a family builder reads; defaults are the config's. ``kind``: a key of
     `branchgrpo.models.families.FAMILIES`. ``path``: Hub id or local folder (diffusers
     families). ``dtype``: compute dtype name (fp32, bf16, fp16). ``finetune``: full or lora
-    (``lora_rank``, ``lora_alpha``). ``guidance``: FLUX's guidance embedding or the CFG scale.
+    (``lora_rank``, ``lora_alpha``). ``guidance``: FLUX's guidance embedding or the CFG scale;
+    ``guidance_2``, ``experts``: Wan2.2 A14B's low-noise CFG scale and trained experts.
     ``quantize_timestep``: the resolved rule (`branchgrpo.spec.RunSpec`). ``pretrain_steps``,
     ``clutter``, ``cache_dir``: the tiny family's pretraining and cache. ``progress``: show the
     tiny pretraining bar."""
@@ -36,6 +37,8 @@ class ModelOptions:
     width: int = 512
     num_frames: int = 33
     guidance: float = 3.5
+    guidance_2: float | None = None
+    experts: str = "all"
     quantize_timestep: bool = False
     pretrain_steps: int = 4000
     clutter: float = 0.5

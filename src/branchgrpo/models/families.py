@@ -25,6 +25,7 @@ FAMILIES: dict[str, str] = {
     "flux": ".flux",          # FLUX.1
     "sd3": ".sd3",            # Stable Diffusion 3 / 3.5
     "wan": ".wan",            # Wan2.1 text-to-video
+    "wan22": ".wan22",        # Wan2.2 text-to-video: TI2V-5B, T2V-A14B (two experts)
 }
 """``kind`` -> family module, relative to this package."""
 

@@ -244,7 +244,34 @@ def _wan_parts(seed: int) -> dict[str, Any]:
                 tokenizer=tiny_t5_tokenizer(512))
 
 
-_PARTS = {"flux": _flux_parts, "sd3": _sd3_parts, "wan": _wan_parts}
+def _wan22_parts(seed: int, experts: bool = False) -> dict[str, Any]:
+    from .wan22 import tiny_wan22_parts  # the builder lives with its family
+
+    return tiny_wan22_parts(seed, experts)
+
+
+def _wan22_replica(repo: str) -> dict[str, dict[str, Any]]:
+    """A Wan2.2 WanPipeline replica's config files from `branchgrpo.models.wan22.RELEASED`."""
+    from .wan22 import RELEASED, TI2V_5B_VAE
+
+    rel = RELEASED[repo]
+    files = {"model_index.json": {
+        **rel["model_index"], "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "transformer": ["diffusers", "WanTransformer3DModel"]},
+        "scheduler/scheduler_config.json": rel["scheduler"],
+        "transformer/config.json": rel["transformer"]}
+    if rel["model_index"]["boundary_ratio"] is not None:
+        files["model_index.json"]["transformer_2"] = ["diffusers", "WanTransformer3DModel"]
+        files["transformer_2/config.json"] = rel["transformer"]
+    else:
+        files["vae/config.json"] = TI2V_5B_VAE
+    return files
+
+
+REPLICAS["wan22"] = _wan22_replica("Wan-AI/Wan2.2-TI2V-5B-Diffusers")
+REPLICAS["wan22_a14b"] = _wan22_replica("Wan-AI/Wan2.2-T2V-A14B-Diffusers")
+_PARTS = {"flux": _flux_parts, "sd3": _sd3_parts, "wan": _wan_parts, "wan22": _wan22_parts,
+          "wan22_a14b": lambda seed: _wan22_parts(seed, True)}
 
 
 def write_replica_pipeline(kind: str, folder: str | Path,
