@@ -131,8 +131,9 @@ def test_ti2v_5b_matches_pipeline(replica):
 
 @pytest.mark.parametrize("g2", [None, 2.0])
 def test_a14b_experts_match_pipeline(g2, replica):
-    """T2V-A14B: timesteps 999, 950 run the high-noise expert, 833, 624 the low-noise one
-    (boundary 875) with guidance_scale_2 (the pipeline's default: guidance_scale)."""
+    """T2V-A14B (flow_shift 3): timesteps 999, 900 run the high-noise expert, 750, 500 the
+    low-noise one (boundary 875) with guidance_scale_2 (the pipeline's default:
+    guidance_scale)."""
     path = replica("wan22_a14b")
     extra = () if g2 is None else (f"model.guidance_2={g2}",)
     kw = {} if g2 is None else {"guidance_scale_2": g2}
