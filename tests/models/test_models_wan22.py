@@ -61,6 +61,13 @@ def run(replica: str, path, *extra: str, **pipe_kw):
         tree = ode_rollout(policy, torch.tensor(spec.sigmas))
     x_T = tree.latents[tree.parent < 0]
     pipe = WanPipeline.from_pretrained(path)
+    return (policy, spec, x_T, pipe.scheduler,
+            *run_pipeline(pipe, cfg, x_T, len(spec.sigmas) - 1, **pipe_kw))
+
+
+def run_pipeline(pipe, cfg, x_T, steps: int, **pipe_kw):
+    """(latents before each step, (expert, timestep, guided output) per step) of ``pipe`` on
+    its default schedule from ``x_T``."""
     pipe.set_progress_bar_config(disable=True)
     calls = pipeline_calls(pipe)
     before = [x_T.clone()]
@@ -70,16 +77,16 @@ def run(replica: str, path, *extra: str, **pipe_kw):
         return kw
 
     m = cfg.model
-    pipe(prompt=list(PROMPTS), num_inference_steps=T, height=m.height, width=m.width,
+    pipe(prompt=list(PROMPTS), num_inference_steps=steps, height=m.height, width=m.width,
          num_frames=m.num_frames, latents=x_T.clone(), output_type="latent",
          callback_on_step_end=keep, **pipe_kw)
     g1 = pipe_kw.get("guidance_scale", 5.0)
     g2 = pipe_kw.get("guidance_scale_2", g1)
-    steps = []
-    for k in range(T):  # cond then uncond, one pair per step
+    out = []
+    for k in range(steps):  # cond then uncond, one pair per step
         (e, t, c), (_, _, u) = calls[2 * k], calls[2 * k + 1]
-        steps.append((e, t, u + (g1 if e == 0 else g2) * (c - u)))
-    return policy, spec, x_T, pipe.scheduler, before, steps
+        out.append((e, t, u + (g1 if e == 0 else g2) * (c - u)))
+    return before, out
 
 
 def check_steps(policy, spec, before, steps) -> None:

@@ -250,26 +250,35 @@ def _wan22_parts(seed: int, experts: bool = False) -> dict[str, Any]:
     return tiny_wan22_parts(seed, experts)
 
 
-def _wan22_replica(repo: str) -> dict[str, dict[str, Any]]:
-    """A Wan2.2 WanPipeline replica's config files from `branchgrpo.models.wan22.RELEASED`."""
-    from .wan22 import RELEASED, TI2V_5B_VAE
-
-    rel = RELEASED[repo]
-    files = {"model_index.json": {
-        **rel["model_index"], "scheduler": ["diffusers", "UniPCMultistepScheduler"],
-        "transformer": ["diffusers", "WanTransformer3DModel"]},
-        "scheduler/scheduler_config.json": rel["scheduler"],
-        "transformer/config.json": rel["transformer"]}
-    if rel["model_index"]["boundary_ratio"] is not None:
-        files["model_index.json"]["transformer_2"] = ["diffusers", "WanTransformer3DModel"]
-        files["transformer_2/config.json"] = rel["transformer"]
-    else:
-        files["vae/config.json"] = TI2V_5B_VAE
-    return files
-
-
-REPLICAS["wan22"] = _wan22_replica("Wan-AI/Wan2.2-TI2V-5B-Diffusers")
-REPLICAS["wan22_a14b"] = _wan22_replica("Wan-AI/Wan2.2-T2V-A14B-Diffusers")
+_WAN22_TR = {**REPLICAS["wan"]["transformer/config.json"], "added_kv_proj_dim": None,
+             "eps": 1e-06, "image_dim": None, "pos_embed_seq_len": None,
+             "rope_max_seq_len": 1024}
+_WAN22_UNIPC = dict(REPLICAS["wan"]["scheduler/scheduler_config.json"])
+REPLICAS["wan22"] = {  # Wan2.2-TI2V-5B-Diffusers (branchgrpo.models.wan22.RELEASED)
+    "model_index.json": {"_class_name": "WanPipeline", "boundary_ratio": None,
+                         "expand_timesteps": True,
+                         "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+                         "transformer": ["diffusers", "WanTransformer3DModel"]},
+    "scheduler/scheduler_config.json": {**_WAN22_UNIPC, "flow_shift": 5.0},
+    "transformer/config.json": {**_WAN22_TR, "ffn_dim": 14336, "in_channels": 48,
+                                "num_attention_heads": 24, "num_layers": 30,
+                                "out_channels": 48},
+    # the 48 latents_mean / latents_std values: wan22.TI2V_5B_VAE (the replica VAE has them)
+    "vae/config.json": {"_class_name": "AutoencoderKLWan", "base_dim": 160,
+                        "decoder_base_dim": 256, "z_dim": 48, "is_residual": True,
+                        "in_channels": 12, "out_channels": 12, "patch_size": 2,
+                        "scale_factor_temporal": 4, "scale_factor_spatial": 16},
+}
+REPLICAS["wan22_a14b"] = {  # Wan2.2-T2V-A14B-Diffusers: two experts of one shape, Wan2.1 VAE
+    "model_index.json": {**REPLICAS["wan22"]["model_index.json"], "boundary_ratio": 0.875,
+                         "expand_timesteps": False,
+                         "transformer_2": ["diffusers", "WanTransformer3DModel"]},
+    "scheduler/scheduler_config.json": {**_WAN22_UNIPC, "flow_shift": 3.0},
+    "transformer/config.json": {**_WAN22_TR, "ffn_dim": 13824, "num_attention_heads": 40,
+                                "num_layers": 40},
+    "transformer_2/config.json": {**_WAN22_TR, "ffn_dim": 13824, "num_attention_heads": 40,
+                                  "num_layers": 40},
+}
 _PARTS = {"flux": _flux_parts, "sd3": _sd3_parts, "wan": _wan_parts, "wan22": _wan22_parts,
           "wan22_a14b": lambda seed: _wan22_parts(seed, True)}
 
