@@ -46,6 +46,9 @@ CLAIMS = {
                        24 * 9, 1),
     # the FLUX tree on Wan's UniPC flow sigmas
     "wan_branchgrpo": ("branch", "wan", "diffusers", "dance", 0.3, *_TREE.values(), 218, 1),
+    # the same tree on Wan2.2-TI2V-5B (ours: no published Wan2.2 recipe)
+    "wan22_branchgrpo": ("branch", "wan22", "diffusers", "dance", 0.3, *_TREE.values(), 218,
+                         1),
 }
 
 

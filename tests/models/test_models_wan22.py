@@ -158,3 +158,61 @@ def test_a14b_experts_match_pipeline(g2, replica):
     with torch.no_grad():
         wrong = policy.velocity(before[2], sigma, policy.encode(PROMPTS))
     assert (wrong - steps[2][2]).abs().max() > 100 * FP32_ATOL
+
+
+def test_bf16_weights_match_diffusers_from_pretrained(replica):
+    """bf16 loading leaves both experts as diffusers' own from_pretrained does (the modules
+    WanTransformer3DModel keeps in fp32 stay fp32, seen through `WanExperts`); a full
+    fine-tuning of one expert keeps fp32 master weights for it only."""
+    from diffusers import WanTransformer3DModel
+
+    from branchgrpo.models.wan22 import WanExperts
+
+    assert WanExperts._keep_in_fp32_modules == WanTransformer3DModel._keep_in_fp32_modules
+    path = replica("wan22_a14b")
+    cfg = wan22_config("wan22_a14b", path, "model.dtype=bf16", "model.finetune=lora")
+    policy = build_policy(model_options(cfg), torch.device("cpu"))
+    for name, m in policy.transformer.experts().items():
+        want = WanTransformer3DModel.from_pretrained(path, subfolder=name,
+                                                     torch_dtype=torch.bfloat16)
+        got = {k.replace(".base_layer", ""): p.dtype for k, p in m.named_parameters()
+               if "lora_" not in k}
+        assert got == {k: p.dtype for k, p in want.named_parameters()}
+        assert got["blocks.0.norm2.weight"] == torch.float32
+        assert got["blocks.0.attn1.to_q.weight"] == torch.bfloat16
+    assert policy.model_input(torch.zeros(1)).dtype == torch.bfloat16
+    cfg = wan22_config("wan22_a14b", path, "model.dtype=bf16", "model.finetune=full",
+                       "model.experts=low")
+    policy = build_policy(model_options(cfg), torch.device("cpu"))
+    tr = policy.transformer
+    assert {p.dtype for p in tr.transformer_2.parameters()} == {torch.float32}
+    assert tr.transformer.blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    assert not any(p.requires_grad for p in tr.transformer.parameters())
+    assert all(p.requires_grad for p in tr.transformer_2.parameters())
+
+
+def test_replica_configs_are_the_released_ones():
+    """testing.REPLICAS (the replicas' config files) and wan22.RELEASED (plan's offline
+    values) agree."""
+    from branchgrpo.models.testing import REPLICAS
+    from branchgrpo.models.wan22 import RELEASED, T2V_A14B, TI2V_5B, TI2V_5B_VAE
+
+    for kind, repo in (("wan22", TI2V_5B), ("wan22_a14b", T2V_A14B)):
+        files, rel = REPLICAS[kind], RELEASED[repo]
+        assert files["transformer/config.json"] == rel["transformer"]
+        assert {k: files["model_index.json"][k] for k in rel["model_index"]} == \
+            rel["model_index"]
+        sched = files["scheduler/scheduler_config.json"]
+        assert {k: sched[k] for k in rel["scheduler"]} == rel["scheduler"]
+    vae = REPLICAS["wan22"]["vae/config.json"]
+    assert {k: TI2V_5B_VAE[k] for k in vae} == vae
+    assert RELEASED[TI2V_5B]["vae_scale_factor"] == vae["scale_factor_spatial"] == 16
+
+
+def test_experts_option_needs_two_experts(replica):
+    cfg = wan22_config("wan22", replica("wan22"), "model.experts=low")
+    with pytest.raises(ValueError, match="two-expert checkpoint"):
+        build_policy(model_options(cfg), torch.device("cpu"))
+    cfg = wan22_config("wan22", replica("wan22"), "model.guidance_2=3.0")
+    with pytest.raises(ValueError, match="two-expert checkpoint"):
+        build_policy(model_options(cfg), torch.device("cpu"))
