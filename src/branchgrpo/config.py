@@ -53,6 +53,8 @@ class ModelConfig:
                                        "(transformer_2; null: model.guidance, as WanPipeline)")
     experts: str = f("all", "wan22 A14B: experts that train, all, high (transformer) or low "
                             "(transformer_2); the others stay frozen")
+    images: str = f("", "wan_i2v: a file of 'prompt<TAB>image path' lines, each prompt's "
+                        "first frame (paths relative to the file)")
     pretrain_steps: int = f(4000, "tiny: flow-matching pretraining steps of the base model "
                             "(4000: the shipped base, no pretraining; any other value "
                             "pretrains once into model.cache_dir)")

@@ -21,7 +21,8 @@ class ModelOptions:
     `branchgrpo.models.families.FAMILIES`. ``path``: Hub id or local folder (diffusers
     families). ``dtype``: compute dtype name (fp32, bf16, fp16). ``finetune``: full or lora
     (``lora_rank``, ``lora_alpha``). ``guidance``: FLUX's guidance embedding or the CFG scale;
-    ``guidance_2``, ``experts``: Wan2.2 A14B's low-noise CFG scale and trained experts.
+    ``guidance_2``, ``experts``: Wan2.2 A14B's low-noise CFG scale and trained experts;
+    ``images``: the image-to-video family's prompt -> first-frame file.
     ``quantize_timestep``: the resolved rule (`branchgrpo.spec.RunSpec`). ``pretrain_steps``,
     ``clutter``, ``cache_dir``: the tiny family's pretraining and cache. ``progress``: show the
     tiny pretraining bar."""
@@ -39,6 +40,7 @@ class ModelOptions:
     guidance: float = 3.5
     guidance_2: float | None = None
     experts: str = "all"
+    images: str = ""
     quantize_timestep: bool = False
     pretrain_steps: int = 4000
     clutter: float = 0.5

@@ -279,8 +279,25 @@ REPLICAS["wan22_a14b"] = {  # Wan2.2-T2V-A14B-Diffusers: two experts of one shap
     "transformer_2/config.json": {**_WAN22_TR, "ffn_dim": 13824, "num_attention_heads": 40,
                                   "num_layers": 40},
 }
+REPLICAS["wan_i2v"] = {  # Wan2.2-I2V-A14B-Diffusers: 36 input channels, boundary 0.9
+    **REPLICAS["wan22_a14b"],
+    "model_index.json": {**REPLICAS["wan22_a14b"]["model_index.json"],
+                         "_class_name": "WanImageToVideoPipeline", "boundary_ratio": 0.9},
+    "transformer/config.json": {**REPLICAS["wan22_a14b"]["transformer/config.json"],
+                                "in_channels": 36},
+    "transformer_2/config.json": {**REPLICAS["wan22_a14b"]["transformer/config.json"],
+                                  "in_channels": 36},
+}
+
+
+def _wan_i2v_parts(seed: int) -> dict[str, Any]:
+    from .wan_i2v import tiny_wan_i2v_parts
+
+    return tiny_wan_i2v_parts(seed)
+
+
 _PARTS = {"flux": _flux_parts, "sd3": _sd3_parts, "wan": _wan_parts, "wan22": _wan22_parts,
-          "wan22_a14b": lambda seed: _wan22_parts(seed, True)}
+          "wan22_a14b": lambda seed: _wan22_parts(seed, True), "wan_i2v": _wan_i2v_parts}
 
 
 def write_replica_pipeline(kind: str, folder: str | Path,

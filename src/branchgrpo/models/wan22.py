@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 TI2V_5B = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 T2V_A14B = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
-_UNIPC = {"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True,
+UNIPC = {"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True,
           "prediction_type": "flow_prediction", "final_sigmas_type": "zero",
           "num_train_timesteps": 1000, "solver_order": 2, "predict_x0": True,
           "solver_type": "bh2", "lower_order_final": True, "timestep_spacing": "linspace"}
@@ -73,11 +73,11 @@ TI2V_5B_VAE: dict[str, Any] = {
                     0.4089, 0.7468, 0.7744]}
 """TI2V-5B's ``vae/config.json`` (the Wan2.2 VAE: 48 channels, 4 x 16 x 16 compression)."""
 RELEASED: dict[str, dict[str, Any]] = {
-    TI2V_5B: {"scheduler": {**_UNIPC, "flow_shift": 5.0}, "transformer": TI2V_5B_TRANSFORMER,
+    TI2V_5B: {"scheduler": {**UNIPC, "flow_shift": 5.0}, "transformer": TI2V_5B_TRANSFORMER,
               "vae_scale_factor": 16,
               "model_index": {"_class_name": "WanPipeline", "boundary_ratio": None,
                               "expand_timesteps": True}},
-    T2V_A14B: {"scheduler": {**_UNIPC, "flow_shift": 3.0}, "transformer": A14B_TRANSFORMER,
+    T2V_A14B: {"scheduler": {**UNIPC, "flow_shift": 3.0}, "transformer": A14B_TRANSFORMER,
                "vae_scale_factor": 8,
                "model_index": {"_class_name": "WanPipeline", "boundary_ratio": 0.875,
                                "expand_timesteps": False}},
@@ -191,23 +191,35 @@ class Wan22Family(WanFamily):
             out[rows] = self._guided(parts, int(e), x[rows], t[rows], sub, float(scale))
         return out
 
+    def shared_inputs(self, cond: Cond) -> tuple[Tensor, ...]:
+        """Conditioning rows both CFG halves share, beyond the text (none in text-to-video;
+        the image condition of `branchgrpo.models.wan_i2v`)."""
+        return ()
+
+    def model_inputs(self, parts: Parts, x: Tensor, shared: tuple[Tensor, ...],
+                     ) -> dict[str, Tensor]:
+        """The transformer's inputs from latents x [M, *L] and the `shared_inputs` rows."""
+        return {"hidden_states": parts.model_input(x)}
+
     def _guided(self, parts: Parts, expert: int, x: Tensor, t: Tensor, cond: Cond,
                 scale: float) -> Tensor:
         _, f, h, w = self.latent_shape
         seq = f * len(range(0, h, 2)) * len(range(0, w, 2))  # WanPipeline's mask[:, ::2, ::2]
 
-        def forward(x: Tensor, t: Tensor, emb: Tensor) -> Tensor:
+        def forward(x: Tensor, t: Tensor, emb: Tensor, *shared: Tensor) -> Tensor:
             ts = t[:, None].expand(-1, seq) if self.expand_timesteps else t
-            kw = dict(hidden_states=parts.model_input(x), timestep=ts,
+            kw = dict(self.model_inputs(parts, x, shared), timestep=ts,
                       encoder_hidden_states=parts.model_input(emb), return_dict=False)
             if self.boundary_timestep is not None:
                 kw["expert"] = expert
             with parts.autocast():
                 return parts.transformer(**kw)[0]
 
-        uncond = (cond["negative_prompt_embeds"],) if self.do_cfg else None
-        return classifier_free(forward, x, t, (cond["prompt_embeds"],), uncond, scale=scale,
-                               detach_uncond=self.detach_uncond, uncond_first=False)
+        shared = self.shared_inputs(cond)
+        uncond = (cond["negative_prompt_embeds"], *shared) if self.do_cfg else None
+        return classifier_free(forward, x, t, (cond["prompt_embeds"], *shared), uncond,
+                               scale=scale, detach_uncond=self.detach_uncond,
+                               uncond_first=False)
 
 
 FAMILY = Wan22Family
@@ -216,22 +228,25 @@ FAMILY = Wan22Family
 
 def compose_wan22(pipe: Any, *, experts: str = "all", dtype: torch.dtype = torch.float32,
                   lora: Any = None, full_finetune: bool = False,
-                  master_dtype: torch.dtype = torch.float32, **kw: Any) -> DiffusersPolicy:
-    """The Wan2.2 policy over ``pipe``: with a ``transformer_2`` (A14B) both experts in one
-    `WanExperts`, ``experts`` (all, high, low) training, each stored in the dtype its mode
-    needs (`weight_dtype`); ``kw``: `compose`'s and the family's options."""
+                  master_dtype: torch.dtype = torch.float32, family_cls: Any = None,
+                  **kw: Any) -> DiffusersPolicy:
+    """The Wan2.2 policy (``family_cls``, default `Wan22Family`) over ``pipe``: with a
+    ``transformer_2`` (A14B) both experts in one `WanExperts`, ``experts`` (all, high, low)
+    training, each stored in the dtype its mode needs (`weight_dtype`); ``kw``: `compose`'s and
+    the family's options."""
+    family_cls = family_cls or Wan22Family
     pair = getattr(pipe, "transformer_2", None)
     if pair is None:
         if experts != "all":
             raise ValueError(f"model.experts={experts} needs a two-expert checkpoint "
                              "(Wan2.2 A14B's transformer_2); this one has one transformer")
         cast_weights(pipe.transformer, weight_dtype(dtype, lora, full_finetune, master_dtype))
-        return compose(Wan22Family, pipe, dtype=dtype, lora=lora, full_finetune=full_finetune,
+        return compose(family_cls, pipe, dtype=dtype, lora=lora, full_finetune=full_finetune,
                        **kw)
     trains = (experts in ("all", "high"), experts in ("all", "low"))
     for m, t in zip((pipe.transformer, pair), trains, strict=True):
         cast_weights(m, weight_dtype(dtype, lora, full_finetune and t, master_dtype))
-    policy = compose(Wan22Family, pipe, transformer=WanExperts(pipe.transformer, pair, trains),
+    policy = compose(family_cls, pipe, transformer=WanExperts(pipe.transformer, pair, trains),
                      dtype=dtype, lora=lora, full_finetune=full_finetune, **kw)
     policy.transformer.freeze_untrained()
     return policy

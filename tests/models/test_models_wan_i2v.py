@@ -1,0 +1,123 @@
+"""Wan image-to-video (`branchgrpo.models.wan_i2v`, ``model.kind=wan_i2v``) against diffusers'
+WanImageToVideoPipeline on the Wan2.2-I2V-A14B replica (tiny random weights, the released
+scheduler and ``model_index.json``: two experts, ``boundary_ratio`` 0.9, 36 input channels),
+with generated first-frame images given through ``model.images``: the pipeline on its own
+default schedule and guidance (only the image, ``num_inference_steps``, the size and the
+initial latents passed) makes at every step the guided output our policy computes (the
+condition latents, mask, expert and scale included); one BranchGRPO iteration through the CLI
+with LoRA on both experts loads into the pipeline; preflight names a prompt without image.
+
+WanImageToVideoPipeline (diffusers 0.42) calls ``ftfy.fix_text`` on prompts without checking
+that ftfy is installed (it is not here); the in-process pipeline runs get an identity
+stand-in, which is what ftfy does to these ASCII prompts. Our family encodes text with
+WanPipeline's copy of the same code, which checks."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+from models_testlib import PROMPTS, ode_rollout
+from test_models_replica_train import train_cli
+from test_models_wan22 import FP32_ATOL, check_first_step, check_steps, run_pipeline
+
+from branchgrpo.config import ConfigError, load_config
+from branchgrpo.inference import load_trained
+from branchgrpo.models.factory import build_policy
+from branchgrpo.preflight import check_run
+from branchgrpo.spec import model_options, resolve
+
+T = 4
+SIZE = ("model.height=32", "model.width=32", "model.num_frames=5")
+
+
+@pytest.fixture
+def ftfy(monkeypatch):
+    import diffusers.pipelines.wan.pipeline_wan_i2v as mod
+
+    monkeypatch.setattr(mod, "ftfy", types.SimpleNamespace(fix_text=lambda t: t),
+                        raising=False)
+
+
+@pytest.fixture
+def data(tmp_path):
+    """(prompt file, model.images file, the first image): both prompts share one image (the
+    pipeline takes one image per call), a second image for the negative check."""
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    for name in ("first.png", "other.png"):
+        Image.fromarray((rng.rand(32, 32, 3) * 255).astype("uint8")).save(tmp_path / name)
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    (tmp_path / "images.tsv").write_text("".join(f"{p}\tfirst.png\n" for p in PROMPTS))
+    (tmp_path / "other.tsv").write_text("".join(f"{p}\tother.png\n" for p in PROMPTS))
+    return tmp_path / "prompts.txt", tmp_path / "images.tsv", Image.open(tmp_path / "first.png")
+
+
+def i2v_config(path, images, *extra: str):
+    return load_config(None, ["model.kind=wan_i2v", f"model.path={path}", "model.guidance=5.0",
+                              f"model.images={images}", *SIZE, "rollout.method=branch",
+                              "rollout.split_steps=[0,1]", f"rollout.num_steps={T}", *extra])
+
+
+def test_i2v_a14b_matches_pipeline(replica, data, ftfy):
+    """Timesteps 999, 900 on the high-noise expert (boundary 900), 750, 500 on the low."""
+    from diffusers import WanImageToVideoPipeline
+
+    path, (_, images, image) = replica("wan_i2v"), data
+    cfg = i2v_config(path, images)
+    spec = resolve(cfg)
+    policy = build_policy(model_options(cfg), torch.device("cpu"))
+    assert policy.latent_shape == (16, 2, 4, 4) and policy.family.boundary_timestep == 900.0
+    with torch.no_grad():
+        tree = ode_rollout(policy, torch.tensor(spec.sigmas))
+    x_T = tree.latents[tree.parent < 0]
+    pipe = WanImageToVideoPipeline.from_pretrained(path)
+    before, steps = run_pipeline(pipe, cfg, x_T, T, image=image)
+    assert [e for e, _, _ in steps] == [0, 0, 1, 1]
+    check_first_step(policy, spec, x_T, pipe.scheduler, before)
+    check_steps(policy, spec, before, steps)
+    # not vacuous: another first frame moves the guided output far from the pipeline's
+    other = build_policy(model_options(i2v_config(path, images.parent / "other.tsv")),
+                         torch.device("cpu"))
+    n = len(PROMPTS)
+    with torch.no_grad():
+        v = other.velocity(before[1], torch.full((n,), float(spec.sigmas[1])),
+                           other.encode(PROMPTS))
+    assert (v - steps[1][2]).abs().max() > 100 * FP32_ATOL
+
+
+def test_i2v_lora_iteration_loads_into_pipeline(replica, data, ftfy, tmp_path):
+    from diffusers import WanImageToVideoPipeline
+
+    path, (prompts, images, image) = replica("wan_i2v"), data
+    run = tmp_path / "run"
+    train_cli("wan_i2v", path, run, prompts, f"model.images={images}",
+              "model.finetune=lora", "model.lora_rank=4", "model.lora_alpha=8", "train.lr=1e-2")
+    assert (run / "lora" / "transformer_2" / "pytorch_lora_weights.safetensors").is_file()
+    policy, cfg, _, _ = load_trained(run)
+    spec = resolve(cfg)
+    x_T = torch.randn(len(PROMPTS), *policy.latent_shape,
+                      generator=torch.Generator().manual_seed(1))
+    pipe = WanImageToVideoPipeline.from_pretrained(path)
+    pipe.load_lora_weights(run / "lora")
+    pipe.load_lora_weights(run / "lora" / "transformer_2", load_into_transformer_2=True)
+    before, steps = run_pipeline(pipe, cfg, x_T, len(spec.sigmas) - 1, image=image)
+    check_steps(policy, spec, before, steps)
+
+
+def test_preflight_names_a_prompt_without_image(replica, data, tmp_path):
+    path, (prompts, images, _) = replica("wan_i2v"), data
+    base = [f"data.prompts={prompts}", f"data.eval_prompts={prompts}", "train.device=cpu",
+            "reward.weights={jpeg_compressibility: 1.0}", "reward.judge=''"]
+    check_run(i2v_config(path, images, *base))
+    (tmp_path / "half.tsv").write_text(f"{PROMPTS[0]}\tfirst.png\n")
+    with pytest.raises(ConfigError, match=r"line 2 of .*prompts.txt: model.images .* no image"):
+        check_run(i2v_config(path, tmp_path / "half.tsv", *base))
+    with pytest.raises(ConfigError, match="needs model.images"):
+        check_run(i2v_config(path, "''", *base))
+    (tmp_path / "gone.tsv").write_text("".join(f"{p}\tgone.png\n" for p in PROMPTS))
+    with pytest.raises(ConfigError, match="missing"):
+        check_run(i2v_config(path, tmp_path / "gone.tsv", *base))
