@@ -49,6 +49,9 @@ CLAIMS = {
     # the same tree on Wan2.2-TI2V-5B (ours: no published Wan2.2 recipe)
     "wan22_branchgrpo": ("branch", "wan22", "diffusers", "dance", 0.3, *_TREE.values(), 218,
                          1),
+    # and on Wan2.2-I2V-A14B (ours), first frames from model.images
+    "wan_i2v_branchgrpo": ("branch", "wan_i2v", "diffusers", "dance", 0.3, *_TREE.values(),
+                           218, 1),
 }
 
 

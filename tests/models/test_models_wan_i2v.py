@@ -62,21 +62,26 @@ def i2v_config(path, images, *extra: str):
                               "rollout.split_steps=[0,1]", f"rollout.num_steps={T}", *extra])
 
 
-def test_i2v_a14b_matches_pipeline(replica, data, ftfy):
-    """Timesteps 999, 900 on the high-noise expert (boundary 900), 750, 500 on the low."""
+@pytest.mark.parametrize("kind,experts", [("wan_i2v", [0, 0, 1, 1]),
+                                          ("wan_i2v_21", [0, 0, 0, 0])])
+def test_i2v_matches_pipeline(kind, experts, replica, data, ftfy):
+    """Wan2.2-I2V-A14B: timesteps 999, 900 on the high-noise expert (boundary 900), 750, 500
+    on the low; Wan2.1-I2V: one transformer and the CLIP image embeddings."""
     from diffusers import WanImageToVideoPipeline
 
-    path, (_, images, image) = replica("wan_i2v"), data
+    path, (_, images, image) = replica(kind), data
     cfg = i2v_config(path, images)
     spec = resolve(cfg)
     policy = build_policy(model_options(cfg), torch.device("cpu"))
-    assert policy.latent_shape == (16, 2, 4, 4) and policy.family.boundary_timestep == 900.0
+    assert policy.latent_shape == (16, 2, 4, 4)
+    assert policy.family.boundary_timestep == (900.0 if kind == "wan_i2v" else None)
+    assert ("image_embeds" in policy.encode(PROMPTS)) == (kind == "wan_i2v_21")
     with torch.no_grad():
         tree = ode_rollout(policy, torch.tensor(spec.sigmas))
     x_T = tree.latents[tree.parent < 0]
     pipe = WanImageToVideoPipeline.from_pretrained(path)
     before, steps = run_pipeline(pipe, cfg, x_T, T, image=image)
-    assert [e for e, _, _ in steps] == [0, 0, 1, 1]
+    assert [e for e, _, _ in steps] == experts
     check_first_step(policy, spec, x_T, pipe.scheduler, before)
     check_steps(policy, spec, before, steps)
     # not vacuous: another first frame moves the guided output far from the pipeline's
@@ -121,3 +126,42 @@ def test_preflight_names_a_prompt_without_image(replica, data, tmp_path):
     (tmp_path / "gone.tsv").write_text("".join(f"{p}\tgone.png\n" for p in PROMPTS))
     with pytest.raises(ConfigError, match="missing"):
         check_run(i2v_config(path, tmp_path / "gone.tsv", *base))
+
+
+@pytest.mark.parametrize("repo", ["Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+                                  "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"])
+def test_offline_hub_id_fails_fast_and_plans(repo, tmp_path, monkeypatch, capsys):
+    import json
+    import time
+
+    from branchgrpo.cli import main
+    from branchgrpo.engine.schedule import flow_sigmas
+    from branchgrpo.models.factory import ModelOptions
+    from branchgrpo.models.hub import ModelNotAvailableError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    start = time.monotonic()
+    with pytest.raises(ModelNotAvailableError) as err:
+        build_policy(ModelOptions(kind="wan_i2v", path=repo), torch.device("cpu"))
+    assert time.monotonic() - start < 10
+    assert repo in str(err.value) and "HF_HUB_OFFLINE" in str(err.value)
+    assert main(["plan", "configs/wan_i2v_branchgrpo.yaml", f"model.path={repo}",
+                 "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["shift"] == 3.0 and "defaults" in r["model_config"]
+    torch.testing.assert_close(torch.tensor(r["sigmas"][1:]),
+                               flow_sigmas(r["num_steps"], 3.0)[1:].float(), atol=1e-6, rtol=0)
+
+
+def test_replica_configs_are_the_released_ones():
+    from branchgrpo.models.testing import REPLICAS
+    from branchgrpo.models.wan_i2v import I2V_14B_480P, I2V_A14B, RELEASED
+
+    for kind, repo in (("wan_i2v", I2V_A14B), ("wan_i2v_21", I2V_14B_480P)):
+        files, rel = REPLICAS[kind], RELEASED[repo]
+        assert files["transformer/config.json"] == rel["transformer"]
+        assert {k: files["model_index.json"][k] for k in rel["model_index"]} == \
+            rel["model_index"]
+        sched = files["scheduler/scheduler_config.json"]
+        assert {k: sched[k] for k in rel["scheduler"]} == rel["scheduler"]

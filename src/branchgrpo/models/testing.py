@@ -290,14 +290,26 @@ REPLICAS["wan_i2v"] = {  # Wan2.2-I2V-A14B-Diffusers: 36 input channels, boundar
 }
 
 
-def _wan_i2v_parts(seed: int) -> dict[str, Any]:
+REPLICAS["wan_i2v_21"] = {  # Wan2.1-I2V-14B-480P-Diffusers: one transformer, CLIP image input
+    "model_index.json": {**REPLICAS["wan_i2v"]["model_index.json"], "boundary_ratio": None,
+                         "transformer_2": [None, None],
+                         "image_encoder": ["transformers", "CLIPVisionModel"],
+                         "image_processor": ["transformers", "CLIPImageProcessor"]},
+    "scheduler/scheduler_config.json": REPLICAS["wan_i2v"]["scheduler/scheduler_config.json"],
+    "transformer/config.json": {**REPLICAS["wan_i2v"]["transformer/config.json"],
+                                "image_dim": 1280, "added_kv_proj_dim": 5120},
+}
+
+
+def _wan_i2v_parts(seed: int, clip: bool = False) -> dict[str, Any]:
     from .wan_i2v import tiny_wan_i2v_parts
 
-    return tiny_wan_i2v_parts(seed)
+    return tiny_wan_i2v_parts(seed, clip)
 
 
 _PARTS = {"flux": _flux_parts, "sd3": _sd3_parts, "wan": _wan_parts, "wan22": _wan22_parts,
-          "wan22_a14b": lambda seed: _wan22_parts(seed, True), "wan_i2v": _wan_i2v_parts}
+          "wan22_a14b": lambda seed: _wan22_parts(seed, True), "wan_i2v": _wan_i2v_parts,
+          "wan_i2v_21": lambda seed: _wan_i2v_parts(seed, True)}
 
 
 def write_replica_pipeline(kind: str, folder: str | Path,

@@ -190,14 +190,16 @@ def build(o: ModelOptions, device: torch.device) -> DiffusersPolicy:
                          images=read_images(o.images), **o.diffusers_kwargs())
 
 
-def tiny_wan_i2v_parts(seed: int = 0) -> dict[str, Any]:
-    """WanImageToVideoPipeline components of a tiny random Wan2.2-I2V-A14B: two 2-block
-    transformers with 36 input channels, the Wan2.1 VAE, ``boundary_ratio`` 0.9."""
+def tiny_wan_i2v_parts(seed: int = 0, clip: bool = False) -> dict[str, Any]:
+    """WanImageToVideoPipeline components of a tiny random Wan2.2-I2V-A14B (two 2-block
+    transformers with 36 input channels, ``boundary_ratio`` 0.9) or with ``clip`` Wan2.1-I2V-14B
+    (one transformer with ``image_dim`` and ``added_kv_proj_dim``, a 2-layer CLIP vision
+    encoder and its image processor at 32 px); the Wan2.1 VAE."""
     from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
     from .testing import tiny_t5_encoder, tiny_t5_tokenizer
 
-    rel = RELEASED[I2V_A14B]
+    rel = RELEASED[I2V_14B_480P if clip else I2V_A14B]
     tr = rel["transformer"]
     torch.manual_seed(seed)
     vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
@@ -209,9 +211,22 @@ def tiny_wan_i2v_parts(seed: int = 0) -> dict[str, Any]:
             patch_size=tuple(tr["patch_size"]), num_attention_heads=2, attention_head_dim=12,
             in_channels=tr["in_channels"], out_channels=tr["out_channels"], text_dim=32,
             freq_dim=tr["freq_dim"], ffn_dim=32, num_layers=2,
-            cross_attn_norm=tr["cross_attn_norm"], qk_norm=tr["qk_norm"])
+            cross_attn_norm=tr["cross_attn_norm"], qk_norm=tr["qk_norm"],
+            image_dim=32 if clip else None, added_kv_proj_dim=24 if clip else None)
 
-    return dict(transformer=transformer(seed), transformer_2=transformer(seed + 1), vae=vae,
-                text_encoder=tiny_t5_encoder(32, True, seed), tokenizer=tiny_t5_tokenizer(512),
-                boundary_ratio=rel["model_index"]["boundary_ratio"],
-                expand_timesteps=rel["model_index"]["expand_timesteps"])
+    parts = dict(transformer=transformer(seed), vae=vae,
+                 text_encoder=tiny_t5_encoder(32, True, seed), tokenizer=tiny_t5_tokenizer(512),
+                 boundary_ratio=rel["model_index"]["boundary_ratio"],
+                 expand_timesteps=rel["model_index"]["expand_timesteps"])
+    if clip:
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+        torch.manual_seed(seed)
+        parts["image_encoder"] = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+            image_size=32, patch_size=8)).eval()
+        parts["image_processor"] = CLIPImageProcessor(size={"shortest_edge": 32},
+                                                      crop_size={"height": 32, "width": 32})
+    else:
+        parts["transformer_2"] = transformer(seed + 1)
+    return parts
