@@ -21,6 +21,8 @@ sd3               every plan (Flow-GRPO: its grid)            diffusers         
                                                               (set_timesteps(T))
 wan               every plan                                  diffusers (UniPC flow  UniPC's
                                                               sigmas, flow_shift)    int64
+wan22, wan_i2v    every plan (A14B: the expert of each        diffusers (UniPC flow  UniPC's
+                  step's timestep, boundary_ratio x 1000)     sigmas, flow_shift)    int64
 tiny              every plan                                  shifted (shift 3)      sigma
 ================  ==========================================  =====================  ==========
 

@@ -216,3 +216,12 @@ def test_experts_option_needs_two_experts(replica):
     cfg = wan22_config("wan22", replica("wan22"), "model.guidance_2=3.0")
     with pytest.raises(ValueError, match="two-expert checkpoint"):
         build_policy(model_options(cfg), torch.device("cpu"))
+
+
+def test_fsdp_shards_the_blocks_of_both_experts():
+    from branchgrpo.dist import transformer_blocks
+    from branchgrpo.models.wan22 import tiny_wan22
+
+    policy, _ = tiny_wan22(32, 32, experts=True)
+    tr = policy.transformer
+    assert transformer_blocks(tr) == [*tr.transformer.blocks, *tr.transformer_2.blocks]
