@@ -222,6 +222,25 @@ def test_fsdp_shards_the_blocks_of_both_experts():
     from branchgrpo.dist import transformer_blocks
     from branchgrpo.models.wan22 import tiny_wan22
 
-    policy, _ = tiny_wan22(32, 32, experts=True)
+    policy, _ = tiny_wan22(32, 32, a14b=True)
     tr = policy.transformer
     assert transformer_blocks(tr) == [*tr.transformer.blocks, *tr.transformer_2.blocks]
+
+
+def test_lora_on_one_expert_exports_that_expert_only(tmp_path):
+    """model.experts=high with LoRA: adapters (the trained parameters) on ``transformer`` only,
+    one diffusers LoRA file; gradient checkpointing runs through both experts."""
+    from branchgrpo.models.lora import LoraSpec, save_lora
+    from branchgrpo.models.wan22 import tiny_wan22
+
+    policy, _ = tiny_wan22(32, 32, a14b=True, experts="high", gradient_checkpointing=True,
+                           lora=LoraSpec(rank=2, alpha=4.0))
+    names = {n for n, p in policy.transformer.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith("transformer.") and "lora_" in n for n in names)
+    save_lora(policy, tmp_path)
+    assert (tmp_path / "pytorch_lora_weights.safetensors").is_file()
+    assert not (tmp_path / "transformer_2").exists()
+    x = torch.randn(2, *policy.latent_shape)
+    v = policy.velocity(x, torch.tensor([1.0, 0.5]), policy.encode(PROMPTS))
+    v.square().mean().backward()
+    assert all(p.grad is not None for p in policy.trainable_parameters())

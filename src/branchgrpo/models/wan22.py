@@ -301,17 +301,17 @@ def tiny_wan22_parts(seed: int = 0, experts: bool = False) -> dict[str, Any]:
 
 
 def tiny_wan22(height: int = 64, width: int = 64, num_frames: int = 5, *, seed: int = 0,
-               experts: bool = False, max_sequence_length: int = 8, **kw: Any,
+               a14b: bool = False, max_sequence_length: int = 8, **kw: Any,
                ) -> tuple[DiffusersPolicy, Any]:
-    """A tiny random Wan2.2 (`tiny_wan22_parts`, the released UniPC scheduler) as (policy,
-    reference WanPipeline holding its own copies of the transformers). ``kw``: `compose_wan22`'s
-    (experts, lora, ...) and the family's options."""
+    """A tiny random Wan2.2, TI2V-5B's or with ``a14b`` T2V-A14B's (`tiny_wan22_parts`, the
+    released UniPC scheduler), as (policy, reference WanPipeline holding its own copies of the
+    transformers). ``kw``: `compose_wan22`'s (experts, lora, ...) and the family's options."""
     from diffusers import UniPCMultistepScheduler, WanPipeline
 
-    rel = RELEASED[T2V_A14B if experts else TI2V_5B]
+    rel = RELEASED[T2V_A14B if a14b else TI2V_5B]
     sched = UniPCMultistepScheduler.from_config(
         {k: v for k, v in rel["scheduler"].items() if k != "_class_name"})
-    parts = tiny_wan22_parts(seed, experts)
+    parts = tiny_wan22_parts(seed, a14b)
     ref = WanPipeline(scheduler=sched, **{k: copy.deepcopy(v) if k.startswith("transformer")
                                           else v for k, v in parts.items()})
     pipe = WanPipeline(scheduler=sched, **parts)
