@@ -244,3 +244,27 @@ def test_lora_on_one_expert_exports_that_expert_only(tmp_path):
     v = policy.velocity(x, torch.tensor([1.0, 0.5]), policy.encode(PROMPTS))
     v.square().mean().backward()
     assert all(p.grad is not None for p in policy.trainable_parameters())
+
+
+def test_load_lora_roundtrip_into_both_experts(tmp_path):
+    """`load_lora` reads `save_lora`'s per-expert files back into a policy without adapters."""
+    from branchgrpo.models.lora import LoraSpec, load_lora, save_lora
+    from branchgrpo.models.wan22 import tiny_wan22
+
+    policy, _ = tiny_wan22(32, 32, a14b=True, lora=LoraSpec(rank=2, alpha=4.0))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.normal_(0, 0.05)
+    save_lora(policy, tmp_path)
+    x = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([1.0, 0.5])  # one row per expert
+    with torch.no_grad():
+        want = policy.velocity(x, sigma, policy.encode(PROMPTS))
+    other, _ = tiny_wan22(32, 32, a14b=True)
+    with torch.no_grad():
+        assert (other.velocity(x, sigma, other.encode(PROMPTS)) - want).abs().max() > 1e-3
+    load_lora(other, tmp_path)
+    with torch.no_grad():
+        got = other.velocity(x, sigma, other.encode(PROMPTS))
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)

@@ -120,11 +120,27 @@ def save_lora(policy: Any, path: str | os.PathLike) -> Path:
 
 def load_lora(policy: Any, path: str | os.PathLike) -> None:
     """Load a diffusers-format LoRA (saved by `save_lora` or a diffusers trainer) into the
-    policy's adapter; adds the adapter (from the file's metadata) when the policy has none."""
+    policy's adapter; adds the adapter (from the file's metadata) when the policy has none. A
+    transformer holding experts (``experts()``) loads ``path`` into ``transformer`` and
+    ``path/name`` into each other expert, where those files exist (`save_lora`'s layout)."""
+    tr = policy.transformer
+    if not hasattr(tr, "experts"):
+        _load_into(tr, policy.pipeline_class, path)
+        return
+    found = [(m, where) for name, m in tr.experts().items()
+             if (where := Path(path) / ("" if name == "transformer" else name)).is_dir()
+             and any(where.glob("*.safetensors"))]
+    if not found:
+        raise ValueError(f"{path}: no LoRA file for any expert of the policy")
+    for m, where in found:
+        _load_into(m, policy.pipeline_class, where)
+
+
+def _load_into(tr: nn.Module, pipeline_class: Any, path: str | os.PathLike) -> None:
+    """`load_lora` of one transformer (``transformer.``-prefixed keys of ``path``)."""
     from peft.utils import set_peft_model_state_dict
 
-    tr = policy.transformer
-    state, meta = policy.pipeline_class.lora_state_dict(path, return_lora_metadata=True)
+    state, meta = pipeline_class.lora_state_dict(path, return_lora_metadata=True)
     prefix = "transformer."
     sd = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not sd:
