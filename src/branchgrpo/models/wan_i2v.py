@@ -159,7 +159,7 @@ class WanI2VFamily(Wan22Family):
         _, cond = pipe.prepare_latents(
             x, 1, pipe.vae.config.z_dim, self.height, self.width, self.num_frames,
             torch.float32, parts.device, None, torch.zeros(1, *self.latent_shape))
-        has_clip = parts.transformer.config.image_dim is not None
+        has_clip = pipe.transformer.config.image_dim is not None  # (unwrapped: DDP/FSDP)
         return cond, (pipe.encode_image(image, parts.device) if has_clip else None)
 
     def shared_inputs(self, cond: Cond) -> tuple[Tensor, ...]:
