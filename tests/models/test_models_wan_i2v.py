@@ -31,6 +31,9 @@ from branchgrpo.spec import model_options, resolve
 
 T = 4
 SIZE = ("model.height=32", "model.width=32", "model.num_frames=5")
+"""Replica size: Wan2.1 VAE latents 4 x 4, 2 latent frames. Measured against FP32_ATOL (1e-5):
+guided outputs differ by at most 4.3e-6 (Wan2.2-I2V-A14B) and 3.0e-6 (Wan2.1-I2V, CLIP) per
+step, outputs of magnitude ~2."""
 
 
 @pytest.fixture
