@@ -49,6 +49,12 @@ CLAIMS = {
     # the FLUX tree with DanceGRPO's Qwen-Image grid (ours), one prompt per rank
     "qwenimage_branchgrpo": ("branch", "qwenimage", "shifted", "dance", 0.3, *_TREE.values(),
                              218, 1),
+    # the same tree on Wan2.2-TI2V-5B (ours: no published Wan2.2 recipe)
+    "wan22_branchgrpo": ("branch", "wan22", "diffusers", "dance", 0.3, *_TREE.values(), 218,
+                         1),
+    # and on Wan2.2-I2V-A14B (ours), first frames from model.images
+    "wan_i2v_branchgrpo": ("branch", "wan_i2v", "diffusers", "dance", 0.3, *_TREE.values(),
+                           218, 1),
 }
 
 

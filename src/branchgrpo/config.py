@@ -56,6 +56,12 @@ class ModelConfig:
     guidance: float | None = f(None, "FLUX guidance embedding, or the CFG scale (null: the "
                                      "family pipeline's default: FLUX.1-dev 3.5, SD3.5 7.0, "
                                      "Wan 5.0, Qwen-Image off)")
+    guidance_2: float | None = f(None, "wan22 A14B: CFG scale of the low-noise expert "
+                                       "(transformer_2; null: model.guidance, as WanPipeline)")
+    experts: str = f("all", "wan22 A14B: experts that train, all, high (transformer) or low "
+                            "(transformer_2); the others stay frozen")
+    images: str = f("", "wan_i2v: a file of 'prompt<TAB>image path' lines, each prompt's "
+                        "first frame (paths relative to the file)")
     pretrain_steps: int = f(4000, "tiny: flow-matching pretraining steps of the base model "
                             "(4000: the shipped base, no pretraining; any other value "
                             "pretrains once into model.cache_dir)")
@@ -302,7 +308,7 @@ def near(name: str, valid: list[str]) -> str:
 RANGES: dict[str, str] = {
     "model.lora_rank": "[1,)", "model.lora_alpha": "(0,)",
     "model.height": "[16,)", "model.width": "[16,)",
-    "model.num_frames": "[1,)", "model.guidance": "[0,)",
+    "model.num_frames": "[1,)", "model.guidance": "[0,)", "model.guidance_2": "[0,)",
     "model.pretrain_steps": "[1,)", "model.clutter": "[0,1]",
     "rollout.num_steps": "[2,)", "rollout.group_size": "[2,)",
     "rollout.branch_factor": "[2,)", "rollout.split_noise_scale": "(0,)",
@@ -341,6 +347,7 @@ LOSSY_ATTENTION_WHY = (
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("fp32", "bf16", "fp16"), "model.attention_backend": EXACT_ATTENTION,
     "model.storage_dtype": ("fp32", "bf16", "fp16"), "model.finetune": ("full", "lora"),
+    "model.experts": ("all", "high", "low"),
     "rollout.kernel": ("dance", "flow", "cps"),
     "rollout.schedule": ("shifted", "flux_dynamic", "diffusers"),
     "advantage.fusion": ("mean", "child_softmax", "path"),

@@ -125,8 +125,10 @@ def wrap(policy: Any, d: Dist, *, trainable: bool = True, bf16: bool = False,
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         dev = [d.local_rank] if next(inner.parameters()).is_cuda else None
+        # a mixture of experts (Wan2.2 A14B's WanExperts) runs one expert per forward
         policy.transformer = DDP(inner, device_ids=dev, forward_sync_buffers=False,
-                                 find_unused_parameters=find_unused_parameters)
+                                 find_unused_parameters=find_unused_parameters
+                                 or hasattr(inner, "experts"))
         return
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -159,7 +161,10 @@ def unwrapped(policy: Any) -> Iterator[Any]:
 
 def transformer_blocks(module: nn.Module) -> list[nn.Module]:
     """The repeated blocks FSDP shards one by one: the items of the module's ModuleLists
-    (diffusers: ``transformer_blocks``, ``single_transformer_blocks``, ``blocks``)."""
+    (diffusers: ``transformer_blocks``, ``single_transformer_blocks``, ``blocks``); those of
+    each expert of a mixture (``experts()``: Wan2.2 A14B's `WanExperts`)."""
+    if callable(getattr(module, "experts", None)):
+        return [b for m in module.experts().values() for b in transformer_blocks(m)]
     return [b for child in module.children() if isinstance(child, nn.ModuleList) for b in child]
 
 

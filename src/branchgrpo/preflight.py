@@ -224,6 +224,27 @@ def _check_prompts(cfg: Config) -> None:
     train, held = load_prompts(cfg.data.prompts, cfg.data.eval_prompts)
     check_prompts(cfg, train, f"data.prompts: {_where(cfg.data.prompts)}")
     check_prompts(cfg, held, f"data.eval_prompts: {_where(cfg.data.eval_prompts)}")
+    _check_conditions(cfg, train, f"data.prompts: {_where(cfg.data.prompts)}")
+    _check_conditions(cfg, held, f"data.eval_prompts: {_where(cfg.data.eval_prompts)}")
+
+
+def _check_conditions(cfg: Config, prompts: list[str], where: str) -> None:
+    """A family conditioning on more than text (``prompt_check``: wan_i2v's first frames) has
+    what every prompt needs."""
+    from .spec import family_class
+
+    fam = family_class(cfg.model.kind)
+    if fam is None or not hasattr(fam, "prompt_check"):
+        return
+    try:
+        check = fam.prompt_check(cfg.model.images)
+    except ValueError as e:
+        raise ConfigError(_msg(e)) from None
+    for i, p in enumerate(prompts):
+        try:
+            check(p)
+        except ValueError as e:
+            raise ConfigError(f"{where.format(line=i + 1)}: {_msg(e)}") from None
 
 
 def check_prompts(cfg: Config, prompts: list[str], where: str, scored: bool = True) -> None:

@@ -26,6 +26,8 @@ qwenimage         dance, branch, branch_mix, mix, mix_flash,  shifted (DanceGRPO
 qwenimage         flow_grpo                                   diffusers (QwenImage-  sigma
                                                               Pipeline: dynamic mu,
                                                               shift_terminal 0.02)
+wan22, wan_i2v    every plan (A14B: the expert of each        diffusers (UniPC flow  UniPC's
+                  step's timestep, boundary_ratio x 1000)     sigmas, flow_shift)    int64
 tiny              every plan                                  shifted (shift 3)      sigma
 ================  ==========================================  =====================  ==========
 
@@ -255,7 +257,7 @@ def read_model_files(cfg: Config) -> ModelFiles | None:
     if cached["scheduler/scheduler_config.json"] and cached["transformer/config.json"]:
         files = {n: _read_json(Path(f), required=False) if f else None for n, f in cached.items()}
         return _model_files(kind, f"Hugging Face cache of {path!r}", files)
-    d = fam.released_config
+    d = getattr(fam, "released_configs", {}).get(path, fam.released_config)
     return ModelFiles(f"{kind} defaults (no local config files for {path!r}; the released "
                       "checkpoint's values)", fam.pipeline_name, dict(d["scheduler"]),
                       dict(d["transformer"]), d["vae_scale_factor"])
@@ -273,6 +275,7 @@ def _model_files(kind: str, source: str, files: dict[str, dict | None]) -> Model
                           f"{fam.pipeline_name}; {hint}")
     vae = files["vae/config.json"]
     factor = (2 ** (len(vae["block_out_channels"]) - 1) if vae and "block_out_channels" in vae
+              else vae["scale_factor_spatial"] if vae and "scale_factor_spatial" in vae
               else fam.released_config["vae_scale_factor"])
     return ModelFiles(source, pipe, files["scheduler/scheduler_config.json"] or {},
                       files["transformer/config.json"] or {}, factor)

@@ -53,16 +53,21 @@ def run_pipeline(family: str, pipe, policy, latents: Tensor, sigmas: Tensor,
 # ---- replica checkpoints (complete tiny pipelines with the released configs) -------------
 REPLICA_SIZE = {"flux": {"model.height": 64, "model.width": 64},
                 "sd3": {"model.height": 64, "model.width": 64},
-                "wan": {"model.height": 32, "model.width": 32, "model.num_frames": 5}}
+                "wan": {"model.height": 32, "model.width": 32, "model.num_frames": 5},
+                "wan22": {"model.height": 64, "model.width": 64, "model.num_frames": 5},
+                "wan_i2v": {"model.height": 32, "model.width": 32, "model.num_frames": 5}}
 """Image (video) sizes of the replica tests: small, but FLUX sees 16 image tokens (so a mu of
 its own) and Wan 2 latent frames."""
 RECIPES = {"flux": ["rollout.method=branch", "rollout.split_steps=[0,1]",
                     "rollout.schedule=flux_dynamic", "rollout.quantize_timestep=false"],
            "sd3": ["rollout.method=flow_grpo"],
-           "wan": ["rollout.method=branch", "rollout.split_steps=[0,1]"]}
+           "wan": ["rollout.method=branch", "rollout.split_steps=[0,1]"],
+           "wan22": ["rollout.method=branch", "rollout.split_steps=[0,1]"],
+           "wan_i2v": ["rollout.method=branch", "rollout.split_steps=[0,1]"]}
 """Configs whose schedule rule is the family pipeline's own (`branchgrpo.spec`)."""
 PIPELINE_CLASSES = {"flux": "FluxPipeline", "sd3": "StableDiffusion3Pipeline",
-                    "wan": "WanPipeline", "qwenimage": "QwenImagePipeline"}
+                    "wan": "WanPipeline", "qwenimage": "QwenImagePipeline",
+                    "wan22": "WanPipeline", "wan_i2v": "WanImageToVideoPipeline"}
 
 
 def pipeline_default(family: str, name: str) -> Any:

@@ -32,7 +32,10 @@ from branchgrpo.spec import resolve
 
 SMALL = {"flux": ["rollout.num_steps=2", "rollout.split_steps=[0]", "rollout.branch_factor=2"],
          "sd3": ["rollout.num_steps=2", "rollout.group_size=2"],
-         "wan": ["rollout.num_steps=2", "rollout.split_steps=[0]", "rollout.branch_factor=2"]}
+         "wan": ["rollout.num_steps=2", "rollout.split_steps=[0]", "rollout.branch_factor=2"],
+         "wan22": ["rollout.num_steps=2", "rollout.split_steps=[0]", "rollout.branch_factor=2"],
+         "wan_i2v": ["rollout.num_steps=2", "rollout.split_steps=[0]",
+                     "rollout.branch_factor=2"]}
 """Per family: a 2-step plan with 2 leaves per prompt (one split, or a group of 2)."""
 
 

@@ -21,7 +21,9 @@ class ModelOptions:
     `branchgrpo.models.families.FAMILIES`. ``path``: Hub id or local folder (diffusers
     families). ``dtype``: compute dtype name (fp32, bf16, fp16). ``finetune``: full or lora
     (``lora_rank``, ``lora_alpha``). ``guidance``: FLUX's guidance embedding or the CFG scale
-    (None: the family's default).
+    (None: the family's default); ``guidance_2``, ``experts``: Wan2.2 A14B's low-noise CFG
+    scale and trained experts; ``images``: the image-to-video family's prompt -> first-frame
+    file.
     ``quantize_timestep``: the resolved rule (`branchgrpo.spec.RunSpec`). ``pretrain_steps``,
     ``clutter``, ``cache_dir``: the tiny family's pretraining and cache. ``progress``: show the
     tiny pretraining bar. ``compile``, ``attention_backend``: see `speed_up`."""
@@ -39,6 +41,9 @@ class ModelOptions:
     width: int = 512
     num_frames: int = 33
     guidance: float | None = None
+    guidance_2: float | None = None
+    experts: str = "all"
+    images: str = ""
     quantize_timestep: bool = False
     pretrain_steps: int = 4000
     clutter: float = 0.5

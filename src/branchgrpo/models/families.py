@@ -26,6 +26,8 @@ FAMILIES: dict[str, str] = {
     "sd3": ".sd3",            # Stable Diffusion 3 / 3.5
     "wan": ".wan",            # Wan2.1 text-to-video
     "qwenimage": ".qwenimage",  # Qwen-Image text-to-image
+    "wan22": ".wan22",        # Wan2.2 text-to-video: TI2V-5B, T2V-A14B (two experts)
+    "wan_i2v": ".wan_i2v",    # Wan image-to-video: Wan2.2-I2V-A14B, Wan2.1-I2V-14B
 }
 """``kind`` -> family module, relative to this package."""
 

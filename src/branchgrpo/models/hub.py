@@ -50,10 +50,12 @@ def advice(model_id: str, why: str) -> str:
 
 def resolve_checkpoint(
     model_id_or_path: str | os.PathLike, subfolders: Sequence[str] = (),
-    cache_dir: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None, optional: Sequence[str] = (),
 ) -> str:
     """A local folder for ``model_id_or_path``: the folder itself, the cached snapshot, or a
-    fresh download of the needed ``subfolders`` when the Hub is reachable.
+    fresh download of the needed ``subfolders`` when the Hub is reachable. ``optional``
+    subfolders are downloaded when the repository has them and not required in a local folder
+    (Wan2.2's ``transformer_2``: the A14B checkpoints have it, TI2V-5B does not).
 
     Raises `ModelNotAvailableError` within seconds when none of these works (the caller sees
     what to do, not a stack trace after a long network timeout)."""
@@ -76,7 +78,8 @@ def resolve_checkpoint(
         RepositoryNotFoundError,
     )
 
-    patterns = ["model_index.json"] + [f"{s}/*" for s in subfolders] if subfolders else None
+    patterns = (["model_index.json"] + [f"{s}/*" for s in (*subfolders, *optional)]
+                if subfolders else None)
     kw: dict[str, Any] = {"cache_dir": cache_dir, "allow_patterns": patterns}
     try:
         return str(snapshot_download(repo, local_files_only=True, **kw))

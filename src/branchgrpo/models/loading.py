@@ -42,10 +42,12 @@ def load_pipeline(family_cls: Any, model_id_or_path: str | os.PathLike, dtype: t
                   cache_dir: str | os.PathLike | None = None) -> Any:
     """The family's pipeline (``family_cls.pipeline_name``) from the resolved local folder
     (never the network) in ``dtype``, the components in ``family_cls.fp32_modules`` in fp32
-    (their class from ``model_index.json``)."""
+    (their class from ``model_index.json``); ``family_cls.optional_subfolders`` (if any) are
+    fetched when the checkpoint has them."""
     import diffusers
 
-    path = resolve_checkpoint(model_id_or_path, family_cls.subfolders, cache_dir)
+    path = resolve_checkpoint(model_id_or_path, family_cls.subfolders, cache_dir,
+                              getattr(family_cls, "optional_subfolders", ()))
     try:
         fp32 = {name: _component(path, name, torch.float32) for name in family_cls.fp32_modules}
         return getattr(diffusers, family_cls.pipeline_name).from_pretrained(

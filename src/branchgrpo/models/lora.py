@@ -99,24 +99,48 @@ def _metadata(transformer: nn.Module) -> dict[str, Any]:
 def save_lora(policy: Any, path: str | os.PathLike) -> Path:
     """Write the policy's LoRA as ``path/pytorch_lora_weights.safetensors`` in the diffusers
     format (``transformer.``-prefixed keys + adapter config metadata, so alpha survives);
-    ``pipeline.load_lora_weights(path)`` reproduces the policy's transformer."""
+    ``pipeline.load_lora_weights(path)`` reproduces the policy's transformer. A transformer
+    holding experts (``experts()``: Wan2.2 A14B's `WanExperts`) writes one such file per expert
+    with LoRA: ``transformer`` in ``path``, any other expert ``name`` in ``path/name`` (loaded
+    with ``load_lora_weights(path/name, load_into_transformer_2=True)``)."""
     tr = policy.transformer
-    if not getattr(tr, "peft_config", None) or ADAPTER not in tr.peft_config:
+    experts = tr.experts() if hasattr(tr, "experts") else {"transformer": tr}
+    tuned = {n: m for n, m in experts.items() if ADAPTER in (getattr(m, "peft_config", None)
+                                                              or {})}
+    if not tuned:
         raise ValueError("this policy has no LoRA adapter (built without lora=LoraSpec(...))")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(tr).items()}
     out = Path(path)
-    policy.pipeline_class.save_lora_weights(out, transformer_lora_layers=state,
-                                            transformer_lora_adapter_metadata=_metadata(tr))
+    for name, m in tuned.items():
+        state = {k: v.detach().to("cpu").contiguous() for k, v in lora_state_dict(m).items()}
+        policy.pipeline_class.save_lora_weights(
+            out if name == "transformer" else out / name, transformer_lora_layers=state,
+            transformer_lora_adapter_metadata=_metadata(m))
     return out
 
 
 def load_lora(policy: Any, path: str | os.PathLike) -> None:
     """Load a diffusers-format LoRA (saved by `save_lora` or a diffusers trainer) into the
-    policy's adapter; adds the adapter (from the file's metadata) when the policy has none."""
+    policy's adapter; adds the adapter (from the file's metadata) when the policy has none. A
+    transformer holding experts (``experts()``) loads ``path`` into ``transformer`` and
+    ``path/name`` into each other expert, where those files exist (`save_lora`'s layout)."""
+    tr = policy.transformer
+    if not hasattr(tr, "experts"):
+        _load_into(tr, policy.pipeline_class, path)
+        return
+    found = [(m, where) for name, m in tr.experts().items()
+             if (where := Path(path) / ("" if name == "transformer" else name)).is_dir()
+             and any(where.glob("*.safetensors"))]
+    if not found:
+        raise ValueError(f"{path}: no LoRA file for any expert of the policy")
+    for m, where in found:
+        _load_into(m, policy.pipeline_class, where)
+
+
+def _load_into(tr: nn.Module, pipeline_class: Any, path: str | os.PathLike) -> None:
+    """`load_lora` of one transformer (``transformer.``-prefixed keys of ``path``)."""
     from peft.utils import set_peft_model_state_dict
 
-    tr = policy.transformer
-    state, meta = policy.pipeline_class.lora_state_dict(path, return_lora_metadata=True)
+    state, meta = pipeline_class.lora_state_dict(path, return_lora_metadata=True)
     prefix = "transformer."
     sd = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if not sd:

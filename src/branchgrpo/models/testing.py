@@ -281,8 +281,74 @@ def _qwenimage_parts(seed: int) -> dict[str, Any]:
     return replica_parts(seed)
 
 
+
+def _wan22_parts(seed: int, experts: bool = False) -> dict[str, Any]:
+    from .wan22 import tiny_wan22_parts  # the builder lives with its family
+
+    return tiny_wan22_parts(seed, experts)
+
+
+_WAN22_TR = {**REPLICAS["wan"]["transformer/config.json"], "added_kv_proj_dim": None,
+             "eps": 1e-06, "image_dim": None, "pos_embed_seq_len": None,
+             "rope_max_seq_len": 1024}
+_WAN22_UNIPC = dict(REPLICAS["wan"]["scheduler/scheduler_config.json"])
+REPLICAS["wan22"] = {  # Wan2.2-TI2V-5B-Diffusers (branchgrpo.models.wan22.RELEASED)
+    "model_index.json": {"_class_name": "WanPipeline", "boundary_ratio": None,
+                         "expand_timesteps": True,
+                         "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+                         "transformer": ["diffusers", "WanTransformer3DModel"]},
+    "scheduler/scheduler_config.json": {**_WAN22_UNIPC, "flow_shift": 5.0},
+    "transformer/config.json": {**_WAN22_TR, "ffn_dim": 14336, "in_channels": 48,
+                                "num_attention_heads": 24, "num_layers": 30,
+                                "out_channels": 48},
+    # the 48 latents_mean / latents_std values: wan22.TI2V_5B_VAE (the replica VAE has them)
+    "vae/config.json": {"_class_name": "AutoencoderKLWan", "base_dim": 160,
+                        "decoder_base_dim": 256, "z_dim": 48, "is_residual": True,
+                        "in_channels": 12, "out_channels": 12, "patch_size": 2,
+                        "scale_factor_temporal": 4, "scale_factor_spatial": 16},
+}
+REPLICAS["wan22_a14b"] = {  # Wan2.2-T2V-A14B-Diffusers: two experts of one shape, Wan2.1 VAE
+    "model_index.json": {**REPLICAS["wan22"]["model_index.json"], "boundary_ratio": 0.875,
+                         "expand_timesteps": False,
+                         "transformer_2": ["diffusers", "WanTransformer3DModel"]},
+    "scheduler/scheduler_config.json": {**_WAN22_UNIPC, "flow_shift": 3.0},
+    "transformer/config.json": {**_WAN22_TR, "ffn_dim": 13824, "num_attention_heads": 40,
+                                "num_layers": 40},
+    "transformer_2/config.json": {**_WAN22_TR, "ffn_dim": 13824, "num_attention_heads": 40,
+                                  "num_layers": 40},
+}
+REPLICAS["wan_i2v"] = {  # Wan2.2-I2V-A14B-Diffusers: 36 input channels, boundary 0.9
+    **REPLICAS["wan22_a14b"],
+    "model_index.json": {**REPLICAS["wan22_a14b"]["model_index.json"],
+                         "_class_name": "WanImageToVideoPipeline", "boundary_ratio": 0.9},
+    "transformer/config.json": {**REPLICAS["wan22_a14b"]["transformer/config.json"],
+                                "in_channels": 36},
+    "transformer_2/config.json": {**REPLICAS["wan22_a14b"]["transformer/config.json"],
+                                  "in_channels": 36},
+}
+
+
+REPLICAS["wan_i2v_21"] = {  # Wan2.1-I2V-14B-480P-Diffusers: one transformer, CLIP image input
+    "model_index.json": {**REPLICAS["wan_i2v"]["model_index.json"], "boundary_ratio": None,
+                         "transformer_2": [None, None],
+                         "image_encoder": ["transformers", "CLIPVisionModel"],
+                         "image_processor": ["transformers", "CLIPImageProcessor"]},
+    "scheduler/scheduler_config.json": REPLICAS["wan_i2v"]["scheduler/scheduler_config.json"],
+    "transformer/config.json": {**REPLICAS["wan_i2v"]["transformer/config.json"],
+                                "image_dim": 1280, "added_kv_proj_dim": 5120},
+}
+
+
+def _wan_i2v_parts(seed: int, clip: bool = False) -> dict[str, Any]:
+    from .wan_i2v import tiny_wan_i2v_parts
+
+    return tiny_wan_i2v_parts(seed, clip)
+
+
 _PARTS = {"flux": _flux_parts, "sd3": _sd3_parts, "wan": _wan_parts,
-          "qwenimage": _qwenimage_parts}
+          "qwenimage": _qwenimage_parts, "wan22": _wan22_parts,
+          "wan22_a14b": lambda seed: _wan22_parts(seed, True), "wan_i2v": _wan_i2v_parts,
+          "wan_i2v_21": lambda seed: _wan_i2v_parts(seed, True)}
 
 
 def write_replica_pipeline(kind: str, folder: str | Path,
