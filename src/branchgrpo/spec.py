@@ -250,7 +250,7 @@ def read_model_files(cfg: Config) -> ModelFiles | None:
     if cached["scheduler/scheduler_config.json"] and cached["transformer/config.json"]:
         files = {n: _read_json(Path(f), required=False) if f else None for n, f in cached.items()}
         return _model_files(kind, f"Hugging Face cache of {path!r}", files)
-    d = fam.released_config
+    d = getattr(fam, "released_variants", {}).get(path, fam.released_config)  # by Hub id
     return ModelFiles(f"{kind} defaults (no local config files for {path!r}; the released "
                       "checkpoint's values)", fam.pipeline_name, dict(d["scheduler"]),
                       dict(d["transformer"]), d["vae_scale_factor"])

@@ -25,6 +25,8 @@ FAMILIES: dict[str, str] = {
     "flux": ".flux",          # FLUX.1
     "sd3": ".sd3",            # Stable Diffusion 3 / 3.5
     "wan": ".wan",            # Wan2.1 text-to-video
+    "flux2": ".flux2",        # FLUX.2 (dev)
+    "zimage": ".zimage",      # Z-Image (base and Turbo)
 }
 """``kind`` -> family module, relative to this package."""
 
