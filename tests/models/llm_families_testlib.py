@@ -75,13 +75,15 @@ def load_pipeline(replica: str, path: Any, dtype: torch.dtype = torch.float32):
 
 def run_pipeline(replica: str, pipe, cfg, latents: Tensor, steps: int, **kw: Any) -> Tensor:
     """The pipeline's latents [N, *latent_shape] after ``steps`` steps of its own schedule:
-    only num_inference_steps, the size, the initial latents (and Turbo's guidance 0) passed.
-    FLUX.2 returns packed tokens [N, S, 128]; they are unpacked to [N, 128, h, w]."""
+    only num_inference_steps, the size, the initial latents (and Turbo's guidance 0) passed;
+    ``kw`` (e.g. ``output_type="pt"`` for images). FLUX.2 returns packed tokens [N, S, 128];
+    they are unpacked to [N, 128, h, w]."""
     if GUIDANCE[replica] is not None:
         kw.setdefault("guidance_scale", GUIDANCE[replica])
+    kw.setdefault("output_type", "latent")
     out = pipe(prompt=list(PROMPTS), num_inference_steps=steps, height=cfg.model.height,
-               width=cfg.model.width, latents=latents, output_type="latent", **kw).images
-    if replica == "flux2":
+               width=cfg.model.width, latents=latents, **kw).images
+    if replica == "flux2" and kw["output_type"] == "latent":
         n, c, h, w = latents.shape
         out = out.permute(0, 2, 1).reshape(n, c, h, w)
     return out
