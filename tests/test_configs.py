@@ -46,6 +46,14 @@ CLAIMS = {
                        24 * 9, 1),
     # the FLUX tree on Wan's UniPC flow sigmas
     "wan_branchgrpo": ("branch", "wan", "diffusers", "dance", 0.3, *_TREE.values(), 218, 1),
+    # the FLUX tree on Flux2Pipeline's empirical-mu grid, and on ZImagePipeline's shift-6 grid
+    "flux2_branchgrpo": ("branch", "flux2", "diffusers", "dance", 0.3, *_TREE.values(), 218, 1),
+    "zimage_branchgrpo": ("branch", "zimage", "diffusers", "dance", 0.3, *_TREE.values(), 218,
+                          1),
+    # Turbo's 8 steps, K 2 at {0, 1, 2}: 2 + 4 + 8 + 5 x 8 = 54 edges, 8 leaves, 55 - 8 = 47
+    # forwards
+    "zimage_turbo_branchgrpo": ("branch", "zimage", "diffusers", "dance", 0.2, 8, 8, 54, 47, 54,
+                                1),
 }
 
 

@@ -62,7 +62,8 @@ BAD = [
     (["rollout.split_steps=[]"], "rollout.split_steps is empty"),
     (["train.lrr=1"], "unknown config key 'train.lrr'.*did you mean 'train.lr'"),
     (["overrides=[1,"], "cannot parse the overrides"),
-    (["model.kind=nope"], r"model.kind='nope' is not one of \['tiny', 'flux', 'sd3', 'wan'\]$"),
+    (["model.kind=nope"],  # the registered kinds, new families after the first four
+     r"model.kind='nope' is not one of \['tiny', 'flux', 'sd3', 'wan'(, '\w+')*\]$"),
     (["model.kind=flx", "model.path=m"], "did you mean 'flux'"),
     (["model.kind=analytic", "model.path=m"], "model.kind='analytic' is not one of"),
     (["model.kind=flux"], "model.kind=flux needs model.path"),

@@ -51,7 +51,7 @@ from .engine.tree import RolloutPlan
 
 if TYPE_CHECKING:
     from .models.factory import ModelOptions
-    from .models.family import Family
+    from .models.family import Distilled, Family
 
 TINY_LEVEL = 1.0
 """The tiny family's noise level (the embedded default's, which its benches are measured at)."""
@@ -151,11 +151,15 @@ def resolve(cfg: Config) -> RunSpec:
     plan_name, family, r = METHODS.get(method).plan, cfg.model.kind, cfg.rollout
     fam = family_class(family)
     files = read_model_files(cfg)
-    rule_kind, rule_q = schedule_rule(plan_name, family)
+    dist = distilled(cfg, files)
+    rule_kind, rule_q = ("diffusers", False) if dist else schedule_rule(plan_name, family)
     kind = r.schedule or rule_kind
     why = (f"rollout.schedule={kind}" if r.schedule else
+           f"distilled {dist.name}: its own sampler's grid and timestep" if dist else
            f"rule for {family} x {plan_name}: {_RULE_WHY[(rule_kind, rule_q)]}")
     params = plan_params(cfg)
+    if dist is not None and r.num_steps is None:  # the distilled sampler's step count
+        params["num_steps"] = dist.steps
     steps = int(params.get("num_steps") or _plan_default(plan_name, "num_steps"))
     sig, shift, mu, seq = _grid(cfg, files, kind, steps)
     quant = r.quantize_timestep if r.quantize_timestep is not None else rule_q
@@ -185,6 +189,17 @@ _RULE_WHY = {("shifted", True): "FastVideo's shifted linspace and int(1000 sigma
              ("diffusers", False): "the diffusers pipeline's schedule for this checkpoint",
              ("diffusers", True): "the diffusers pipeline's schedule and its integer timesteps",
              ("shifted", False): "the shifted linspace of the embedded default"}
+
+
+def distilled(cfg: Config, files: ModelFiles | None = None) -> Distilled | None:
+    """The `branchgrpo.models.family.Distilled` verdict of the family on the checkpoint's
+    config values (``files``, read if not given): a distilled few-step model (FLUX.1-schnell,
+    Z-Image-Turbo), whose own step count and guidance-free sampling the schedule keeps."""
+    from .models.family import distilled_of
+
+    fam = family_class(cfg.model.kind)
+    files = files if files is not None else read_model_files(cfg)
+    return distilled_of(fam, files.scheduler, files.transformer) if fam and files else None
 
 
 def schedule_rule(plan: str, family: str) -> tuple[str, bool]:
@@ -368,6 +383,7 @@ def model_options(cfg: Config, progress: bool = True) -> ModelOptions:
 
 
 __all__ = ["strategy_of", "RunSpec", "ModelFiles", "resolve", "schedule_rule", "read_model_files",
+           "distilled",
            "family_class", "model_kinds",
            "plan_params", "resolved_rules", "advantage_kw", "clip_eps", "kl_coef", "model_options"]
 

@@ -183,6 +183,9 @@ REPLICAS["wan_14b"] = _variant(  # Wan2.1-T2V-14B: the 1.3B's scheduler, a large
                                "in_channels": 16, "text_dim": 4096})
 
 
+REPLICAS["flux_schnell"] = _variant(  # FLUX.1-schnell: no guidance embedding, static shift 1
+    "flux", transformer_config={"guidance_embeds": False},
+    scheduler_scheduler_config={"use_dynamic_shifting": False, "shift": 1.0})
 REPLICAS["flux2"] = {  # FLUX.2-dev (configs in branchgrpo.models.flux2.RELEASED_CONFIG)
     "model_index.json": {"_class_name": "Flux2Pipeline",
                          "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],

@@ -37,7 +37,15 @@ from torch import Tensor, nn
 from ..engine import schedule as sch
 from .base import Cond
 from .diffusers_policy import DiffusersPolicy, compose
-from .family import Grid, Parts, classifier_free, decode_vae, family_timestep, image_tokens
+from .family import (
+    Distilled,
+    Grid,
+    Parts,
+    classifier_free,
+    decode_vae,
+    family_timestep,
+    image_tokens,
+)
 from .loading import load
 from .testing import tiny_chat_tokenizer, tiny_image_vae
 
@@ -139,6 +147,17 @@ class ZImageFamily:
         """(schedule, quantize_timestep) of every plan by default: ZImagePipeline's grid, its
         float timestep."""
         return "diffusers", False
+
+    @classmethod
+    def distilled(cls, scheduler: dict[str, Any], transformer: dict[str, Any],
+                  ) -> Distilled | None:
+        """Z-Image-Turbo when the scheduler is Turbo's (static shift 3.0; the base model's is
+        6.0): distilled for 8 steps without CFG."""
+        if scheduler.get("use_dynamic_shifting") or scheduler.get("shift") != TURBO_SHIFT:
+            return None
+        return Distilled("Z-Image-Turbo", TURBO_STEPS, True,
+                         f"scheduler shift {TURBO_SHIFT} (Turbo's released scheduler; the base "
+                         "Z-Image ships 6.0)")
 
     @classmethod
     def pipeline_grid(cls, scheduler: dict[str, Any], steps: int, height: int, width: int,
