@@ -81,9 +81,9 @@ def _check_plan(cfg: Config) -> tuple[RunSpec, Any]:
 
 def _check_distilled(cfg: Config) -> None:
     """A distilled few-step checkpoint (`branchgrpo.spec.distilled`: FLUX.1-schnell,
-    Z-Image-Turbo) keeps the sampler it was distilled for (docs/algorithms.md "Distilled
-    few-step models"): no CFG on a guidance-free model, no more steps than its schedule has,
-    no other grid than its pipeline's."""
+    Z-Image-Turbo) keeps the sampler it was distilled for (docs/algorithms.md §1.10): no CFG
+    on a guidance-free model, no more steps than its schedule has, no other grid than its
+    pipeline's."""
     from .spec import distilled, family_class
 
     dist = distilled(cfg)

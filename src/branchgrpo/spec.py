@@ -21,6 +21,11 @@ sd3               every plan (Flow-GRPO: its grid)            diffusers         
                                                               (set_timesteps(T))
 wan               every plan                                  diffusers (UniPC flow  UniPC's
                                                               sigmas, flow_shift)    int64
+flux2             every plan                                  diffusers (Flux2Pipe-  sigma
+                                                              line: empirical mu)
+zimage            every plan                                  diffusers (static      1000 sigma
+                                                              shift: base 6,         (the model
+                                                              Turbo 3)               gets 1 - sigma)
 tiny              every plan                                  shifted (shift 3)      sigma
 ================  ==========================================  =====================  ==========
 
@@ -33,7 +38,9 @@ checkpoint's static shift. "flux_dynamic" is FLUX's dynamic-mu grid even where t
 otherwise. "Quantised" is the FastVideo repos' int(1000 sigma) (FLUX: int(1000 sigma) / 1000);
 "UniPC's int64" is int64(1000 sigma) of UniPC's grid, whose first sigma is 1 - 1e-6 (999).
 ``rollout.level`` null: the plan's published level (eta 0.3 Dance-SDE, a 0.7 Flow-SDE), 1.0
-on the tiny family (the embedded default).
+on the tiny family (the embedded default). A distilled few-step checkpoint (`distilled`:
+FLUX.1-schnell, Z-Image-Turbo) takes its pipeline's grid and timestep under every plan, and
+``rollout.num_steps`` null means its distilled step count (docs/algorithms.md §1.10).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ files alone (replicas without weights): the schedule keeps their own sampler (it
 its pipeline's grid), and `branchgrpo.preflight` refuses, before any model loads, what they
 cannot do: CFG on a guidance-free model, more steps than the distilled schedule has, another
 grid. Non-distilled checkpoints of the same families (FLUX.1-dev, the base Z-Image) are not
-touched (docs/algorithms.md "Distilled few-step models")."""
+touched (docs/algorithms.md §1.10)."""
 
 from __future__ import annotations
 

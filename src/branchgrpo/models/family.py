@@ -154,8 +154,8 @@ class Distilled:
     files (FLUX.1-schnell: ``guidance_embeds`` false; Z-Image-Turbo: its scheduler's shift).
     ``steps``: the step count of the sampler it was distilled for (the default
     ``rollout.num_steps`` and its most); ``guidance_free``: distilled to sample without CFG;
-    ``evidence``: the config value that says so (for messages). docs/algorithms.md "Distilled
-    few-step models"; `branchgrpo.preflight` refuses what such a model cannot do."""
+    ``evidence``: the config value that says so (for messages). docs/algorithms.md §1.10;
+    `branchgrpo.preflight` refuses what such a model cannot do."""
 
     name: str
     steps: int

@@ -22,7 +22,7 @@ zero-padded to ``max_sequence_length`` with their lengths (``prompt_len``) so th
 cache, and hand the transformer the unpadded lists.
 
 Z-Image-Turbo is a distilled few-step model: 8 steps, ``guidance_scale=0`` (diffusers' example;
-its model card says 9 steps, guidance 0); see docs/algorithms.md "Distilled few-step models".
+its model card says 9 steps, guidance 0); see docs/algorithms.md §1.10.
 """
 
 from __future__ import annotations
