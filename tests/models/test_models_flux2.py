@@ -157,3 +157,22 @@ def test_plan_of_the_recipe_is_the_released_pipeline_grid(capsys, monkeypatch, t
     torch.testing.assert_close(torch.tensor(r["timesteps"]), sched.timesteps / 1000,
                                atol=1e-6, rtol=0)
     assert (r["leaves"], r["edges"]) == (16, 218)
+
+
+def test_tiny_flux2_matches_its_pipeline_on_given_sigmas():
+    """`tiny_flux2` (VAE factor 4, 32 px): our Euler rollout on the policy's default schedule
+    equals its reference Flux2Pipeline handed the same sigmas (measured 0)."""
+    from branchgrpo.models.flux2 import tiny_flux2
+
+    policy, ref = tiny_flux2()
+    sigmas = torch.tensor([1.0, 0.8, 0.5, 0.2, 0.0])
+    with torch.no_grad():
+        tree = ode_rollout(policy, sigmas)
+    x_T = tree.latents[tree.parent < 0]
+    ref.set_progress_bar_config(disable=True)
+    out = ref(prompt=list(PROMPTS), latents=x_T.clone(), height=32, width=32,
+              num_inference_steps=4, sigmas=sigmas[:-1].tolist(), max_sequence_length=256,
+              output_type="latent").images
+    n, c, h, w = x_T.shape
+    torch.testing.assert_close(tree.leaf_x0, out.permute(0, 2, 1).reshape(n, c, h, w),
+                               atol=FP32_ATOL, rtol=0)

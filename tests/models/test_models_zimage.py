@@ -178,3 +178,21 @@ def test_plan_of_the_recipes_is_the_released_pipeline_grid(config, released, cap
     torch.testing.assert_close(torch.tensor(r["timesteps"]), sched.timesteps, atol=1e-3,
                                rtol=0)
     assert t == (8 if "turbo" in config else 20)
+
+
+@pytest.mark.parametrize("g", [5.0, 0.0])
+def test_tiny_zimage_matches_its_pipeline_on_given_sigmas(g):
+    """`tiny_zimage` (VAE factor 2, 16 px), CFG on and off: our Euler rollout equals its
+    reference ZImagePipeline handed the same sigmas (measured 2.2e-6 with CFG, 0 without)."""
+    from branchgrpo.models.zimage import tiny_zimage
+
+    policy, ref = tiny_zimage(guidance_scale=g)
+    sigmas = torch.tensor([1.0, 0.8, 0.5, 0.2, 0.0])
+    with torch.no_grad():
+        tree = ode_rollout(policy, sigmas)
+    x_T = tree.latents[tree.parent < 0]
+    ref.set_progress_bar_config(disable=True)
+    out = ref(prompt=list(PROMPTS), latents=x_T.clone(), height=16, width=16,
+              num_inference_steps=4, sigmas=sigmas[:-1].tolist(), guidance_scale=g,
+              max_sequence_length=64, output_type="latent").images
+    torch.testing.assert_close(tree.leaf_x0, out, atol=FP32_ATOL, rtol=0)
