@@ -52,8 +52,9 @@ MISTRAL_CHAT_TEMPLATE = (
 """Mistral-Small-3's chat layout for a system and a user text turn (the replica's tokenizer;
 the released checkpoint ships a PixtralProcessor with the full template)."""
 RELEASED_CONFIG: dict[str, Any] = {
-    # black-forest-labs/FLUX.2-dev scheduler/scheduler_config.json: dynamic shifting, which
-    # Flux2Pipeline drives with its empirical mu (base/max shift unused by the pipeline)
+    # black-forest-labs/FLUX.2-dev scheduler/scheduler_config.json (as released; the file
+    # itself was not re-read here, no Hub access): dynamic exponential shifting, which
+    # Flux2Pipeline drives with its empirical mu (base/max shift and shift go unused)
     "scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler", "base_image_seq_len": 256,
                   "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
                   "num_train_timesteps": 1000, "shift": 3.0, "time_shift_type": "exponential",
