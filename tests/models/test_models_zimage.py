@@ -33,9 +33,9 @@ from branchgrpo.spec import resolve
 
 T = 4
 FP32_ATOL = 1e-5
-"""fp32, same Euler solver and grid: measured 2.4e-6 (base, CFG 5: batched vs per-sample CFG
-arithmetic) and 0 (Turbo) on latents of magnitude ~4.4 after 4 steps; the unshifted grid
-(rollout.shift=1) on the same weights lands 0.66 (base) and 0.25 (Turbo) away."""
+"""fp32, same Euler solver and grid, the pipeline's CFG arithmetic: measured 0 (base, CFG 5) and
+0 (Turbo) on latents of magnitude ~4.4 after 4 steps; the unshifted grid (rollout.shift=1) on
+the same weights lands 0.66 (base) and 0.25 (Turbo) away."""
 BF16_RTOL = 0.04
 """bf16 on both sides, max |difference| / max |latent| after 4 steps: measured 0.013 (base) and
 0.0019 (Turbo)."""
@@ -183,7 +183,7 @@ def test_plan_of_the_recipes_is_the_released_pipeline_grid(config, released, cap
 @pytest.mark.parametrize("g", [5.0, 0.0])
 def test_tiny_zimage_matches_its_pipeline_on_given_sigmas(g):
     """`tiny_zimage` (VAE factor 2, 16 px), CFG on and off: our Euler rollout equals its
-    reference ZImagePipeline handed the same sigmas (measured 2.2e-6 with CFG, 0 without)."""
+    reference ZImagePipeline handed the same sigmas (measured 0 with and without CFG)."""
     from branchgrpo.models.zimage import tiny_zimage
 
     policy, ref = tiny_zimage(guidance_scale=g)
@@ -196,3 +196,24 @@ def test_tiny_zimage_matches_its_pipeline_on_given_sigmas(g):
               num_inference_steps=4, sigmas=sigmas[:-1].tolist(), guidance_scale=g,
               max_sequence_length=64, output_type="latent").images
     torch.testing.assert_close(tree.leaf_x0, out, atol=FP32_ATOL, rtol=0)
+
+
+def test_cfg_truncation_and_normalization_match_the_pipeline():
+    """The base model card's ``cfg_normalization=True`` and a truncation at 0.5 (no CFG once
+    1 - sigma > 0.5): per-sample norm cap and per-row guidance as ZImagePipeline applies them;
+    measured 0; without them the result moves by 0.26."""
+    from branchgrpo.models.zimage import tiny_zimage
+
+    policy, ref = tiny_zimage(guidance_scale=5.0, cfg_normalization=1.0, cfg_truncation=0.5)
+    plain, _ = tiny_zimage(guidance_scale=5.0)
+    sigmas = torch.tensor([1.0, 0.8, 0.5, 0.2, 0.0])
+    with torch.no_grad():
+        tree, base = ode_rollout(policy, sigmas), ode_rollout(plain, sigmas)
+    x_T = tree.latents[tree.parent < 0]
+    ref.set_progress_bar_config(disable=True)
+    out = ref(prompt=list(PROMPTS), latents=x_T.clone(), height=16, width=16,
+              num_inference_steps=4, sigmas=sigmas[:-1].tolist(), guidance_scale=5.0,
+              cfg_normalization=True, cfg_truncation=0.5, max_sequence_length=64,
+              output_type="latent").images
+    torch.testing.assert_close(tree.leaf_x0, out, atol=FP32_ATOL, rtol=0)
+    assert (base.leaf_x0 - out).abs().max() > 100 * FP32_ATOL

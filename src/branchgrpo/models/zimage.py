@@ -14,8 +14,10 @@ What ZImagePipeline (diffusers 0.42.1) does, and we reproduce:
 - sign: the transformer predicts ``x0 - eps``; the pipeline negates it before the Euler step,
   so our ``v = eps - x0`` is minus its (guided) output;
 - CFG: ``pos + g (pos - neg)`` (= ``u + (1 + g)(c - u)``), on whenever ``g > 0``, with the
-  negative prompt "" and [cond; uncond] in one forward; ``cfg_normalization`` and
-  ``cfg_truncation`` are off under the pipeline's defaults (False, 1.0) and not reproduced.
+  negative prompt "" and [cond; uncond] in one forward; ``cfg_truncation`` (no CFG on rows
+  whose ``1 - sigma`` exceeds it) and ``cfg_normalization`` (the guided output's norm capped
+  at that multiple of the conditional one's, per sample) as the pipeline applies them, off
+  under its defaults (1.0, False); the base model's card runs ``cfg_normalization=True``.
 
 The text embeddings have one length per prompt (the pipeline passes lists); we keep them
 zero-padded to ``max_sequence_length`` with their lengths (``prompt_len``) so they batch and
@@ -41,7 +43,6 @@ from .family import (
     Distilled,
     Grid,
     Parts,
-    classifier_free,
     decode_vae,
     family_timestep,
     image_tokens,
@@ -118,6 +119,8 @@ class ZImageFamily:
     negative_prompt: str = ""
     max_sequence_length: int = 512
     detach_uncond: bool = False
+    cfg_normalization: float = 0.0
+    cfg_truncation: float = 1.0
     quantize_timestep: bool = False
     decode_batch: int = 4
 
@@ -214,12 +217,31 @@ class ZImageFamily:
             return torch.stack([o.float() for o in out]).squeeze(2)
 
         t = (1000 - family_timestep(self, sigma.to(parts.device))) / 1000
-        uncond = ((cond["negative_prompt_embeds"], cond["negative_prompt_len"])
-                  if self.do_cfg else None)
-        out = classifier_free(forward, x, t, (cond["prompt_embeds"], cond["prompt_len"]),
-                              uncond, scale=1.0 + self.guidance_scale,
-                              detach_uncond=self.detach_uncond, uncond_first=False)
-        return -out
+        emb, lens = cond["prompt_embeds"], cond["prompt_len"]
+        if not self.do_cfg:
+            return -forward(x, t, emb, lens)
+        both = forward(torch.cat([x, x]), torch.cat([t, t]),
+                       torch.cat([emb, cond["negative_prompt_embeds"]]),
+                       torch.cat([lens, cond["negative_prompt_len"]]))
+        pos, neg = both.chunk(2)
+        if self.detach_uncond:
+            neg = neg.detach()
+        return -self._guided(pos, neg, t)
+
+    def _guided(self, pos: Tensor, neg: Tensor, t: Tensor) -> Tensor:
+        """ZImagePipeline's guidance of the transformer outputs [N, ...] at its timesteps t
+        [N]: ``pos + g (pos - neg)``, g = 0 on rows past ``cfg_truncation``, the norm capped at
+        ``cfg_normalization`` x |pos| per row when it is > 0."""
+        g = torch.where(t > self.cfg_truncation, 0.0, self.guidance_scale) if (
+            self.cfg_truncation <= 1) else torch.full_like(t, self.guidance_scale)
+        pred = pos + g.view(-1, *[1] * (pos.dim() - 1)) * (pos - neg)
+        if self.cfg_normalization > 0:
+            dims = tuple(range(1, pos.dim()))
+            cap = torch.linalg.vector_norm(pos, dim=dims) * self.cfg_normalization
+            norm = torch.linalg.vector_norm(pred, dim=dims)
+            scale = torch.where(norm > cap, cap / norm, torch.ones_like(norm))
+            pred = pred * torch.where(g > 0, scale, 1.0).view(-1, *[1] * (pos.dim() - 1))
+        return pred
 
     def decode(self, parts: Parts, x0: Tensor) -> Tensor:
         """Images [N, 3, H, W] in [0, 1] from latents x0 [N, C, H/8, W/8]."""
