@@ -74,9 +74,15 @@ def _guidance(cfg: Config, spec: RunSpec) -> str:
     if fam is None:
         return "none (tiny policy)"
     if fam.guidance_kind == "embedding":
+        from .spec import distilled
+
+        dist = distilled(cfg)
+        if dist is not None and dist.guidance_free:
+            return f"none ({dist.name} is distilled without guidance; model.guidance unused)"
         return f"guidance embedding {g:g}"
-    return (f"classifier-free, scale {g:g} (cond and uncond rows in one forward)" if g > 1
-            else "off (scale <= 1)")
+    above = getattr(fam, "cfg_above", 1.0)  # Z-Image: on for any scale > 0
+    return (f"classifier-free, scale {g:g} (cond and uncond rows in one forward)" if g > above
+            else f"off (scale <= {above:g})")
 
 
 def _dtypes(cfg: Config) -> dict[str, str]:

@@ -81,3 +81,22 @@ def test_train_refuses_before_any_model_loads(replicas):
         capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode != 0
     assert "Z-Image-Turbo" in out.stderr and "set model.guidance=0" in out.stderr
+
+
+def test_plan_reports_the_guidance_the_run_gets(replicas, capsys):
+    """``branchgrpo plan``: schnell's guidance value is unused (no embedding); Z-Image's CFG is
+    on for any scale above 0, so 0.5 is CFG there (not SD3's 'off below 1')."""
+    import json
+
+    from branchgrpo.cli import main
+
+    def guidance(*args: str) -> str:
+        assert main(["plan", *args, "rollout.method=dance", "--json"]) == 0
+        return json.loads(capsys.readouterr().out)["guidance"]
+
+    assert guidance("model.kind=flux", f"model.path={replicas['flux_schnell']}").startswith(
+        "none (FLUX.1-schnell")
+    assert guidance("model.kind=flux", f"model.path={replicas['flux']}") == (
+        "guidance embedding 3.5")
+    assert guidance("model.kind=zimage", f"model.path={replicas['zimage']}",
+                    "model.guidance=0.5").startswith("classifier-free, scale 0.5")

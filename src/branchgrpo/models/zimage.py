@@ -109,6 +109,8 @@ class ZImageFamily:
     timestep_scale: ClassVar[float] = 1000.0
     timestep_sigma_max: ClassVar[float] = 1.0
     guidance_kind: ClassVar[str] = "cfg"
+    cfg_above: ClassVar[float] = 0.0
+    """CFG is on for ``guidance_scale`` above this (ZImagePipeline: any > 0; SD3/Wan: 1)."""
     video: ClassVar[bool] = False
     latent_shape: tuple[int, ...]
     token_period: int
@@ -143,7 +145,7 @@ class ZImageFamily:
     @property
     def do_cfg(self) -> bool:
         """ZImagePipeline's rule: CFG whenever ``guidance_scale > 0``."""
-        return self.guidance_scale > 0
+        return self.guidance_scale > self.cfg_above
 
     @classmethod
     def schedule_rule(cls, plan: str) -> tuple[str, bool]:
