@@ -207,7 +207,8 @@ def build(o: ModelOptions, device: torch.device) -> DiffusersPolicy:
 def tiny_flux2_parts(seed: int = 0, vae_levels: int = 4) -> dict[str, Any]:
     """Tiny random Flux2Pipeline components: a 1 double + 1 single block Flux2Transformer2DModel
     (the released 4-axis RoPE layout, rope_theta, guidance embedding), a 30-layer Mistral3
-    (hidden 16, so the pipeline's layers 10, 20, 30 exist) with `tiny_chat_tokenizer`, and an
+    (hidden 16, so the pipeline's layers 10, 20, 30 exist) with `tiny_chat_tokenizer` (a fast
+    tokenizer with Mistral's chat layout: the released PixtralProcessor needs torchvision), and an
     AutoencoderKLFlux2 (``vae_levels`` levels: factor 2^(levels-1); widths 8) whose batch-norm
     running stats are random (so the normalisation is exercised)."""
     from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel

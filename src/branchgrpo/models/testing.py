@@ -235,7 +235,8 @@ REPLICAS["zimage_turbo"] = _variant(  # Tongyi-MAI/Z-Image-Turbo: the distilled 
 
 def write_replica(kind: str, folder: str | Path, scheduler: dict[str, Any] | None = None,
                   ) -> Path:
-    """Write the replica of ``kind`` (flux, sd3, sd3_large, wan, wan_14b) into ``folder``;
+    """Write the replica of ``kind`` (flux, sd3, sd3_large, wan, wan_14b; flux2, zimage,
+    zimage_turbo, flux_schnell) into ``folder``;
     ``scheduler`` overrides
     scheduler config values (e.g. ``{"flow_shift": 5.0}``). Returns the folder."""
     root = Path(folder)
@@ -335,10 +336,10 @@ _PARTS = {"flux": _flux_parts, "sd3": _sd3_parts, "wan": _wan_parts, "flux2": _f
 
 def write_replica_pipeline(kind: str, folder: str | Path,
                            scheduler: dict[str, Any] | None = None, seed: int = 0) -> Path:
-    """Save a complete tiny pipeline of ``kind`` (flux, sd3, wan) into ``folder`` with
-    ``save_pretrained`` (see the module docstring); ``scheduler`` overrides released scheduler
-    values (e.g. ``{"flow_shift": 5.0}``). Weights are random from ``seed``; a few seconds on
-    a CPU. Returns the folder."""
+    """Save a complete tiny pipeline of ``kind`` (flux, sd3, wan, flux2, zimage, zimage_turbo)
+    into ``folder`` with ``save_pretrained`` (see the module docstring); ``scheduler`` overrides
+    released scheduler values (e.g. ``{"flow_shift": 5.0}``). Weights are random from ``seed``;
+    a few seconds on a CPU. Returns the folder."""
     import diffusers
 
     pipe_cls = getattr(diffusers, REPLICAS[kind]["model_index.json"]["_class_name"])
