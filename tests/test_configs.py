@@ -55,6 +55,14 @@ CLAIMS = {
     # and on Wan2.2-I2V-A14B (ours), first frames from model.images
     "wan_i2v_branchgrpo": ("branch", "wan_i2v", "diffusers", "dance", 0.3, *_TREE.values(),
                            218, 1),
+    # the FLUX tree on Flux2Pipeline's empirical-mu grid, and on ZImagePipeline's shift-6 grid
+    "flux2_branchgrpo": ("branch", "flux2", "diffusers", "dance", 0.3, *_TREE.values(), 218, 1),
+    "zimage_branchgrpo": ("branch", "zimage", "diffusers", "dance", 0.3, *_TREE.values(), 218,
+                          1),
+    # Turbo's 8 steps, K 2 at {0, 1, 2}: 2 + 4 + 8 + 5 x 8 = 54 edges, 8 leaves, 55 - 8 = 47
+    # forwards
+    "zimage_turbo_branchgrpo": ("branch", "zimage", "diffusers", "dance", 0.2, 8, 8, 54, 47, 54,
+                                1),
 }
 
 
@@ -83,5 +91,5 @@ def test_recipe_validates_and_resolves_to_the_plan_it_claims(path, monkeypatch):
     assert trained * per_rank >= cfg.train.updates_per_rollout  # each update gets edges
     assert prompts_per_rank(cfg, 8) == per_rank == check_geometry(cfg, 8, 8 * per_rank)
     published = load_published().get(path.stem, {})
-    if "rollout.leaves" in published:
+    if published.get("rollout.leaves", {}).get("published") is not None:  # null: ours
         assert published["rollout.leaves"]["published"] == leaves

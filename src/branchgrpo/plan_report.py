@@ -70,23 +70,25 @@ def _steps(plan: Any) -> list[dict[str, Any]]:
 
 
 def _guidance(cfg: Config, spec: RunSpec) -> str:
-    fam, g = family_class(cfg.model.kind), cfg.model.guidance
-    if fam is None:
-        return "none (tiny policy)"
-    if g is None and fam.guidance_kind == "true_cfg":
-        g = 1.0  # Qwen-Image's pipeline runs no CFG without a negative prompt
-    elif g is None:
-        from .models.family import default_guidance
+    from .spec import guidance
 
-        g = default_guidance(fam)
+    fam, g = family_class(cfg.model.kind), guidance(cfg)
+    if fam is None or g is None:
+        return "none (tiny policy)"
     if fam.guidance_kind == "embedding":
+        from .spec import distilled
+
+        dist = distilled(cfg)
+        if dist is not None and dist.guidance_free:
+            return f"none ({dist.name} is distilled without guidance; model.guidance unused)"
         return f"guidance embedding {g:g}"
     if fam.guidance_kind == "true_cfg":  # Qwen-Image: model.guidance > 1 adds the negative " "
         return (f"true CFG, scale {g:g}, negative prompt ' ', rescaled to the conditional's "
                 "norm (cond and uncond rows in one forward)" if g > 1
                 else "off (scale <= 1: the pipeline's default, no negative prompt)")
-    return (f"classifier-free, scale {g:g} (cond and uncond rows in one forward)" if g > 1
-            else "off (scale <= 1)")
+    above = getattr(fam, "cfg_above", 1.0)  # Z-Image: on for any scale > 0
+    return (f"classifier-free, scale {g:g} (cond and uncond rows in one forward)" if g > above
+            else f"off (scale <= {above:g})")
 
 
 def _dtypes(cfg: Config) -> dict[str, str]:

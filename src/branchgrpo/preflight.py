@@ -42,6 +42,7 @@ def check_run(cfg: Config) -> None:
 def check_plan(cfg: Config) -> RunSpec:
     """The checks of the run's plan alone (no rewards, devices or prompt files): its
     `RunSpec`, or `ConfigError` for the first problem."""
+    _check_distilled(cfg)
     spec, plan = _check_plan(cfg)
     _check_rules(cfg, plan)
     _check_dry_run(cfg, spec)
@@ -76,6 +77,34 @@ def _check_plan(cfg: Config) -> tuple[RunSpec, Any]:
             f"method {method!r} makes one leaf per tree: a group-relative advantage is then 0 "
             "and nothing trains; raise rollout.branch_factor or rollout.group_size to >= 2")
     return spec, plan
+
+
+def _check_distilled(cfg: Config) -> None:
+    """A distilled few-step checkpoint (`branchgrpo.spec.distilled`: FLUX.1-schnell,
+    Z-Image-Turbo) keeps the sampler it was distilled for (docs/algorithms.md §1.10): no CFG
+    on a guidance-free model, no more steps than its schedule has, no other grid than its
+    pipeline's."""
+    from .spec import distilled, family_class
+
+    dist = distilled(cfg)
+    if dist is None:
+        return
+    r, m = cfg.rollout, cfg.model
+    what = f"model.path={m.path!r} is {dist.name}, a distilled few-step model ({dist.evidence})"
+    if dist.guidance_free and family_class(m.kind).guidance_kind == "cfg" and (m.guidance or 0) > 0:
+        raise ConfigError(f"{what}, distilled to sample without classifier-free guidance; "
+                          f"model.guidance={m.guidance} turns CFG on, a velocity it was never "
+                          "trained to give: set model.guidance=0")
+    if r.num_steps is not None and r.num_steps > dist.steps:
+        raise ConfigError(f"{what}, trained on its {dist.steps}-step trajectory only; "
+                          f"rollout.num_steps={r.num_steps} puts steps at sigmas between "
+                          f"those it was distilled on: set rollout.num_steps<={dist.steps} "
+                          f"(null: {dist.steps})")
+    if (r.schedule not in (None, "diffusers")) or r.shift is not None:
+        key = "rollout.shift" if r.schedule in (None, "diffusers") else "rollout.schedule"
+        raise ConfigError(f"{what}; {key} moves its grid off the sigmas of its distilled "
+                          "sampler: remove rollout.schedule and rollout.shift (its pipeline's "
+                          "own grid is used)")
 
 
 def _check_rules(cfg: Config, plan: Any) -> None:

@@ -28,6 +28,11 @@ qwenimage         flow_grpo                                   diffusers (QwenIma
                                                               shift_terminal 0.02)
 wan22, wan_i2v    every plan (A14B: the expert of each        diffusers (UniPC flow  UniPC's
                   step's timestep, boundary_ratio x 1000)     sigmas, flow_shift)    int64
+flux2             every plan                                  diffusers (Flux2Pipe-  sigma
+                                                              line: empirical mu)
+zimage            every plan                                  diffusers (static      1000 sigma
+                                                              shift: base 6,         (the model
+                                                              Turbo 3)               gets 1 - sigma)
 tiny              every plan                                  shifted (shift 3)      sigma
 ================  ==========================================  =====================  ==========
 
@@ -40,7 +45,9 @@ checkpoint's static shift. "flux_dynamic" is FLUX's dynamic-mu grid even where t
 otherwise. "Quantised" is the FastVideo repos' int(1000 sigma) (FLUX: int(1000 sigma) / 1000);
 "UniPC's int64" is int64(1000 sigma) of UniPC's grid, whose first sigma is 1 - 1e-6 (999).
 ``rollout.level`` null: the plan's published level (eta 0.3 Dance-SDE, a 0.7 Flow-SDE), 1.0
-on the tiny family (the embedded default).
+on the tiny family (the embedded default). A distilled few-step checkpoint (`distilled`:
+FLUX.1-schnell, Z-Image-Turbo) takes its pipeline's grid and timestep under every plan, and
+``rollout.num_steps`` null means its distilled step count (docs/algorithms.md §1.10).
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ from .engine.tree import RolloutPlan
 
 if TYPE_CHECKING:
     from .models.factory import ModelOptions
-    from .models.family import Family
+    from .models.family import Distilled, Family
 
 TINY_LEVEL = 1.0
 """The tiny family's noise level (the embedded default's, which its benches are measured at)."""
@@ -158,11 +165,15 @@ def resolve(cfg: Config) -> RunSpec:
     plan_name, family, r = METHODS.get(method).plan, cfg.model.kind, cfg.rollout
     fam = family_class(family)
     files = read_model_files(cfg)
-    rule_kind, rule_q = schedule_rule(plan_name, family)
+    dist = distilled(cfg, files)
+    rule_kind, rule_q = ("diffusers", False) if dist else schedule_rule(plan_name, family)
     kind = r.schedule or rule_kind
     why = (f"rollout.schedule={kind}" if r.schedule else
+           f"distilled {dist.name}: its own sampler's grid and timestep" if dist else
            f"rule for {family} x {plan_name}: {_RULE_WHY[(rule_kind, rule_q)]}")
     params = plan_params(cfg)
+    if dist is not None and r.num_steps is None:  # the distilled sampler's step count
+        params["num_steps"] = dist.steps
     steps = int(params.get("num_steps") or _plan_default(plan_name, "num_steps"))
     sig, shift, mu, seq = _grid(cfg, files, kind, steps)
     quant = r.quantize_timestep if r.quantize_timestep is not None else rule_q
@@ -192,6 +203,33 @@ _RULE_WHY = {("shifted", True): "FastVideo's shifted linspace and int(1000 sigma
              ("diffusers", False): "the diffusers pipeline's schedule for this checkpoint",
              ("diffusers", True): "the diffusers pipeline's schedule and its integer timesteps",
              ("shifted", False): "the shifted linspace of the embedded default"}
+
+
+def distilled(cfg: Config, files: ModelFiles | None = None) -> Distilled | None:
+    """The `branchgrpo.models.family.Distilled` verdict of the family on the checkpoint's
+    config values (``files``, read if not given): a distilled few-step model (FLUX.1-schnell,
+    Z-Image-Turbo), whose own step count and guidance-free sampling the schedule keeps."""
+    from .models.family import distilled_of
+
+    fam = family_class(cfg.model.kind)
+    files = files if files is not None else read_model_files(cfg)
+    return distilled_of(fam, files.scheduler, files.transformer) if fam and files else None
+
+
+def guidance(cfg: Config) -> float | None:
+    """The guidance a run gets: ``model.guidance``, or when it is null the family's default:
+    0 on a guidance-free distilled checkpoint (`distilled`: Z-Image-Turbo, FLUX.1-schnell),
+    off (1) on Qwen-Image (its pipeline runs CFG only with a negative prompt), else the family
+    dataclass's ``guidance_scale`` (the pipeline's default). None for the tiny family."""
+    from .models.family import default_guidance
+
+    fam = family_class(cfg.model.kind)
+    if cfg.model.guidance is not None or fam is None:
+        return cfg.model.guidance
+    dist = distilled(cfg)
+    if dist is not None and dist.guidance_free:
+        return 0.0
+    return 1.0 if fam.guidance_kind == "true_cfg" else default_guidance(fam)
 
 
 def schedule_rule(plan: str, family: str) -> tuple[str, bool]:
@@ -371,13 +409,16 @@ def model_options(cfg: Config, progress: bool = True) -> ModelOptions:
 
     names = {f.name for f in fields(ModelOptions)} - {"quantize_timestep", "progress"}
     values = {k: v for k, v in asdict(cfg.model).items() if k in names}
+    values["guidance"] = guidance(cfg)
     return ModelOptions(**values, quantize_timestep=resolve(cfg).quantize_timestep,
                         progress=progress)
 
 
 __all__ = ["strategy_of", "RunSpec", "ModelFiles", "resolve", "schedule_rule", "read_model_files",
+           "distilled",
            "family_class", "model_kinds",
-           "plan_params", "resolved_rules", "advantage_kw", "clip_eps", "kl_coef", "model_options"]
+           "plan_params", "resolved_rules", "advantage_kw", "clip_eps", "kl_coef", "model_options",
+           "guidance"]
 
 
 def strategy_of(cfg: Config) -> str:

@@ -71,6 +71,20 @@ def flux_pipeline(num_steps: int, mu: float | None = None, shift: float = 1.0) -
     return torch.cat([sig, sig.new_zeros(1)]).float()
 
 
+def flux2_empirical_mu(image_seq_len: int, num_steps: int) -> float:
+    """Flux2Pipeline's ``compute_empirical_mu`` (diffusers 0.42.1): the time-shift mu of FLUX.2
+    fitted on image tokens and step count: above 4300 tokens ``a2 seq + b2``; else the line
+    through the T = 10 fit (``a1 seq + b1``) and the T = 200 fit (``a2 seq + b2``), at T."""
+    a1, b1 = 8.73809524e-05, 1.89833333
+    a2, b2 = 0.00016927, 0.45666666
+    m_200 = a2 * image_seq_len + b2
+    if image_seq_len > 4300:
+        return float(m_200)
+    m_10 = a1 * image_seq_len + b1
+    a = (m_200 - m_10) / 190.0
+    return float(a * num_steps + m_200 - 200.0 * a)
+
+
 def diffusers_static(
     num_steps: int, shift: float = 3.0, num_train_timesteps: int = 1000, mu: float | None = None,
 ) -> Tensor:

@@ -28,6 +28,8 @@ FAMILIES: dict[str, str] = {
     "qwenimage": ".qwenimage",  # Qwen-Image text-to-image
     "wan22": ".wan22",        # Wan2.2 text-to-video: TI2V-5B, T2V-A14B (two experts)
     "wan_i2v": ".wan_i2v",    # Wan image-to-video: Wan2.2-I2V-A14B, Wan2.1-I2V-14B
+    "flux2": ".flux2",        # FLUX.2 (dev)
+    "zimage": ".zimage",      # Z-Image (base and Turbo)
 }
 """``kind`` -> family module, relative to this package."""
 

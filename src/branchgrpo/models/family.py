@@ -148,6 +148,30 @@ class Grid:
     image_seq_len: int | None = None
 
 
+@dataclass(frozen=True)
+class Distilled:
+    """A distilled few-step checkpoint, as a family's optional classmethod
+    ``distilled(scheduler, transformer) -> Distilled | None`` recognises it from its config
+    files (FLUX.1-schnell: ``guidance_embeds`` false; Z-Image-Turbo: its scheduler's shift).
+    ``steps``: the step count of the sampler it was distilled for (the default
+    ``rollout.num_steps`` and its most); ``guidance_free``: distilled to sample without CFG;
+    ``evidence``: the config value that says so (for messages). docs/algorithms.md §1.10;
+    `branchgrpo.preflight` refuses what such a model cannot do."""
+
+    name: str
+    steps: int
+    guidance_free: bool
+    evidence: str
+
+
+def distilled_of(family_cls: Any, scheduler: dict[str, Any], transformer: dict[str, Any],
+                 ) -> Distilled | None:
+    """The family's `Distilled` verdict on these config values (None: not distilled, or the
+    family has no ``distilled`` hook)."""
+    hook = getattr(family_cls, "distilled", None)
+    return hook(scheduler, transformer) if hook is not None else None
+
+
 # ---- helpers for family hooks -----------------------------------------------------------
 def scheduler_grid(scheduler: dict[str, Any], steps: int, shift: float | None,
                    dynamic: bool = False) -> Grid:

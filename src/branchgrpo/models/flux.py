@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..engine import schedule as sch
 from .base import Cond
 from .diffusers_policy import DiffusersPolicy, compose
-from .family import Grid, Parts, decode_vae, family_timestep, image_tokens, prompt_seed
+from .family import Distilled, Grid, Parts, decode_vae, family_timestep, image_tokens, prompt_seed
 from .loading import load
 from .lora import JOINT_ATTENTION_TARGETS
 from .testing import (
@@ -48,6 +48,8 @@ RELEASED_CONFIG: dict[str, Any] = {
     "transformer": {"patch_size": 1, "in_channels": 64, "guidance_embeds": True},
     "vae_scale_factor": 8}
 """FLUX.1-dev's config values that decide the schedule (`FluxFamily.released_config`)."""
+SCHNELL_STEPS = 4
+"""FLUX.1-schnell's distilled step count (its model card: 1-4 steps, 4 in its example)."""
 
 
 def flux_dev_config() -> dict[str, Any]:
@@ -136,6 +138,17 @@ class FluxFamily:
         """(schedule, quantize_timestep) of ``plan`` by default: the FastVideo repos' shifted
         linspace and int(1000 sigma) / 1000 for their plans, else FluxPipeline's grid."""
         return ("shifted", True) if plan in FASTVIDEO_PLANS else ("diffusers", False)
+
+    @classmethod
+    def distilled(cls, scheduler: dict[str, Any], transformer: dict[str, Any],
+                  ) -> Distilled | None:
+        """FLUX.1-schnell when the transformer has no guidance embedding (``guidance_embeds``
+        false): timestep-distilled for 4 steps without guidance (its model card: 1-4 steps,
+        guidance 0)."""
+        if transformer.get("guidance_embeds", True):
+            return None
+        return Distilled("FLUX.1-schnell", SCHNELL_STEPS, True,
+                         "transformer guidance_embeds: false")
 
     @classmethod
     def pipeline_grid(cls, scheduler: dict[str, Any], steps: int, height: int, width: int,

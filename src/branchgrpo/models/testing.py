@@ -49,6 +49,29 @@ def tiny_t5_tokenizer(model_max_length: int = 32) -> Any:
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
 
 
+CHAT_SPECIALS = ("<pad>", "<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>",
+                 "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[INST]", "[/INST]")
+"""Special tokens of `tiny_chat_tokenizer` (Qwen's and Mistral's chat markers), ids 0-9."""
+
+
+def tiny_chat_tokenizer(chat_template: str, model_max_length: int = 512) -> Any:
+    """A character-level fast tokenizer with a chat template, built in memory (no download):
+    pad 0, unk 1, bos 2, eos 3, the `CHAT_SPECIALS` as single tokens, then letters, digits,
+    space, newline and punctuation (vocab 96). For the LLM text encoders (Qwen3, Mistral)
+    whose pipelines call ``apply_chat_template``; saves and loads as a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(CHAT_SPECIALS)}
+    for c in string.ascii_letters + string.digits + " \n.,:;!?'\"-_()[]/<>|{}":
+        vocab.setdefault(c, len(vocab))
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.add_special_tokens(list(CHAT_SPECIALS))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>", chat_template=chat_template,
+                                   model_max_length=model_max_length)
+
+
 def tiny_clip_encoder(hidden: int = 32, projection: int | None = None, seed: int = 0) -> Any:
     """A random 2-layer CLIP text encoder matching `tiny_clip_tokenizer`; with ``projection``
     it is a CLIPTextModelWithProjection (SD3), else a CLIPTextModel (FLUX's pooled output)."""
@@ -191,9 +214,60 @@ REPLICAS["wan_14b"] = _variant(  # Wan2.1-T2V-14B: the 1.3B's scheduler, a large
                                "in_channels": 16, "text_dim": 4096})
 
 
+REPLICAS["flux_schnell"] = _variant(  # FLUX.1-schnell: no guidance embedding, static shift 1
+    "flux", transformer_config={"guidance_embeds": False},
+    scheduler_scheduler_config={"use_dynamic_shifting": False, "shift": 1.0})
+REPLICAS["flux2"] = {  # FLUX.2-dev (configs in branchgrpo.models.flux2.RELEASED_CONFIG)
+    "model_index.json": {"_class_name": "Flux2Pipeline",
+                         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                         "text_encoder": ["transformers", "Mistral3ForConditionalGeneration"],
+                         "tokenizer": ["transformers", "PixtralProcessor"],
+                         "transformer": ["diffusers", "Flux2Transformer2DModel"],
+                         "vae": ["diffusers", "AutoencoderKLFlux2"]},
+    "scheduler/scheduler_config.json": {
+        "_class_name": "FlowMatchEulerDiscreteScheduler", "base_image_seq_len": 256,
+        "base_shift": 0.5, "max_image_seq_len": 4096, "max_shift": 1.15,
+        "num_train_timesteps": 1000, "shift": 3.0, "time_shift_type": "exponential",
+        "use_dynamic_shifting": True},
+    "transformer/config.json": {
+        "_class_name": "Flux2Transformer2DModel", "attention_head_dim": 128,
+        "axes_dims_rope": [32, 32, 32, 32], "eps": 1e-06, "guidance_embeds": True,
+        "in_channels": 128, "joint_attention_dim": 15360, "mlp_ratio": 3.0,
+        "num_attention_heads": 48, "num_layers": 8, "num_single_layers": 48,
+        "out_channels": None, "patch_size": 1, "rope_theta": 2000,
+        "timestep_guidance_channels": 256},
+    "vae/config.json": {"_class_name": "AutoencoderKLFlux2", "batch_norm_eps": 0.0001,
+                        "batch_norm_momentum": 0.1, "block_out_channels": [128, 256, 512, 512],
+                        "latent_channels": 32, "patch_size": [2, 2]},
+}
+REPLICAS["zimage"] = {  # Tongyi-MAI/Z-Image (base): static shift 6 (Turbo's: 3)
+    "model_index.json": {"_class_name": "ZImagePipeline",
+                         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                         "text_encoder": ["transformers", "Qwen3Model"],
+                         "tokenizer": ["transformers", "Qwen2Tokenizer"],
+                         "transformer": ["diffusers", "ZImageTransformer2DModel"],
+                         "vae": ["diffusers", "AutoencoderKL"]},
+    "scheduler/scheduler_config.json": {
+        "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+        "use_dynamic_shifting": False, "shift": 6.0},
+    "transformer/config.json": {
+        "_class_name": "ZImageTransformer2DModel", "all_f_patch_size": [1],
+        "all_patch_size": [2], "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512],
+        "cap_feat_dim": 2560, "dim": 3840, "in_channels": 16, "n_heads": 30, "n_kv_heads": 30,
+        "n_layers": 30, "n_refiner_layers": 2, "norm_eps": 1e-05, "qk_norm": True,
+        "rope_theta": 256.0, "t_scale": 1000.0},
+    "vae/config.json": {"_class_name": "AutoencoderKL", "latent_channels": 16,
+                        "block_out_channels": [128, 256, 512, 512],
+                        "scaling_factor": 0.3611, "shift_factor": 0.1159},
+}
+REPLICAS["zimage_turbo"] = _variant(  # Tongyi-MAI/Z-Image-Turbo: the distilled 8-step model
+    "zimage", scheduler_scheduler_config={"shift": 3.0})
+
+
 def write_replica(kind: str, folder: str | Path, scheduler: dict[str, Any] | None = None,
                   ) -> Path:
-    """Write the replica of ``kind`` (flux, sd3, sd3_large, wan, wan_14b) into ``folder``;
+    """Write the replica of ``kind`` (flux, sd3, sd3_large, wan, wan_14b; flux2, zimage,
+    zimage_turbo, flux_schnell) into ``folder``;
     ``scheduler`` overrides
     scheduler config values (e.g. ``{"flow_shift": 5.0}``). Returns the folder."""
     root = Path(folder)
@@ -345,18 +419,31 @@ def _wan_i2v_parts(seed: int, clip: bool = False) -> dict[str, Any]:
     return tiny_wan_i2v_parts(seed, clip)
 
 
+def _flux2_parts(seed: int) -> dict[str, Any]:
+    from .flux2 import tiny_flux2_parts
+
+    return tiny_flux2_parts(seed, vae_levels=4)
+
+
+def _zimage_parts(seed: int) -> dict[str, Any]:
+    from .zimage import tiny_zimage_parts
+
+    return tiny_zimage_parts(seed, vae=_image_vae("zimage", seed))
+
+
 _PARTS = {"flux": _flux_parts, "sd3": _sd3_parts, "wan": _wan_parts,
           "qwenimage": _qwenimage_parts, "wan22": _wan22_parts,
           "wan22_a14b": lambda seed: _wan22_parts(seed, True), "wan_i2v": _wan_i2v_parts,
-          "wan_i2v_21": lambda seed: _wan_i2v_parts(seed, True)}
+          "wan_i2v_21": lambda seed: _wan_i2v_parts(seed, True), "flux2": _flux2_parts,
+          "zimage": _zimage_parts, "zimage_turbo": _zimage_parts}
 
 
 def write_replica_pipeline(kind: str, folder: str | Path,
                            scheduler: dict[str, Any] | None = None, seed: int = 0) -> Path:
-    """Save a complete tiny pipeline of ``kind`` (flux, sd3, wan) into ``folder`` with
-    ``save_pretrained`` (see the module docstring); ``scheduler`` overrides released scheduler
-    values (e.g. ``{"flow_shift": 5.0}``). Weights are random from ``seed``; a few seconds on
-    a CPU. Returns the folder."""
+    """Save a complete tiny pipeline of ``kind`` (flux, sd3, wan, flux2, zimage, zimage_turbo)
+    into ``folder`` with ``save_pretrained`` (see the module docstring); ``scheduler`` overrides
+    released scheduler values (e.g. ``{"flow_shift": 5.0}``). Weights are random from ``seed``;
+    a few seconds on a CPU. Returns the folder."""
     import diffusers
 
     pipe_cls = getattr(diffusers, REPLICAS[kind]["model_index.json"]["_class_name"])
