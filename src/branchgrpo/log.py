@@ -67,15 +67,17 @@ class WandbLog:
 
 class RunLogger:
     """Appends metrics to ``metrics.jsonl``, TensorBoard and wandb (each when enabled).
-    ``enabled=False`` (ranks other than 0) writes nothing; ``wandb`` is a started `WandbLog`
-    or None."""
+    ``enabled=False`` (ranks other than 0) writes nothing; ``wandb_project`` (not None) starts
+    a `WandbLog` of the run with ``config``."""
 
     def __init__(self, run_dir: Path, tensorboard: bool = True, enabled: bool = True,
-                 wandb: WandbLog | None = None) -> None:
+                 wandb_project: str | None = None, config: dict[str, Any] | None = None,
+                 ) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.enabled = enabled
         self.tb = None
-        self.wandb = wandb if enabled else None
+        self.wandb = (WandbLog(run_dir, wandb_project, config or {})
+                      if enabled and wandb_project is not None else None)
         if tensorboard and enabled:
             from torch.utils.tensorboard import SummaryWriter
 

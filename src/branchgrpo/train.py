@@ -426,12 +426,9 @@ def _open_run_dir(s: State, restored: dict | None) -> None:
         s.run_dir.mkdir(parents=True, exist_ok=True)
         (s.run_dir / "config.yaml").write_text(to_yaml(s.cfg))
         (s.run_dir / "plan.json").write_text(json.dumps(plan_report(s.cfg), indent=1) + "\n")
-    wb = None
-    if s.cfg.log.wandb and s.dist.main:
-        from .log import WandbLog
-
-        wb = WandbLog(s.run_dir, s.cfg.log.wandb_project, dataclasses.asdict(s.cfg))
-    s.logger = RunLogger(s.run_dir, s.cfg.log.tensorboard, enabled=s.dist.main, wandb=wb)
+    wandb = s.cfg.log.wandb_project if s.cfg.log.wandb else None
+    s.logger = RunLogger(s.run_dir, s.cfg.log.tensorboard, enabled=s.dist.main,
+                         wandb_project=wandb, config=dataclasses.asdict(s.cfg))
     if restored is not None:
         s.logger.truncate(restored["metrics_lines"])
 
