@@ -145,3 +145,26 @@ def test_preflight_refuses_videoalign_for_image_families():
     with pytest.raises(ConfigError, match="reward.weights.va_vq"):
         check_rewards(renamed)
     check_rewards(load_config(None, ["reward.weights={videoalign: 1.0}", "model.kind=wan"]))
+
+
+def test_videoalign_in_a_reward_set_logs_a_head_separately(tiny_va):
+    """``reward.weights={videoalign: 1.0, va_ta: 0.0}`` with ``va_ta`` built from
+    ``source: videoalign``: one loaded model, the TA head logged as its own reward."""
+    from branchgrpo.rewards import RewardSet
+
+    kw = {"checkpoint": tiny_va[0], "device": "cpu", "dtype": "fp32"}
+    ta = {"source": "videoalign", "weights": {"TA": 1}, **kw}
+    rs = RewardSet({"videoalign": 1.0, "va_ta": 0.0}, {"videoalign": kw, "va_ta": ta})
+    scores = rs.score(_videos(), ["a cat", "a dog"])
+    assert scores["videoalign"].shape == (2,) and scores["va_ta"].shape == (2,)
+    assert rs.rewards["videoalign"].model is rs.rewards["va_ta"].model
+    assert torch.allclose(scores["videoalign"], rs.rewards["videoalign"].last_heads["MQ"])
+    assert torch.allclose(scores["va_ta"], rs.rewards["videoalign"].last_heads["TA"])
+
+
+def test_videoalign_bf16(tiny_va):
+    """The released inference dtype (the factory default)."""
+    r = build_reward("videoalign", checkpoint=tiny_va[0], device="cpu")
+    assert r.head.dtype == torch.bfloat16
+    s = r(_videos(), ["a cat", "a dog"])
+    assert s.shape == (2,) and s.dtype == torch.float32 and bool(torch.isfinite(s).all())
