@@ -52,8 +52,8 @@ The score is ``sum_k weights[k] * head_k``. Default ``weights={"MQ": 1.0}``: the
 reward"); DanceGRPO's HunyuanVideo recipe uses the normalised VQ (``vq_coef 1, mq_coef 0``) and its
 SkyReels I2V recipe MQ; ``{"VQ": 1, "MQ": 1, "TA": 1}`` is VideoAlign's Overall. Scale: the
 normalised heads are z-scores of VideoAlign's training data, roughly -3..3 (0 = average).
-BranchGRPO reports its Wan result as a Video-Align motion-quality curve; we found no table with
-the number, so none is quoted here.
+BranchGRPO's abstract (v5) claims a higher motion-quality reward than DanceGRPO on WanX; the
+parts of the paper we could reach give no Video-Align number, so none is quoted here.
 
 Video only: a single frame cannot be sampled (at least 2 frames); the factory has
 ``media = ("video",)`` and preflight refuses it for image families.
