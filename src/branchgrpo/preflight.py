@@ -185,6 +185,7 @@ def check_rewards(cfg: Config) -> None:
             raise ConfigError(f"reward.options.{name} must be a mapping of keyword arguments, "
                               f"got {opts!r}")
         _check_source(str(opts.get("source", name)), f"reward.weights.{name}", opts)
+        _check_media(cfg, str(opts.get("source", name)), f"reward.weights.{name}")
     for name in options:
         if name not in cfg.reward.weights:
             raise ConfigError(f"reward.options.{name} configures a reward that is not in "
@@ -212,6 +213,28 @@ def _check_source(source: str, key: str, opts: dict) -> None:
     if source == "remote" and not opts.get("url"):
         raise ConfigError(f"{key} is a remote reward: set its url in reward.options "
                           "(e.g. {url: http://127.0.0.1:8900})")
+
+
+def _check_media(cfg: Config, source: str, key: str) -> None:
+    """A registered reward whose factory declares ``media = ("video",)`` (VideoAlign) is refused
+    for a family that decodes images (``Family.video`` false, or an embedded family)."""
+    from .scoring import REWARDS
+
+    if ":" in source or source not in REWARDS:
+        return
+    media = getattr(REWARDS.get(source), "media", None)
+    if not media or "image" in media:
+        return
+    from .models.families import family_class
+
+    try:
+        family = family_class(cfg.model.kind)
+    except ValueError:
+        return  # an unknown kind is reported by the plan checks
+    if not getattr(family, "video", False):
+        raise ConfigError(f"{key}: reward {source!r} scores videos only and model.kind="
+                          f"{cfg.model.kind!r} makes images; use it with a video family "
+                          "(model.kind=wan) or choose an image reward")
 
 
 def _check_device(cfg: Config) -> None:

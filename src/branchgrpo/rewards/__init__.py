@@ -17,6 +17,7 @@ from branchgrpo.rewards import (  # noqa: F401  (imported to register their fact
     jpeg,
     ocr,
     pickscore,
+    videoalign,
     vlm,
 )
 from branchgrpo.rewards.base import (

@@ -5,8 +5,8 @@ Each sample is one request: the image as a base64 PNG ``data:`` URL plus a promp
 that contains ``{prompt}``; the first match of ``score_pattern`` in the reply (default
 ``Final Score: X``, else the last number in the reply) is the score. Scale: that of the
 template; the default asks for 1-5 (MixGRPO reports UnifiedReward about 3.37-3.42 on FLUX).
-Videos: the middle frame is judged (VideoAlign and video judges are best served behind the
-reward server, see docs/rewards.md).
+Videos: the middle frame is judged (video judges are best served behind the reward server, see
+docs/rewards.md; VideoAlign is built in as ``videoalign``).
 
 Start a judge, e.g.::
 
