@@ -197,6 +197,17 @@ def scheduler_grid(scheduler: dict[str, Any], steps: int, shift: float | None,
                      "here; set rollout.schedule=shifted")
 
 
+def scheduler_mu(scheduler: dict[str, Any], image_seq_len: int) -> float:
+    """The dynamic shift mu a pipeline's ``calculate_shift`` gives ``image_seq_len`` tokens
+    with the scheduler config's ``base/max_image_seq_len`` and ``base/max_shift`` (FLUX.1's
+    defaults where a key is missing)."""
+    from ..engine import schedule as sch
+
+    return sch.flux_mu(image_seq_len, scheduler.get("base_image_seq_len", 256),
+                       scheduler.get("max_image_seq_len", 4096),
+                       scheduler.get("base_shift", 0.5), scheduler.get("max_shift", 1.15))
+
+
 def image_tokens(height: int, width: int, factor: int) -> int:
     """Image tokens the transformer sees at ``height`` x ``width``: (H / factor)(W / factor)
     (``factor`` = VAE factor x patch or packing side); ValueError when they do not divide."""

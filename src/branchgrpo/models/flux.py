@@ -21,7 +21,16 @@ from torch import Tensor, nn
 from ..engine import schedule as sch
 from .base import Cond
 from .diffusers_policy import DiffusersPolicy, compose
-from .family import Distilled, Grid, Parts, decode_vae, family_timestep, image_tokens, prompt_seed
+from .family import (
+    Distilled,
+    Grid,
+    Parts,
+    decode_vae,
+    family_timestep,
+    image_tokens,
+    prompt_seed,
+    scheduler_mu,
+)
 from .loading import load
 from .lora import JOINT_ATTENTION_TARGETS
 from .testing import (
@@ -162,9 +171,7 @@ class FluxFamily:
                 raise ValueError("rollout.shift is not used by FLUX's dynamic schedule (mu "
                                  "from the image size); remove it, or set "
                                  "rollout.schedule=shifted")
-            mu = sch.flux_mu(seq, scheduler.get("base_image_seq_len", 256),
-                             scheduler.get("max_image_seq_len", 4096),
-                             scheduler.get("base_shift", 0.5), scheduler.get("max_shift", 1.15))
+            mu = scheduler_mu(scheduler, seq)
             return Grid(sch.flux_pipeline(steps, mu=mu), mu=mu, image_seq_len=seq)
         s = shift if shift is not None else float(scheduler.get("shift", 1.0))
         return Grid(sch.flux_pipeline(steps, shift=s), shift=s, image_seq_len=seq)

@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from ..engine import schedule as sch
 from .base import Cond
 from .diffusers_policy import DiffusersPolicy, compose
-from .family import Grid, Parts, decode_vae, family_timestep, image_tokens
+from .family import Grid, Parts, decode_vae, family_timestep, image_tokens, scheduler_mu
 from .flux import FASTVIDEO_PLANS, unpack
 from .loading import load
 from .lora import JOINT_ATTENTION_TARGETS
@@ -170,9 +170,7 @@ class QwenImageFamily:
                 raise ValueError("rollout.shift is not used by Qwen-Image's dynamic schedule "
                                  "(mu from the image size); remove it, or set "
                                  "rollout.schedule=shifted")
-            mu = sch.flux_mu(seq, scheduler.get("base_image_seq_len", 256),
-                             scheduler.get("max_image_seq_len", 4096),
-                             scheduler.get("base_shift", 0.5), scheduler.get("max_shift", 1.15))
+            mu = scheduler_mu(scheduler, seq)
             return Grid(sch.qwen_image_pipeline(steps, mu=mu, **kw), mu=mu, image_seq_len=seq)
         s = shift if shift is not None else float(scheduler.get("shift", 1.0))
         return Grid(sch.qwen_image_pipeline(steps, shift=s, **kw), shift=s, image_seq_len=seq)

@@ -46,6 +46,7 @@ from .family import (
     decode_vae,
     family_timestep,
     image_tokens,
+    scheduler_mu,
 )
 from .loading import load
 from .testing import tiny_chat_tokenizer, tiny_image_vae
@@ -175,9 +176,7 @@ class ZImageFamily:
             raise ValueError("rollout.schedule=flux_dynamic is FLUX's schedule, not Z-Image's; "
                              "use diffusers or shifted")
         if scheduler.get("use_dynamic_shifting"):
-            mu = sch.flux_mu(seq, scheduler.get("base_image_seq_len", 256),
-                             scheduler.get("max_image_seq_len", 4096),
-                             scheduler.get("base_shift", 0.5), scheduler.get("max_shift", 1.15))
+            mu = scheduler_mu(scheduler, seq)
             return Grid(sch.flux_pipeline(steps, mu=mu), mu=mu, image_seq_len=seq)
         s = shift if shift is not None else float(scheduler.get("shift", 1.0))
         return Grid(sch.flux_pipeline(steps, shift=s), shift=s, image_seq_len=seq)
