@@ -196,6 +196,8 @@ class DistConfig:
     verify_sync: int = f(0, "ddp: every N iterations check that weights agree across ranks "
                             "(0: off)")
     timeout_minutes: int = f(30, "collective timeout (raise for long rewards or evaluations)")
+    sequence_parallel: int = f(1, "ranks per sequence-parallel group (1: off): each holds 1/R "
+                                  "of a video's tokens, Ulysses attention (wan, ddp only)")
 
 
 @dataclass
@@ -332,7 +334,7 @@ RANGES: dict[str, str] = {
     "log.eval_every": "[0,)", "log.eval_every_seconds": "[0,)",
     "log.checkpoint_every": "[1,)", "log.keep_last": "[1,)",
     "dist.global_prompts": "[0,)", "dist.verify_sync": "[0,)",
-    "dist.timeout_minutes": "[1,)",
+    "dist.timeout_minutes": "[1,)", "dist.sequence_parallel": "[1,)",
 }
 EXACT_ATTENTION = ("native", "_native_math", "_native_efficient", "_native_flash",
                    "_native_cudnn", "flash", "flash_varlen", "_flash_3", "_flash_varlen_3",
@@ -399,6 +401,10 @@ def validate(cfg: Config) -> None:
     if cfg.log.wandb and not cfg.log.wandb_project.strip():
         raise ConfigError("log.wandb_project is empty: name the wandb project (or set "
                           "log.wandb=false)")
+    if cfg.dist.sequence_parallel > 1 and cfg.dist.strategy == "fsdp":
+        raise ConfigError(f"dist.sequence_parallel={cfg.dist.sequence_parallel} runs under DDP "
+                          "only (its gradients are summed over each group by a DDP hook): set "
+                          "dist.strategy=ddp (or auto), or dist.sequence_parallel=1 for FSDP")
     if not cfg.reward.weights:
         raise ConfigError("reward.weights is empty: name at least one training reward")
     if not any(cfg.reward.weights.values()):

@@ -29,12 +29,25 @@ from torch import nn
 @dataclass(frozen=True)
 class Dist:
     """This process's place: ``rank`` of ``world`` (``local_rank`` on its node), ``strategy``
-    (none for one process, ddp or fsdp)."""
+    (none for one process, ddp or fsdp), ``sp`` ranks per sequence-parallel group (1: off;
+    the groups are runs of ``sp`` consecutive ranks, `branchgrpo.sequence_parallel`)."""
 
     rank: int = 0
     world: int = 1
     local_rank: int = 0
     strategy: str = "none"
+    sp: int = 1
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel index: its sequence-parallel group (the rank when sp=1).
+        The ranks of one group draw the same prompts and noise and run each forward together."""
+        return self.rank // self.sp
+
+    @property
+    def dp_world(self) -> int:
+        """Data-parallel ranks: the number of sequence-parallel groups."""
+        return self.world // self.sp
 
     @property
     def enabled(self) -> bool:
@@ -52,11 +65,16 @@ def env_world() -> int:
 
 
 def init(device: torch.device, *, strategy: str, backend: str = "auto",
-         timeout_minutes: float = 30) -> tuple[Dist, torch.device]:
+         timeout_minutes: float = 30, sequence_parallel: int = 1) -> tuple[Dist, torch.device]:
     """Join the process group torchrun describes (env://) and return this process's place and
     device (on CUDA: the local rank's GPU); a no-op for one process. ``strategy``: ddp or
-    fsdp; backend auto: nccl on CUDA, gloo on CPU."""
+    fsdp; backend auto: nccl on CUDA, gloo on CPU; ``sequence_parallel``: ranks per
+    sequence-parallel group (must divide the world size)."""
     world = env_world()
+    if world % sequence_parallel:
+        fits = [r for r in range(1, world + 1) if world % r == 0]
+        raise ValueError(f"dist.sequence_parallel={sequence_parallel} does not divide the "
+                         f"{world} ranks (WORLD_SIZE): use one of {fits}")
     if world <= 1:
         return Dist(), device
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
@@ -67,7 +85,7 @@ def init(device: torch.device, *, strategy: str, backend: str = "auto",
         device = torch.device("cuda", local)
     if not td.is_initialized():
         td.init_process_group(backend, timeout=timedelta(minutes=timeout_minutes))
-    return Dist(rank, world, local, strategy), device
+    return Dist(rank, world, local, strategy, sequence_parallel), device
 
 
 def close(d: Dist) -> None:
@@ -129,6 +147,10 @@ def wrap(policy: Any, d: Dist, *, trainable: bool = True, bf16: bool = False,
         policy.transformer = DDP(inner, device_ids=dev, forward_sync_buffers=False,
                                  find_unused_parameters=find_unused_parameters
                                  or hasattr(inner, "experts"))
+        if d.sp > 1:  # a group's gradient is the sum over its ranks
+            from .sequence_parallel import register_hook
+
+            register_hook(policy.transformer, d)
         return
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 

@@ -35,6 +35,7 @@ def check_run(cfg: Config) -> None:
     check_plan(cfg)
     check_rewards(cfg)
     _check_device(cfg)
+    check_sequence_parallel(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     _check_prompts(cfg)
     _check_wandb(cfg)
 
@@ -164,7 +165,7 @@ def _check_dry_run(cfg: Config, spec: RunSpec) -> None:
     if n == 0:
         raise ConfigError(f"method {cfg.rollout.method!r} with selection {sel!r} trains no edge "
                           "of a tree; select more (e.g. fewer selection.depths)")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = int(os.environ.get("WORLD_SIZE", "1")) // cfg.dist.sequence_parallel or 1
     per_rank = prompts_per_rank(cfg, world)
     total = n * per_rank
     if total < cfg.train.updates_per_rollout:
@@ -247,6 +248,26 @@ def _check_device(cfg: Config) -> None:
     if backend not in ("native", "_native_math") and not on_cuda:
         raise ConfigError(f"model.attention_backend={backend} is a CUDA kernel and this run is "
                           "on the CPU; use model.attention_backend=native")
+
+
+def check_sequence_parallel(cfg: Config, world: int) -> None:
+    """``dist.sequence_parallel`` R: a video family (wan), R dividing the ``world`` ranks.
+    The head and token counts are checked once the transformer is built
+    (`branchgrpo.sequence_parallel.check`)."""
+    sp = cfg.dist.sequence_parallel
+    if sp <= 1:
+        return
+    from .spec import family_class
+
+    cls = family_class(cfg.model.kind)
+    if cls is None or not getattr(cls, "video", False):
+        raise ConfigError(f"dist.sequence_parallel={sp} splits video token sequences; "
+                          f"model.kind={cfg.model.kind} is not a video family: use a wan "
+                          "kind or set dist.sequence_parallel=1")
+    if world % sp:
+        fits = [r for r in range(1, world + 1) if world % r == 0]
+        raise ConfigError(f"dist.sequence_parallel={sp} does not divide the {world} ranks "
+                          f"(WORLD_SIZE): use one of {fits}, or run on a multiple of {sp} ranks")
 
 
 def _check_wandb(cfg: Config) -> None:

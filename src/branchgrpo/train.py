@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import checkpoint as ckpt
-from . import dist, scoring
+from . import dist, scoring, sequence_parallel
 from .config import Config, to_yaml
 from .engine.advantages import RewardValueError, compute_advantages, zero_std_fraction
 from .engine.losses import guard_log_ratio, kl_penalty, policy_loss
@@ -101,9 +101,10 @@ class State:
     spec: RunSpec | None = None  # the resolved schedule and plan parameters (`resolve`)
 
     def purpose(self, name: str) -> str:
-        """A generator purpose, with the rank folded in on ranks > 0 (rank 0 keeps the
-        single-process stream)."""
-        return name if self.dist.rank == 0 else f"{name}/rank{self.dist.rank}"
+        """A generator purpose, with the data-parallel rank folded in on ranks > 0 (rank 0
+        keeps the single-process stream; the ranks of a sequence-parallel group share one)."""
+        r = self.dist.dp_rank
+        return name if r == 0 else f"{name}/rank{r}"
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -340,10 +341,11 @@ def setup(cfg: Config, resume: Path | None) -> State:
     """Build everything; restore the newest checkpoint when resuming. Under torchrun: join
     the process group, check the batch geometry, wrap the policy (DDP / FSDP2)."""
     d, device = dist.init(_device(cfg), strategy=strategy_of(cfg), backend=cfg.dist.backend,
-                          timeout_minutes=cfg.dist.timeout_minutes)
+                          timeout_minutes=cfg.dist.timeout_minutes,
+                          sequence_parallel=cfg.dist.sequence_parallel)
     run_dir = Path(dist.broadcast(d, str(Path(resume) if resume else _new_run_dir(cfg))))
     train_prompts, eval_prompts = load_prompts(cfg.data.prompts, cfg.data.eval_prompts)
-    per_rank = check_geometry(cfg, d.world, len(train_prompts))
+    per_rank = check_geometry(cfg, d.dp_world, len(train_prompts))
     path = ckpt.pick_checkpoint(run_dir, d, cfg.log.checkpoint_every) if resume else None
     torch.manual_seed(cfg.train.seed)
     with dist.main_first(d):  # rank 0 fills the model caches first
@@ -359,8 +361,9 @@ def setup(cfg: Config, resume: Path | None) -> State:
     _open_run_dir(s, _restore(s, path) if path else None)
     dist.print0(d, f"run directory: {run_dir}\n{to_yaml(cfg)}")
     if d.enabled:
-        dist.print0(d, f"distributed: {d.world} ranks, {d.strategy}, {per_rank} prompts per "
-                    f"rank ({d.world * per_rank} per iteration)")
+        sp = f", sequence parallel {d.sp} ({d.dp_world} groups)" if d.sp > 1 else ""
+        dist.print0(d, f"distributed: {d.world} ranks, {d.strategy}{sp}, {per_rank} prompts per "
+                    f"rank ({d.dp_world * per_rank} per iteration)")
     return s
 
 
@@ -373,13 +376,15 @@ def assemble(cfg: Config, policy: Any, device: torch.device, prompts: tuple[list
     run directory); `branchgrpo.bench` times `iteration` on states built here."""
     d = d or dist.Dist()
     if prompts_per_rank is None:
-        prompts_per_rank = check_geometry(cfg, d.world, len(prompts[0]))
+        prompts_per_rank = check_geometry(cfg, d.dp_world, len(prompts[0]))
     names = {id(p): n for n, p in module_of(policy).named_parameters()}
     param_names = [names[id(p)] for p in policy.trainable_parameters()]
     keep = {id(p) for p in policy.trainable_parameters()}
     for p in module_of(policy).parameters():
         p.requires_grad_(id(p) in keep)
     reference = copy.deepcopy(policy).requires_grad_(False) if kl_coef(cfg) > 0 else None
+    for pol in (policy, reference):  # split the video tokens over each group, before DDP
+        sequence_parallel.enable(pol, d)
     wrap = {"bf16": cfg.model.dtype == "bf16", "cpu_offload": cfg.dist.cpu_offload,
             "find_unused_parameters": cfg.dist.find_unused_parameters}
     dist.wrap(reference, d, trainable=False, **wrap)  # before the optimizer: FSDP2 replaces
@@ -478,12 +483,13 @@ def _warn_grid(s: State, grid: float | None, tag: str) -> None:
 
 # ----------------------------------------------------------------------------- helpers
 def _prompt_batch(s: State) -> tuple[list[str], int]:
-    """This rank's prompts and the global index of its first: one draw of world x P prompts
-    from the (seed, iteration) generator, rank r taking slice [r P, (r + 1) P)."""
+    """This rank's prompts and the global index of its first: one draw of D x P prompts
+    from the (seed, iteration) generator (D data-parallel ranks: sequence-parallel groups),
+    data-parallel rank r taking slice [r P, (r + 1) P)."""
     g = seeded(s.cfg.train.seed, s.iteration, "prompts")
     p = s.prompts_per_rank
-    idx = torch.randint(0, len(s.train_prompts), (s.dist.world * p,), generator=g)
-    first = s.dist.rank * p
+    idx = torch.randint(0, len(s.train_prompts), (s.dist.dp_world * p,), generator=g)
+    first = s.dist.dp_rank * p
     return [s.train_prompts[i] for i in idx[first:first + p].tolist()], first
 
 
