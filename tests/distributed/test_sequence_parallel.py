@@ -1,7 +1,7 @@
-"""Ulysses sequence parallelism (`branchgrpo.sequence_parallel`) on CPU ranks (gloo, spawned
-processes): the tiny Wan's guided velocity, its gradients under DDP and the weights after one
-AdamW step match one process within 1e-5, on 2 ranks (one group of 2) and on 4 ranks (two
-data-parallel groups of 2, each with its own inputs)."""
+"""Ulysses sequence parallelism (`branchgrpo.sequence_parallel`) on CPU ranks (gloo, processes
+forked from the test, which builds the tiny Wan once): its guided velocity, its gradients under
+DDP and the weights after one AdamW step match one process within 1e-5, on 2 ranks (one group
+of 2) and on 4 ranks (two data-parallel groups of 2, each with its own inputs)."""
 
 import copy
 import json
@@ -32,24 +32,22 @@ def _loss(policy, group: int):
     return v, (v - x).square().mean()
 
 
-def _worker(rank: int, world: int, sp: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, sp: int, port: int, out_dir: str, policy) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     td.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        out = _compare(rank, world, sp)
+        out = _compare(rank, world, sp, policy)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(out, f)
     finally:
         td.destroy_process_group()
 
 
-def _compare(rank: int, world: int, sp: int) -> dict:
+def _compare(rank: int, world: int, sp: int, policy) -> dict:
     from branchgrpo import dist, sequence_parallel
-    from branchgrpo.models.wan import tiny_wan
 
     d = dist.Dist(rank, world, 0, "ddp", sp)
-    policy, _ = tiny_wan(height=32, width=32, num_frames=5)  # 2 x 2 x 2 = 8 tokens, 2 heads
     policy.transformer.requires_grad_(True)
     single = copy.deepcopy(policy)
     # one process: every group's loss, the mean over groups, one AdamW step
@@ -82,6 +80,15 @@ def _compare(rank: int, world: int, sp: int) -> dict:
             "tokens_per_rank": seen[0], "tokens": int(v.shape[2] * v.shape[3] * v.shape[4] / 4)}
 
 
+@pytest.fixture(scope="module")
+def tiny_policy():
+    """The tiny Wan at 32 x 32 x 5 frames: 2 x 2 x 2 = 8 video tokens, 2 heads."""
+    from branchgrpo.models.wan import tiny_wan
+
+    torch.set_num_threads(1)  # no intra-op thread pool in the process that forks
+    return tiny_wan(height=32, width=32, num_frames=5)[0]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,8 +96,9 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_sequence_parallel_wan_matches_one_process(world, tmp_path):
-    mp.spawn(_worker, args=(world, 2, _free_port(), str(tmp_path)), nprocs=world)
+def test_sequence_parallel_wan_matches_one_process(world, tiny_policy, tmp_path):
+    mp.start_processes(_worker, args=(world, 2, _free_port(), str(tmp_path), tiny_policy),
+                       nprocs=world, start_method="fork")  # the forks inherit the policy
     rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     print(world, "ranks:", rows)
     for r in rows:

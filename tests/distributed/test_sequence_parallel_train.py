@@ -48,11 +48,16 @@ def _args(path: Path, run: Path, prompts: Path, *extra: str) -> list[str]:
             "log.eval_every=0", "log.checkpoint_every=1", *extra]
 
 
-def _run(nproc: int, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    out = subprocess.run(torchrun_cmd(nproc, *args), capture_output=True, text=True,
-                         env=_env(), timeout=300)
-    if check and out.returncode != 0:
-        raise AssertionError(f"exit {out.returncode}\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+def _start(nproc: int, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(torchrun_cmd(nproc, *args), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env())
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    """The run's stdout; raise with its output unless it exits 0."""
+    out, err = proc.communicate(timeout=300)
+    if proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{out[-2000:]}\n{err[-4000:]}")
     return out
 
 
@@ -65,9 +70,10 @@ def prompts(tmp_path) -> Path:
 
 def test_two_rank_sequence_parallel_run_equals_one_process(wan_replica, prompts, tmp_path):
     sp, single = tmp_path / "sp", tmp_path / "single"
-    out = _run(2, *_args(wan_replica, sp, prompts, "dist.sequence_parallel=2"))
-    assert "2 ranks, ddp, sequence parallel 2 (1 groups)" in out.stdout
-    _run(1, *_args(wan_replica, single, prompts))
+    runs = [_start(2, *_args(wan_replica, sp, prompts, "dist.sequence_parallel=2")),
+            _start(1, *_args(wan_replica, single, prompts))]  # side by side
+    out = [_finish(p) for p in runs][0]
+    assert "2 ranks, ddp, sequence parallel 2 (1 groups)" in out
     rows_sp, rows_one = testlib.comparable_rows(sp), testlib.comparable_rows(single)
     assert [r.keys() for r in rows_sp] == [r.keys() for r in rows_one]
     compared = 0
