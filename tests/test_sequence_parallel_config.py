@@ -1,6 +1,6 @@
 """``dist.sequence_parallel``: the settings it cannot run under are refused with what to change
 (config.validate, preflight.check_sequence_parallel, sequence_parallel.check on the built
-transformer), and ``dist.strategy=auto`` picks DDP for it."""
+transformer)."""
 
 import pytest
 
@@ -8,25 +8,16 @@ from branchgrpo import sequence_parallel
 from branchgrpo.config import ConfigError, load_config, validate
 from branchgrpo.dist import Dist
 from branchgrpo.preflight import check_sequence_parallel
-from branchgrpo.spec import strategy_of
 
 
 def _cfg(*args: str):
     return load_config(None, list(args))
 
 
-def test_range_and_fsdp_are_refused():
+def test_range():
     with pytest.raises(ConfigError, match="dist.sequence_parallel must be >= 1"):
         validate(_cfg("dist.sequence_parallel=0"))
-    with pytest.raises(ConfigError, match="runs under DDP only.*set dist.strategy=ddp"):
-        validate(_cfg("dist.sequence_parallel=2", "dist.strategy=fsdp"))
-    validate(_cfg("dist.sequence_parallel=2", "model.kind=wan"))
-
-
-def test_auto_strategy_is_ddp_under_sequence_parallelism():
-    full_wan = ("model.kind=wan", "model.finetune=full")
-    assert strategy_of(_cfg(*full_wan)) == "fsdp"
-    assert strategy_of(_cfg(*full_wan, "dist.sequence_parallel=2")) == "ddp"
+    validate(_cfg("dist.sequence_parallel=2", "model.kind=wan", "dist.strategy=fsdp"))
 
 
 def test_only_video_families_and_divisors_of_the_world():

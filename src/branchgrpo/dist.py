@@ -147,10 +147,6 @@ def wrap(policy: Any, d: Dist, *, trainable: bool = True, bf16: bool = False,
         policy.transformer = DDP(inner, device_ids=dev, forward_sync_buffers=False,
                                  find_unused_parameters=find_unused_parameters
                                  or hasattr(inner, "experts"))
-        if d.sp > 1:  # a group's gradient is the sum over its ranks
-            from .sequence_parallel import register_hook
-
-            register_hook(policy.transformer, d)
         return
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 

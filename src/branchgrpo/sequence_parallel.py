@@ -6,7 +6,7 @@ projection's tokens are all-gathered, so every rank of the group gets the whole 
 
 This is diffusers' own context parallelism (`ContextParallelConfig(ulysses_degree=R)`, the
 model's ``_cp_plan``: split the rotary tables and ``blocks.0``'s hidden states along the
-sequence, gather after ``proj_out``; `TemplatedUlyssesAttention` with its backward, over
+sequence; `TemplatedUlyssesAttention` with its backward, over
 ``torch.distributed._functional_collectives``). We do not call
 ``ModelMixin.enable_parallelism`` itself: it places each rank on device
 ``rank % torch.accelerator.device_count()``, a division by zero on a CPU-only machine (gloo),
@@ -14,10 +14,13 @@ and it builds a mesh over the whole world. `enable` runs its two steps (the proc
 ``_parallel_config``, ``apply_context_parallel``) on a `DeviceMesh` ``(dp, ring=1, ulysses=R)``
 whose ``ulysses`` rows are the groups of R consecutive ranks.
 
-Gradients: the gather's backward keeps each rank's own slice of the (replicated) output
-gradient, so the true gradient of one group's loss is the *sum* of its ranks' gradients.
-`sum_groups_hook` makes DDP all-reduce the sum over every rank divided by the number of
-groups (DDP's default divides by the world size): the mean over groups of each group's sum.
+Gradients: the plan's output gathers (``proj_out``) are ours, `GatherTokens`, whose backward
+is the all-gather's adjoint, a sum over the group (all-reduce, then this rank's slice);
+diffusers' keeps only the rank's own slice of the output gradient. Every rank of a group
+computes the group's loss L, so the group's objective is R L and the sum of its ranks'
+gradients is R dL/dw; DDP's (or FSDP's) mean over all W ranks is then (R / W) sum over
+groups = the mean over the W / R groups of their gradients, as in data parallelism without
+splitting, and syncing twice (no ``no_sync``) stays idempotent.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from __future__ import annotations
 from math import prod
 from typing import Any
 
+import torch
 import torch.distributed as td
-from torch import nn
+from torch import Tensor, nn
 
 from .config import ConfigError
 from .dist import Dist
@@ -68,17 +72,36 @@ def check(transformer: nn.Module, latent_shape: tuple[int, ...], sp: int) -> Non
                          "model.num_frames / height / width or dist.sequence_parallel")
 
 
+def transformers(module: nn.Module) -> list[nn.Module]:
+    """The diffusers transformers in ``module``: Wan2.2 A14B's two experts (`WanExperts`), or
+    the module itself."""
+    experts = getattr(module, "experts", None)
+    return list(experts().values()) if callable(experts) else [module]
+
+
 def enable(policy: Any, d: Dist) -> None:
-    """Split ``policy.transformer``'s token sequence over ``d``'s sequence-parallel groups
-    (in place, before DDP wraps it); a no-op for ``d.sp`` 1 or ``policy`` None."""
+    """Split ``policy.transformer``'s token sequence (each expert's, for Wan2.2 A14B) over
+    ``d``'s sequence-parallel groups, in place, before DDP wraps it; a no-op for ``d.sp`` 1 or
+    ``policy`` None."""
     if policy is None or d.sp <= 1:
         return
+    for tr in transformers(policy.transformer):
+        check(tr, tuple(policy.latent_shape), d.sp)
+        _apply(tr, d)
+
+
+def _apply(tr: nn.Module, d: Dist) -> None:
+    """`ModelMixin.enable_parallelism`'s context-parallel steps on our mesh: the attention
+    processors' ``_parallel_config`` (their backend must have a context-parallel kernel), then
+    diffusers' split hooks of the model's ``_cp_plan``, and `GatherTokens` for its gathers."""
     from diffusers.hooks.context_parallel import apply_context_parallel
-    from diffusers.models._modeling_parallel import ContextParallelConfig, ParallelConfig
+    from diffusers.models._modeling_parallel import (
+        ContextParallelConfig,
+        ContextParallelOutput,
+        ParallelConfig,
+    )
     from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 
-    tr = policy.transformer
-    check(tr, tuple(policy.latent_shape), d.sp)
     device = next(tr.parameters()).device
     m = mesh(d, device.type)
     cp = ContextParallelConfig(ulysses_degree=d.sp, mesh=m)
@@ -93,24 +116,36 @@ def enable(policy: Any, d: Dist) -> None:
                    else _AttentionBackendRegistry.get_active_backend()[0])
         if not _AttentionBackendRegistry._is_context_parallel_available(backend):
             raise ConfigError(f"dist.sequence_parallel={d.sp}: attention backend "
-                             f"{backend.value} has no context-parallel kernel; set "
-                             "model.attention_backend=native")
+                              f"{backend.value} has no context-parallel kernel; set "
+                              "model.attention_backend=native")
         proc._parallel_config = config
     tr._parallel_config = config
-    apply_context_parallel(tr, cp, tr._cp_plan)
+    plan = dict(tr._cp_plan)
+    group = m["ulysses"].get_group()
+    for name, entry in tr._cp_plan.items():
+        if isinstance(entry, ContextParallelOutput):
+            del plan[name]
+            dim = entry.gather_dim
+            tr.get_submodule(name).register_forward_hook(
+                lambda mod, args, out, dim=dim: GatherTokens.apply(out, dim, group))
+    apply_context_parallel(tr, cp, plan)
 
 
-def sum_groups_hook(dp_world: int, bucket):  # noqa: ANN001, ANN201 (DDP checks the names)
-    """DDP communication hook: all-reduce the bucket's gradients (a ``dist.GradBucket``)
-    summed over every rank, divided by ``dp_world`` (the number of sequence-parallel groups);
-    a future of the reduced buffer. Unannotated: DDP refuses a ``bucket`` annotation other than
-    the class itself, and this module's annotations are strings."""
-    buf = bucket.buffer().div_(dp_world)
-    fut = td.all_reduce(buf, async_op=True).get_future()
-    return fut.then(lambda f: f.value()[0])
+class GatherTokens(torch.autograd.Function):
+    """All-gather the token slices ``x`` [B, S/R, ...] of a group (along ``dim``) into
+    [B, S, ...]; backward: the adjoint, the gradient summed over the group's ranks (all-reduce)
+    and cut to this rank's slice."""
 
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, dim: int, group: Any) -> Tensor:
+        ctx.dim, ctx.group = dim, group
+        parts = [torch.empty_like(x) for _ in range(td.get_world_size(group))]
+        td.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim)
 
-def register_hook(ddp: nn.Module, d: Dist) -> None:
-    """Give the DDP module ``ddp`` `sum_groups_hook` when ``d`` runs sequence parallelism."""
-    if d.sp > 1:
-        ddp.register_comm_hook(d.world // d.sp, sum_groups_hook)
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
+        grad = grad.contiguous()
+        td.all_reduce(grad, group=ctx.group)
+        size = td.get_world_size(ctx.group)
+        return grad.chunk(size, ctx.dim)[td.get_rank(ctx.group)], None, None

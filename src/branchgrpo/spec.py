@@ -426,6 +426,4 @@ def strategy_of(cfg: Config) -> str:
     real (non-tiny) model, whose replicated weights and Adam states do not fit one device."""
     if cfg.dist.strategy != "auto":
         return cfg.dist.strategy
-    if cfg.dist.sequence_parallel > 1:  # sequence parallelism runs under DDP only
-        return "ddp"
     return "fsdp" if cfg.model.finetune == "full" and cfg.model.kind != "tiny" else "ddp"

@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import socket
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,76 +18,91 @@ TOL = 1e-5
 LR = 1e-3
 
 
-def _inputs(policy, group: int):
-    """Group ``group``'s latents [2, C, F, H, W], sigmas [2] and prompt embeddings."""
+def _losses(policy, group: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(velocity [2, C, F, H, W], loss) of group ``group``'s two velocity calls, one at a time
+    (DDP: a backward after each forward): 2 latents at high sigmas, then at low ones (Wan2.2
+    A14B: one expert each; DDP cannot take both experts in one forward-backward)."""
     g = torch.Generator().manual_seed(100 + group)
-    x = torch.randn(2, *policy.latent_shape, generator=g)
-    sigma = torch.rand(2, generator=g) * 0.8 + 0.1
     cond = policy.encode([f"a red ball {group}", f"a blue cube {group}"])
-    return x, sigma, cond
+    for hi in (0.95, 0.4):
+        x = torch.randn(2, *policy.latent_shape, generator=g)
+        v = policy.velocity(x, hi - 0.02 * torch.rand(2, generator=g), cond)
+        yield v, (v - x).square().mean()
 
 
-def _loss(policy, group: int):
-    x, sigma, cond = _inputs(policy, group)
-    v = policy.velocity(x, sigma, cond)
-    return v, (v - x).square().mean()
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from an FSDP2 shard (DTensor), or ``t``."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _worker(rank: int, world: int, sp: int, port: int, out_dir: str, policy) -> None:
+def _worker(rank: int, world: int, strategy: str, port: int, out_dir: str, policy) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     td.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        out = _compare(rank, world, sp, policy)
+        out = _compare(rank, world, strategy, policy)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(out, f)
     finally:
         td.destroy_process_group()
 
 
-def _compare(rank: int, world: int, sp: int, policy) -> dict:
+def _compare(rank: int, world: int, strategy: str, policy) -> dict:
     from branchgrpo import dist, sequence_parallel
 
-    d = dist.Dist(rank, world, 0, "ddp", sp)
+    d = dist.Dist(rank, world, 0, strategy, sp=2)
     policy.transformer.requires_grad_(True)
     single = copy.deepcopy(policy)
     # one process: every group's loss, the mean over groups, one AdamW step
     single_opt = torch.optim.AdamW(single.transformer.parameters(), lr=LR)
-    v_ref = [_loss(single, g)[0].detach() for g in range(d.dp_world)]
-    sum(_loss(single, g)[1] for g in range(d.dp_world)).div(d.dp_world).backward()
+    ref = [list(_losses(single, g)) for g in range(d.dp_world)]
+    v_ref = torch.cat([v.detach() for v, _ in ref[d.dp_rank]])
+    sum(loss for calls in ref for _, loss in calls).div(d.dp_world).backward()
     g_ref = {n: p.grad.clone() for n, p in single.transformer.named_parameters()}
     single_opt.step()
 
     sequence_parallel.enable(policy, d)
     seen: list[int] = []
-    policy.transformer.blocks[1].register_forward_pre_hook(
-        lambda m, args, kw: seen.append(kw.get("hidden_states", args[0] if args else None)
-                                        .shape[1]), with_kwargs=True)
+    for tr in sequence_parallel.transformers(policy.transformer):
+        tr.blocks[1].register_forward_pre_hook(
+            lambda m, args: seen.append(args[0].shape[1]))  # blocks take hidden_states first
     dist.wrap(policy, d)
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=LR)
-    v, loss = _loss(policy, d.dp_rank)
-    loss.backward()
+    vs = []
+    for v, loss in _losses(policy, d.dp_rank):  # a forward and a backward per call
+        loss.backward()
+        vs.append(v.detach())
+    v = torch.cat(vs)
     names = [n for n, _ in single.transformer.named_parameters()]
-    grads = dict(zip(names, [p.grad for p in policy.trainable_parameters()], strict=True))
+    grads = dict(zip(names, [_full(p.grad) for p in policy.trainable_parameters()], strict=True))
     opt.step()
-    after = dict(zip(names, policy.trainable_parameters(), strict=True))
+    after = dict(zip(names, map(_full, policy.trainable_parameters()), strict=True))
     ref_after = dict(single.transformer.named_parameters())
-    return {"velocity": float((v.detach() - v_ref[d.dp_rank]).abs().max()),
-            "velocity_scale": float(v_ref[d.dp_rank].abs().max()),
+    return {"velocity": float((v - v_ref).abs().max()),
+            "velocity_scale": float(v_ref.abs().max()),
             "grad": max(float((grads[n] - g_ref[n]).abs().max()) for n in names),
             "grad_scale": max(float(g.abs().max()) for g in g_ref.values()),
             "param": max(float((after[n].detach() - ref_after[n].detach()).abs().max())
                          for n in names),
-            "tokens_per_rank": seen[0], "tokens": int(v.shape[2] * v.shape[3] * v.shape[4] / 4)}
+            "tokens_per_rank": sorted(set(seen)),
+            "tokens": int(v.shape[2] * v.shape[3] * v.shape[4] / 4)}  # patch 1 x 2 x 2
 
 
-@pytest.fixture(scope="module")
-def tiny_policy():
-    """The tiny Wan at 32 x 32 x 5 frames: 2 x 2 x 2 = 8 video tokens, 2 heads."""
+def _build(kind: str):
+    """Tiny policies with 8 video tokens and 2 heads at 5 frames: Wan2.1 and Wan2.2 A14B (two
+    experts) at 32 x 32, Wan2.2 TI2V-5B (spatial factor 16, per-token timesteps) at 64 x 64."""
     from branchgrpo.models.wan import tiny_wan
+    from branchgrpo.models.wan22 import tiny_wan22
 
     torch.set_num_threads(1)  # no intra-op thread pool in the process that forks
-    return tiny_wan(height=32, width=32, num_frames=5)[0]
+    if kind == "wan":
+        return tiny_wan(height=32, width=32, num_frames=5)[0]
+    if kind == "wan22":
+        return tiny_wan22(height=64, width=64, num_frames=5)[0]
+    return tiny_wan22(height=32, width=32, num_frames=5, a14b=True)[0]
+
+
+_BUILT: dict[str, object] = {}
 
 
 def _free_port() -> int:
@@ -95,13 +111,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_sequence_parallel_wan_matches_one_process(world, tiny_policy, tmp_path):
-    mp.start_processes(_worker, args=(world, 2, _free_port(), str(tmp_path), tiny_policy),
+@pytest.mark.parametrize(("kind", "world", "strategy"), [
+    ("wan", 2, "ddp"), ("wan", 4, "ddp"), ("wan22", 2, "ddp"), ("wan22_a14b", 2, "ddp"),
+    ("wan", 4, "fsdp")])
+def test_sequence_parallel_wan_matches_one_process(kind, world, strategy, tmp_path):
+    if kind not in _BUILT:  # built once per kind, in the process that forks
+        _BUILT[kind] = _build(kind)
+    policy = _BUILT[kind]
+    mp.start_processes(_worker, args=(world, strategy, _free_port(), str(tmp_path), policy),
                        nprocs=world, start_method="fork")  # the forks inherit the policy
     rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     print(world, "ranks:", rows)
     for r in rows:
-        assert r["tokens_per_rank"] * 2 == r["tokens"] == 8, r  # each rank holds half
+        assert r["tokens_per_rank"] == [4] and r["tokens"] == 8, r  # each rank holds half
         assert r["velocity_scale"] > 0.1 and r["grad_scale"] > 1e-3, r
         assert r["velocity"] < TOL and r["grad"] < TOL and r["param"] < TOL, r

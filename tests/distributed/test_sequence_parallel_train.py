@@ -1,6 +1,7 @@
 """``branchgrpo train`` with ``dist.sequence_parallel=2`` under torchrun (2 CPU ranks, gloo)
-on a Wan replica checkpoint: one iteration, exit 0, the same metrics and the same trained
-weights as one process within 1e-5."""
+on a Wan replica checkpoint, full fine-tuning (so FSDP2 over the group: ``dist.strategy=auto``):
+one iteration, exit 0, the same metrics and the same trained weights as one process within
+1e-5. DDP under sequence parallelism: `test_sequence_parallel.py`."""
 
 import os
 import subprocess
@@ -73,7 +74,7 @@ def test_two_rank_sequence_parallel_run_equals_one_process(wan_replica, prompts,
     runs = [_start(2, *_args(wan_replica, sp, prompts, "dist.sequence_parallel=2")),
             _start(1, *_args(wan_replica, single, prompts))]  # side by side
     out = [_finish(p) for p in runs][0]
-    assert "2 ranks, ddp, sequence parallel 2 (1 groups)" in out
+    assert "2 ranks, fsdp, sequence parallel 2 (1 groups)" in out  # auto: full fine-tuning
     rows_sp, rows_one = testlib.comparable_rows(sp), testlib.comparable_rows(single)
     assert [r.keys() for r in rows_sp] == [r.keys() for r in rows_one]
     compared = 0
