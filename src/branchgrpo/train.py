@@ -382,7 +382,9 @@ def assemble(cfg: Config, policy: Any, device: torch.device, prompts: tuple[list
     keep = {id(p) for p in policy.trainable_parameters()}
     for p in module_of(policy).parameters():
         p.requires_grad_(id(p) in keep)
-    reference = copy.deepcopy(policy).requires_grad_(False) if kl_coef(cfg) > 0 else None
+    reference = copy.deepcopy(policy) if kl_coef(cfg) > 0 else None
+    if reference is not None:  # a diffusers family's policy is no module: freeze its weights
+        module_of(reference).requires_grad_(False)
     for pol in (policy, reference):  # split the video tokens over each group, before DDP
         sequence_parallel.enable(pol, d)
     wrap = {"bf16": cfg.model.dtype == "bf16", "cpu_offload": cfg.dist.cpu_offload,
