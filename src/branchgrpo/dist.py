@@ -50,6 +50,12 @@ class Dist:
         return self.world // self.sp
 
     @property
+    def layout(self) -> str:
+        """E.g. "4 ranks, ddp, sequence parallel 2 (2 groups)"."""
+        sp = f", sequence parallel {self.sp} ({self.dp_world} groups)" if self.sp > 1 else ""
+        return f"{self.world} ranks, {self.strategy}{sp}"
+
+    @property
     def enabled(self) -> bool:
         return self.world > 1
 
@@ -132,8 +138,16 @@ def wrap(policy: Any, d: Dist, *, trainable: bool = True, bf16: bool = False,
     fp32 gradient reduction; ``cpu_offload``: parameters on the CPU between uses). The frozen
     text encoder and VAE stay outside, so DDP sees only trained weights. ``trainable=False``
     (the KL reference): FSDP shards it too, DDP leaves it as is (it has no gradients). A no-op
-    for one process or ``policy`` None."""
-    if policy is None or not d.enabled or (d.strategy == "ddp" and not trainable):
+    for one process or ``policy`` None. Under sequence parallelism (``d.sp`` > 1) the
+    transformer's token sequence is split over each group first
+    (`branchgrpo.sequence_parallel.enable`), the frozen reference's too."""
+    if policy is None or not d.enabled:
+        return
+    if d.sp > 1:
+        from .sequence_parallel import enable
+
+        enable(policy, d)
+    if d.strategy == "ddp" and not trainable:
         return
     inner = getattr(policy, "transformer", None)
     if not isinstance(inner, nn.Module):

@@ -81,11 +81,13 @@ def transformers(module: nn.Module) -> list[nn.Module]:
 
 def enable(policy: Any, d: Dist) -> None:
     """Split ``policy.transformer``'s token sequence (each expert's, for Wan2.2 A14B) over
-    ``d``'s sequence-parallel groups, in place, before DDP wraps it; a no-op for ``d.sp`` 1 or
-    ``policy`` None."""
+    ``d``'s sequence-parallel groups, in place, before DDP / FSDP2 wrap it (`dist.wrap` calls
+    this); a no-op for ``d.sp`` 1, ``policy`` None, or a transformer already split."""
     if policy is None or d.sp <= 1:
         return
     for tr in transformers(policy.transformer):
+        if getattr(tr, "_parallel_config", None) is not None:
+            continue  # split already
         check(tr, tuple(policy.latent_shape), d.sp)
         _apply(tr, d)
 

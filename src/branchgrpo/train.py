@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import checkpoint as ckpt
-from . import dist, scoring, sequence_parallel
+from . import dist, scoring
 from .config import Config, to_yaml
 from .engine.advantages import RewardValueError, compute_advantages, zero_std_fraction
 from .engine.losses import guard_log_ratio, kl_penalty, policy_loss
@@ -103,8 +103,7 @@ class State:
     def purpose(self, name: str) -> str:
         """A generator purpose, with the data-parallel rank folded in on ranks > 0 (rank 0
         keeps the single-process stream; the ranks of a sequence-parallel group share one)."""
-        r = self.dist.dp_rank
-        return name if r == 0 else f"{name}/rank{r}"
+        return name if self.dist.dp_rank == 0 else f"{name}/rank{self.dist.dp_rank}"
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -361,9 +360,8 @@ def setup(cfg: Config, resume: Path | None) -> State:
     _open_run_dir(s, _restore(s, path) if path else None)
     dist.print0(d, f"run directory: {run_dir}\n{to_yaml(cfg)}")
     if d.enabled:
-        sp = f", sequence parallel {d.sp} ({d.dp_world} groups)" if d.sp > 1 else ""
-        dist.print0(d, f"distributed: {d.world} ranks, {d.strategy}{sp}, {per_rank} prompts per "
-                    f"rank ({d.dp_world * per_rank} per iteration)")
+        dist.print0(d, f"distributed: {d.layout}, {per_rank} prompts per rank "
+                    f"({d.dp_world * per_rank} per iteration)")
     return s
 
 
@@ -385,8 +383,6 @@ def assemble(cfg: Config, policy: Any, device: torch.device, prompts: tuple[list
     reference = copy.deepcopy(policy) if kl_coef(cfg) > 0 else None
     if reference is not None:  # a diffusers family's policy is no module: freeze its weights
         module_of(reference).requires_grad_(False)
-    for pol in (policy, reference):  # split the video tokens over each group, before DDP
-        sequence_parallel.enable(pol, d)
     wrap = {"bf16": cfg.model.dtype == "bf16", "cpu_offload": cfg.dist.cpu_offload,
             "find_unused_parameters": cfg.dist.find_unused_parameters}
     dist.wrap(reference, d, trainable=False, **wrap)  # before the optimizer: FSDP2 replaces

@@ -61,7 +61,6 @@ def _compare(rank: int, world: int, strategy: str, policy) -> dict:
     g_ref = {n: p.grad.clone() for n, p in single.transformer.named_parameters()}
     single_opt.step()
 
-    sequence_parallel.enable(policy, d)
     seen: list[int] = []
     for tr in sequence_parallel.transformers(policy.transformer):
         tr.blocks[1].register_forward_pre_hook(
