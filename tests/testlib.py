@@ -34,9 +34,13 @@ def small_args(cache_dir: Path, run_dir: Path, *extra: str) -> list[str]:
 
 def cli_env() -> dict[str, str]:
     """The environment of every CLI run a test compares bit for bit: float reductions split
-    over a different number of threads round differently, so the thread count is pinned."""
-    return {**os.environ, "PYTHONPATH": str(TRAIN_HELPERS), "HF_HUB_OFFLINE": "1",
-            "OMP_NUM_THREADS": "1"}
+    over a different number of threads round differently, so the thread count is pinned. The
+    ``branchgrpo`` this process imported comes first on the path (a worktree's sources, not
+    the editable install's)."""
+    import branchgrpo
+
+    path = os.pathsep.join([str(Path(branchgrpo.__file__).parents[1]), str(TRAIN_HELPERS)])
+    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
 def run_cli(*args: str, check: bool = True, **kw: Any) -> subprocess.CompletedProcess:

@@ -3,14 +3,12 @@ on a Wan replica checkpoint, full fine-tuning (so FSDP2 over the group: ``dist.s
 one iteration, exit 0, the same metrics and the same trained weights as one process within
 1e-5. DDP under sequence parallelism: `test_sequence_parallel.py`."""
 
-import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-import branchgrpo
 import testlib
 from branchgrpo import checkpoint as ckpt
 
@@ -18,15 +16,6 @@ from .conftest import torchrun_cmd
 
 pytestmark = pytest.mark.slow
 TOL = 1e-5
-
-
-def _env() -> dict[str, str]:
-    """`testlib.cli_env` with this test's ``branchgrpo`` first on the path (a worktree's
-    sources, not only the editable install's)."""
-    env = testlib.cli_env()
-    src = str(Path(branchgrpo.__file__).parents[1])
-    env["PYTHONPATH"] = os.pathsep.join([src, env["PYTHONPATH"]])
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +40,7 @@ def _args(path: Path, run: Path, prompts: Path, *extra: str) -> list[str]:
 
 def _start(nproc: int, *args: str) -> subprocess.Popen:
     return subprocess.Popen(torchrun_cmd(nproc, *args), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env())
+                            stderr=subprocess.PIPE, text=True, env=testlib.cli_env())
 
 
 def _finish(proc: subprocess.Popen) -> str:
