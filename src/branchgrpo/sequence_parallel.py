@@ -147,7 +147,7 @@ class GatherTokens(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None]:
-        grad = grad.contiguous()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # reduced in place
         td.all_reduce(grad, group=ctx.group)
         size = td.get_world_size(ctx.group)
         return grad.chunk(size, ctx.dim)[td.get_rank(ctx.group)], None, None
