@@ -46,3 +46,14 @@ def test_groups_are_consecutive_ranks():
     d = Dist(rank=5, world=8, sp=2)
     assert (d.dp_rank, d.dp_world) == (2, 4)
     assert (Dist(rank=3, world=4).dp_rank, Dist(rank=3, world=4).dp_world) == (3, 4)
+
+
+def test_plan_counts_a_group_as_one_data_parallel_rank(monkeypatch):
+    from branchgrpo.plan_report import format_report, plan_report
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    r = plan_report(_cfg("model.kind=wan", "model.path=Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+                         "dist.sequence_parallel=2", "dist.global_prompts=2"))
+    assert r["batch"]["prompts_per_rank"] == 1 and r["batch"]["prompts_per_iteration"] == 2
+    assert r["per_iteration"]["leaves"] == 2 * r["leaves"]
+    assert "batch: 2 sequence-parallel group(s) of 2 ranks x 1 prompts = 2" in format_report(r)

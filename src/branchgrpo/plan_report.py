@@ -4,8 +4,8 @@
 and the transformer's timesteps [T]; guidance; each step's branch factor and solvers; the
 forwards, edges, trained edges and leaves of one tree (the plan's own count and the analytic
 dry run that `branchgrpo.preflight` runs), per rank and per iteration; the batch geometry over
-``WORLD_SIZE`` ranks; and the dtype of each module group. ``branchgrpo train`` writes the same
-object to ``RUN/plan.json``.
+``WORLD_SIZE`` ranks (a sequence-parallel group of ranks counts as one); and the dtype of each
+module group. ``branchgrpo train`` writes the same object to ``RUN/plan.json``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ def plan_report(cfg: Config, spec: RunSpec | None = None) -> dict[str, Any]:
     counts = dry_run_counts(cfg, spec)
     counts["nodes"], counts["leaves"] = plan.size()
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    per_rank = prompts_per_rank(cfg, world)
+    groups = max(1, world // cfg.dist.sequence_parallel)  # data-parallel ranks
+    per_rank = prompts_per_rank(cfg, groups)
     t = cfg.train
     return {
         "method": spec.method, "plan": spec.plan, "family": spec.family,
@@ -41,9 +42,9 @@ def plan_report(cfg: Config, spec: RunSpec | None = None) -> dict[str, Any]:
         "guidance": _guidance(cfg, spec), "steps": _steps(plan),
         **{k: counts[k] for k in PER_TREE},
         "per_rank": {k: counts[k] * per_rank for k in PER_TREE},
-        "per_iteration": {k: counts[k] * per_rank * world for k in PER_TREE},
-        "batch": {"world_size": world, "prompts_per_rank": per_rank,
-                  "prompts_per_iteration": per_rank * world,
+        "per_iteration": {k: counts[k] * per_rank * groups for k in PER_TREE},
+        "batch": {"world_size": world, "sequence_parallel": cfg.dist.sequence_parallel,
+                  "prompts_per_rank": per_rank, "prompts_per_iteration": per_rank * groups,
                   "updates_per_rollout": t.updates_per_rollout,
                   "trained_edges_per_update": counts["trained_edges"] * per_rank
                   / t.updates_per_rollout,
@@ -137,7 +138,10 @@ def format_report(r: dict[str, Any]) -> str:
                       ("per iteration", r["per_iteration"])):
         lines.append(f"{name:>16} " + "  ".join(f"{row[k]:>13,}" for k in PER_TREE))
     b = r["batch"]
-    lines.append(f"batch: {b['world_size']} rank(s) x {b['prompts_per_rank']} prompts = "
+    sp = b.get("sequence_parallel", 1)
+    ranks = (f"{b['world_size']} rank(s)" if sp == 1 else
+             f"{b['world_size'] // sp} sequence-parallel group(s) of {sp} ranks")
+    lines.append(f"batch: {ranks} x {b['prompts_per_rank']} prompts = "
                  f"{b['prompts_per_iteration']} per iteration; {b['updates_per_rollout']} "
                  f"update(s) per rollout ({b['trained_edges_per_update']:g} edges each per "
                  f"rank, chunks of {b['edge_chunk']}); {b['max_batch']} rows per forward")
