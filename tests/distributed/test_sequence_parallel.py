@@ -1,13 +1,16 @@
-"""Ulysses sequence parallelism (`branchgrpo.sequence_parallel`) on CPU ranks (gloo, processes
-forked from the test, which builds the tiny Wan once): its guided velocity, its gradients under
-DDP and the weights after one AdamW step match one process within 1e-5, on 2 ranks (one group
-of 2) and on 4 ranks (two data-parallel groups of 2, each with its own inputs)."""
+"""Ulysses sequence parallelism (`branchgrpo.sequence_parallel`, applied by `dist.wrap`) on CPU
+ranks (gloo; processes forked from the test, which builds each tiny policy once): the guided
+velocity, the gradients and the weights after one AdamW step match one process within 1e-5,
+for Wan2.1 on 2 ranks (one group of 2) and on 4 ranks (two data-parallel groups of 2, each
+with its own inputs) under DDP, and under FSDP2 on 4 ranks; Wan2.2 TI2V-5B (per-token
+timesteps) and A14B (two experts) on 2 ranks under DDP."""
 
 import copy
 import json
 import os
 import socket
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 import torch
@@ -37,7 +40,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 def _worker(rank: int, world: int, strategy: str, port: int, out_dir: str, policy) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    td.init_process_group("gloo", rank=rank, world_size=world)
+    td.init_process_group("gloo", rank=rank, world_size=world,
+                          timeout=timedelta(seconds=120))  # a hung collective fails the test
     try:
         torch.set_num_threads(1)
         out = _compare(rank, world, strategy, policy)
