@@ -1,6 +1,7 @@
 """``dist.sequence_parallel``: the settings it cannot run under are refused with what to change
 (config.validate, preflight.check_sequence_parallel, sequence_parallel.check on the built
-transformer)."""
+transformer); groups are consecutive ranks; the plan report counts a group as one
+data-parallel rank."""
 
 import pytest
 
