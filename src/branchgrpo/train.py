@@ -18,7 +18,6 @@ metrics are averaged over ranks for logging, and rank 0 alone writes the run dir
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import json
 import math
@@ -27,7 +26,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,7 @@ from .evaluate import evaluate, group_diversity, image_stats, save_grid, token_p
 from .log import RunLogger, Timer
 from .models.factory import build_policy, load_prompts
 from .models.families import module_of
+from .models.loading import DTYPES
 from .plan_report import plan_report
 from .preflight import check_geometry, check_run
 from .rewards import RewardError, RewardSet
@@ -60,8 +60,6 @@ from .spec import (
     resolved_rules,
     strategy_of,
 )
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingStopped(RuntimeError):
@@ -431,7 +429,7 @@ def _open_run_dir(s: State, restored: dict | None) -> None:
         (s.run_dir / "plan.json").write_text(json.dumps(plan_report(s.cfg), indent=1) + "\n")
     wandb = s.cfg.log.wandb_project if s.cfg.log.wandb else None
     s.logger = RunLogger(s.run_dir, s.cfg.log.tensorboard, enabled=s.dist.main,
-                         wandb_project=wandb, config=dataclasses.asdict(s.cfg))
+                         wandb_project=wandb, config=asdict(s.cfg))
     if restored is not None:
         s.logger.truncate(restored["metrics_lines"])
 
