@@ -479,9 +479,8 @@ def _warn_grid(s: State, grid: float | None, tag: str) -> None:
 
 # ----------------------------------------------------------------------------- helpers
 def _prompt_batch(s: State) -> tuple[list[str], int]:
-    """This rank's prompts and the global index of its first: one draw of D x P prompts
-    from the (seed, iteration) generator (D data-parallel ranks: sequence-parallel groups),
-    data-parallel rank r taking slice [r P, (r + 1) P)."""
+    """This rank's prompts and the global index of its first: data-parallel rank r of D (a
+    sequence-parallel group is one) takes [r P, (r + 1) P) of one draw of D x P prompts."""
     g = seeded(s.cfg.train.seed, s.iteration, "prompts")
     p = s.prompts_per_rank
     idx = torch.randint(0, len(s.train_prompts), (s.dist.dp_world * p,), generator=g)
