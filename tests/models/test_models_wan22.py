@@ -268,3 +268,27 @@ def test_load_lora_roundtrip_into_both_experts(tmp_path):
     with torch.no_grad():
         got = other.velocity(x, sigma, other.encode(PROMPTS))
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+def test_rows_of_both_experts_take_one_forward_of_the_experts_module():
+    """A velocity call whose rows span both A14B experts runs the (DDP-wrapped) experts
+    module once, as DDP needs one forward per backward, and each row gets its own expert and
+    CFG scale: the same as the rows called one expert at a time."""
+    from branchgrpo.models.wan22 import tiny_wan22
+
+    policy, _ = tiny_wan22(32, 32, a14b=True)
+    fam = policy.family
+    fam.guidance_scale_2 = 3.0
+    calls = []
+    policy.transformer.register_forward_hook(lambda *_: calls.append(1), with_kwargs=True)
+    cond = policy.encode(["a red cat", "blue dog 7"])
+    x = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.95, 0.3])  # timesteps 950 (high-noise expert) and 300 (low)
+    assert fam.expert_of(torch.tensor([950.0, 300.0])).tolist() == [0, 1]
+    with torch.no_grad():
+        both = policy.velocity(x, sigma, cond)
+        assert len(calls) == 1
+        alone = torch.cat([policy.velocity(x[i:i + 1], sigma[i:i + 1],
+                                           {k: v[i:i + 1] for k, v in cond.items()})
+                           for i in range(2)])
+    torch.testing.assert_close(both, alone, atol=1e-6, rtol=0)

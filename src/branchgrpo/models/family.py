@@ -239,7 +239,8 @@ def default_guidance(family: type) -> float:
 
 def classifier_free(
     forward: Callable[..., Tensor], x: Tensor, t: Tensor, cond: Sequence[Tensor],
-    uncond: Sequence[Tensor] | None, *, scale: float, detach_uncond: bool, uncond_first: bool,
+    uncond: Sequence[Tensor] | None, *, scale: float | Tensor, detach_uncond: bool,
+    uncond_first: bool,
 ) -> Tensor:
     """Guided velocity ``u + scale (c - u)`` [N, *L] fp32 with the conditional and
     unconditional rows in one batched forward ``forward(x [2N, *L], t [2N], *embeddings)``.
@@ -248,7 +249,7 @@ def classifier_free(
     turns CFG off (one forward of the N rows). ``uncond_first``: the batch order the family's
     pipeline uses ([uncond; cond] for SD3, [cond; uncond] for Wan), so the forward sees the same
     batch. ``detach_uncond``: no gradient through the unconditional half (Flow-GRPO's Jul-2025
-    code)."""
+    code). ``scale``: one float, or per row [N, 1, ...] (Wan2.2 A14B's two experts)."""
     if uncond is None:
         return forward(x, t, *cond).float()
     pairs = [(u, c) if uncond_first else (c, u) for c, u in zip(cond, uncond, strict=True)]

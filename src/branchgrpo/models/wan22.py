@@ -117,8 +117,23 @@ class WanExperts(nn.Module):
         """``{"transformer": high, "transformer_2": low}``."""
         return {EXPERTS[0]: self.transformer, EXPERTS[1]: self.transformer_2}
 
-    def forward(self, expert: int, **kw: Any) -> Any:
-        return (self.transformer if expert == 0 else self.transformer_2)(**kw)
+    def forward(self, expert: Tensor, **kw: Any) -> tuple[Tensor]:
+        """Each row's expert (``expert`` [M]: 0 ``transformer``, 1 ``transformer_2``) on its
+        rows of the row-aligned inputs ``kw`` ([M, ...] tensors); ``(output [M, ...],)``.
+        One call however the rows split, so DDP sees one forward per backward."""
+        used = expert.unique().tolist()
+        if len(used) == 1:
+            return (self.experts()[EXPERTS[int(used[0])]](**kw)[0],)
+        out: Tensor | None = None
+        for e in used:
+            rows = (expert == e).nonzero().squeeze(1)
+            sub = {k: v[rows] if isinstance(v, Tensor) and v.dim() and len(v) == len(expert)
+                   else v for k, v in kw.items()}
+            y = self.experts()[EXPERTS[int(e)]](**sub)[0]
+            if out is None:
+                out = y.new_empty((len(expert), *y.shape[1:]))
+            out = out.index_copy(0, rows, y)
+        return (out,)
 
     def add_adapter(self, config: Any, adapter_name: str) -> None:
         """LoRA on the trained experts only."""
@@ -182,14 +197,11 @@ class Wan22Family(WanFamily):
         timestep ([cond; uncond] in one forward per expert)."""
         t = family_timestep(self, sigma.to(parts.device))
         which = self.expert_of(t)
-        x = x.to(parts.device)
-        out = torch.empty(x.shape, dtype=torch.float32, device=parts.device)
-        for e in which.unique().tolist():
-            rows = (which == e).nonzero().squeeze(1)
-            sub = {k: v[rows] for k, v in cond.items()}
-            scale = self.guidance_scale if e == 0 else self.guidance_scale_2
-            out[rows] = self._guided(parts, int(e), x[rows], t[rows], sub, float(scale))
-        return out
+        scale = torch.full(t.shape, float(self.guidance_scale), device=parts.device)
+        if self.guidance_scale_2 is not None:
+            scale[which == 1] = float(self.guidance_scale_2)
+        return self._guided(parts, which, x.to(parts.device), t, cond,
+                            scale.view(-1, *[1] * (x.dim() - 1)))
 
     def shared_inputs(self, cond: Cond) -> tuple[Tensor, ...]:
         """Conditioning rows both CFG halves share, beyond the text (none in text-to-video;
@@ -201,8 +213,10 @@ class Wan22Family(WanFamily):
         """The transformer's inputs from latents x [M, *L] and the `shared_inputs` rows."""
         return {"hidden_states": parts.model_input(x)}
 
-    def _guided(self, parts: Parts, expert: int, x: Tensor, t: Tensor, cond: Cond,
-                scale: float) -> Tensor:
+    def _guided(self, parts: Parts, expert: Tensor, x: Tensor, t: Tensor, cond: Cond,
+                scale: Tensor) -> Tensor:
+        """Guided v [N, *L] of rows x with experts ``expert`` [N] and CFG scales ``scale``
+        [N, 1, ...]: the conditional and unconditional rows in one forward."""
         _, f, h, w = self.latent_shape
         seq = f * len(range(0, h, 2)) * len(range(0, w, 2))  # WanPipeline's mask[:, ::2, ::2]
 
@@ -211,7 +225,7 @@ class Wan22Family(WanFamily):
             kw = dict(self.model_inputs(parts, x, shared), timestep=ts,
                       encoder_hidden_states=parts.model_input(emb), return_dict=False)
             if self.boundary_timestep is not None:
-                kw["expert"] = expert
+                kw["expert"] = torch.cat([expert, expert]) if len(x) > len(expert) else expert
             with parts.autocast():
                 return parts.transformer(**kw)[0]
 
