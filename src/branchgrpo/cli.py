@@ -67,7 +67,10 @@ def _plan(args: argparse.Namespace) -> int:
     from .config import load_config
     from .plan_report import format_report, plan_report
 
-    report = plan_report(load_config(args.config, args.overrides))
+    from .memory import DEFAULT_TFLOPS
+
+    tflops = DEFAULT_TFLOPS if args.tflops is None else args.tflops
+    report = plan_report(load_config(args.config, args.overrides), tflops=tflops)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0
 
@@ -276,10 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
                         description="The run a config resolves to, with the checkpoint's "
                         "schedule (its config files only): sigmas, timesteps, kernel, level, "
                         "branch factors, forwards/edges/leaves, batch geometry (WORLD_SIZE), "
-                        "dtypes.")
+                        "dtypes, estimated peak memory per rank and seconds per iteration.")
     pl.add_argument("rest", nargs="*", metavar="[CONFIG] [key=value ...]",
                     help="optional YAML file, then overrides like rollout.method=dance")
     pl.add_argument("--json", action="store_true", help="print one JSON object")
+    pl.add_argument("--tflops", type=float, default=None,  # None: memory.DEFAULT_TFLOPS
+                    help="sustained TFLOP/s per device for the seconds per iteration (default "
+                         "400: an H100/H200 in bf16 at ~40%% MFU)")
     pl.set_defaults(fn=_plan)
     rc = sub.add_parser("recipes", help="paper configs beside the published values",
                         description="Resolve every configs/*.yaml (no weights) and write a "

@@ -4,8 +4,10 @@
 and the transformer's timesteps [T]; guidance; each step's branch factor and solvers; the
 forwards, edges, trained edges and leaves of one tree (the plan's own count and the analytic
 dry run that `branchgrpo.preflight` runs), per rank and per iteration; the batch geometry over
-``WORLD_SIZE`` ranks (a sequence-parallel group of ranks counts as one); and the dtype of each
-module group. ``branchgrpo train`` writes the same object to ``RUN/plan.json``.
+``WORLD_SIZE`` ranks (a sequence-parallel group of ranks counts as one); the dtype of each
+module group; and the estimated peak memory per rank and compute cost of an iteration
+(``"memory"``, ``"cost"``: `branchgrpo.memory`). ``branchgrpo train`` writes the same object
+to ``RUN/plan.json``.
 """
 
 from __future__ import annotations
@@ -14,13 +16,17 @@ import os
 from typing import Any
 
 from .config import Config, prompts_per_rank
+from .memory import DEFAULT_TFLOPS, summary
 from .spec import RunSpec, family_class, kl_coef
 
 PER_TREE = ("forwards", "nodes", "edges", "trained_edges", "leaves")
 
 
-def plan_report(cfg: Config, spec: RunSpec | None = None) -> dict[str, Any]:
-    """The resolved run of ``cfg`` (see the module docstring); `ConfigError` on bad input."""
+def plan_report(cfg: Config, spec: RunSpec | None = None,
+                tflops: float = DEFAULT_TFLOPS) -> dict[str, Any]:
+    """The resolved run of ``cfg`` (see the module docstring); ``tflops``: the sustained
+    TFLOP/s per device the cost's seconds assume. `ConfigError` on bad input."""
+    from .memory import estimate
     from .preflight import check_plan, dry_run_counts
 
     spec = spec or check_plan(cfg)
@@ -50,6 +56,7 @@ def plan_report(cfg: Config, spec: RunSpec | None = None) -> dict[str, Any]:
                   / t.updates_per_rollout,
                   "edge_chunk": t.edge_chunk, "max_batch": cfg.rollout.max_batch},
         "dtypes": _dtypes(cfg), "notes": list(spec.notes),
+        **estimate(cfg, counts, world, per_rank, tflops),
     }
 
 
@@ -146,5 +153,6 @@ def format_report(r: dict[str, Any]) -> str:
                  f"update(s) per rollout ({b['trained_edges_per_update']:g} edges each per "
                  f"rank, chunks of {b['edge_chunk']}); {b['max_batch']} rows per forward")
     lines.append("dtypes: " + "; ".join(f"{k} {v}" for k, v in r["dtypes"].items()))
+    lines.append(summary(r["memory"], r["cost"]))
     lines += [f"note: {n}" for n in r["notes"]]
     return "\n".join(lines)

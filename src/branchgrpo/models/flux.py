@@ -54,9 +54,20 @@ RELEASED_CONFIG: dict[str, Any] = {
     "scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": True,
                   "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
                   "max_image_seq_len": 4096, "shift": 3.0, "num_train_timesteps": 1000},
-    "transformer": {"patch_size": 1, "in_channels": 64, "guidance_embeds": True},
-    "vae_scale_factor": 8}
-"""FLUX.1-dev's config values that decide the schedule (`FluxFamily.released_config`)."""
+    "transformer": {  # FLUX.1-dev transformer/config.json (testing.REPLICAS["flux"])
+        "_class_name": "FluxTransformer2DModel", "attention_head_dim": 128,
+        "axes_dims_rope": [16, 56, 56], "guidance_embeds": True, "in_channels": 64,
+        "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 19,
+        "num_single_layers": 38, "patch_size": 1, "pooled_projection_dim": 768},
+    "vae_scale_factor": 8,
+    # branchgrpo.memory: 2x2-packed tokens; T5 max_sequence_length 512; parameters counted on
+    # the meta device from the released text_encoder/, text_encoder_2/, vae/ config.json
+    # (CLIP-L text 123.06M, T5-XXL encoder 4.762B, the 16-channel AutoencoderKL 83.8M)
+    "token_patch": 2, "text_tokens": 512,
+    "params": {"text_encoder": 123_060_480, "text_encoder_2": 4_762_310_656,
+               "vae": 83_819_683}}
+"""FLUX.1-dev's config values that decide the schedule and size the model
+(`FluxFamily.released_config`)."""
 SCHNELL_STEPS = 4
 """FLUX.1-schnell's distilled step count (its model card: 1-4 steps, 4 in its example)."""
 

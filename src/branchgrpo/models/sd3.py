@@ -47,8 +47,21 @@ SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_enco
 RELEASED_CONFIG: dict[str, Any] = {
     "scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0,
                   "num_train_timesteps": 1000},
-    "transformer": {"patch_size": 2, "in_channels": 16}, "vae_scale_factor": 8}
-"""SD3.5-medium's config values that decide the schedule (`SD3Family.released_config`)."""
+    "transformer": {  # SD3.5-medium transformer/config.json (testing.REPLICAS["sd3"])
+        "_class_name": "SD3Transformer2DModel", "attention_head_dim": 64,
+        "caption_projection_dim": 1536, "in_channels": 16, "joint_attention_dim": 4096,
+        "num_attention_heads": 24, "num_layers": 24, "out_channels": 16, "patch_size": 2,
+        "pooled_projection_dim": 2048, "pos_embed_max_size": 384, "qk_norm": "rms_norm",
+        "sample_size": 128, "dual_attention_layers": list(range(13))},
+    "vae_scale_factor": 8,
+    # branchgrpo.memory: 77 CLIP + 256 T5 tokens; parameters counted on the meta device from
+    # the released text_encoder{,_2,_3}/ and vae/ config.json (CLIP-L and CLIP-G with
+    # projection 123.65M / 694.66M, T5-XXL encoder 4.762B, AutoencoderKL 83.8M)
+    "text_tokens": 333,
+    "params": {"text_encoder": 123_650_304, "text_encoder_2": 694_659_840,
+               "text_encoder_3": 4_762_310_656, "vae": 83_819_683}}
+"""SD3.5-medium's config values that decide the schedule and size the model
+(`SD3Family.released_config`)."""
 
 
 @dataclass

@@ -43,8 +43,18 @@ RELEASED_CONFIG: dict[str, Any] = {
     "scheduler": {"_class_name": "UniPCMultistepScheduler", "use_flow_sigmas": True,
                   "flow_shift": 3.0, "prediction_type": "flow_prediction",
                   "final_sigmas_type": "zero", "num_train_timesteps": 1000},
-    "transformer": {"patch_size": [1, 2, 2], "in_channels": 16}, "vae_scale_factor": 8}
-"""Wan2.1-T2V-1.3B-Diffusers' config values that decide the schedule
+    "transformer": {  # Wan2.1-T2V-1.3B transformer/config.json (testing.REPLICAS["wan"])
+        "_class_name": "WanTransformer3DModel", "attention_head_dim": 128,
+        "cross_attn_norm": True, "ffn_dim": 8960, "freq_dim": 256, "in_channels": 16,
+        "num_attention_heads": 12, "num_layers": 30, "out_channels": 16,
+        "patch_size": [1, 2, 2], "qk_norm": "rms_norm_across_heads", "text_dim": 4096},
+    "vae_scale_factor": 8,
+    # branchgrpo.memory: VAE temporal factor 4; UMT5 max_sequence_length 512; parameters
+    # counted on the meta device from the released text_encoder/ and vae/ config.json
+    # (UMT5-XXL encoder 5.681B, AutoencoderKLWan 126.9M, kept in fp32)
+    "frame_period": 4, "text_tokens": 512,
+    "params": {"text_encoder": 5_680_910_336, "vae": 126_892_531}}
+"""Wan2.1-T2V-1.3B-Diffusers' config values that decide the schedule and size the model
 (`WanFamily.released_config`)."""
 
 

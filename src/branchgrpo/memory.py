@@ -1,0 +1,483 @@
+"""Peak memory per rank and compute cost of a training run, from config values alone.
+
+`estimate(cfg, counts, world, tflops)` is what ``branchgrpo plan`` prints as ``"memory"`` and
+``"cost"`` (and ``branchgrpo train`` writes into ``RUN/plan.json``). Nothing loads weights:
+the transformer is instantiated on the meta device from its config (the checkpoint's
+``transformer/config.json``, or the family's ``released_config["transformer"]``), the text
+encoders and VAE from their config files when the folder or the Hugging Face cache holds them,
+else from the family's ``released_config["params"]`` counts. Every family works from its
+`branchgrpo.models.family.Family` class and config files; there is no per-family code here.
+
+The model (docs/recipes.md, "Memory and cost"; all per rank, GiB = 2^30 bytes):
+
+- weights: transformer in ``model.dtype`` (its ``_keep_in_fp32_modules`` in fp32), fp32 master
+  weights in full fine-tuning; LoRA matrices fp32, ``rank x (in + out)`` per targeted Linear;
+  text encoders and VAE in ``model.dtype`` (fp32 for the family's ``fp32_modules``); a KL
+  reference (``train.kl_coef > 0``) is a deep copy of the whole policy.
+- optimizer: per trainable parameter fp32 gradients (4 B) and AdamW's two fp32 states (8 B),
+  an fp32 EMA copy (``train.ema_decay > 0``); FSDP shards the transformer's weights, gradients,
+  states and EMA over the ranks (and ``dist.cpu_offload`` moves them to the CPU), plus two
+  gathered blocks. Full fine-tuning under bf16 autocast without FSDP also holds the bf16 casts
+  of the weights the forward used (2 B per parameter) until the backward.
+- activations of one backward: ``rows = min(train.edge_chunk, edges per update)`` (x2 with CFG)
+  forward rows of S tokens (image + text) hold, per block and token, ``(C0 + 2 m) h`` elements
+  of the compute dtype (hidden width h, MLP ratio m, ``C0`` = `C0` for the q, k, v and SDPA
+  output and the norm / modulation / residual inputs; SDPA keeps no S^2 matrix); with
+  ``model.gradient_checkpointing`` only each block's input (h per token) plus one block's
+  recompute. The step math adds fp32 latents per edge.
+- rollout: the stored tree (nodes and leaves x latent x ``model.storage_dtype``, the edge batch
+  gathered for training) and one no-grad forward of ``rollout.max_batch`` rows (``(6 + 2 m) h``
+  per token of one block); decode: ``decode_batch`` images through the VAE's widest layer.
+- peak = weights + optimizer + the largest phase (rollout, decode or training).
+
+Not counted: reward models (their own weights and inputs; ``reward.*``), the CUDA context and
+allocator fragmentation (the fit test keeps 10% free), the text encoders' forward (cached per
+prompt, run once). The error band `ERROR_BAND` is measured against one CPU training iteration
+(RSS) on the tiny model and FLUX/SD3 replicas (``tests/test_memory.py``).
+
+Cost: FLOPs per forward row ``2 P S + 4 S^2 h L`` (P transformer parameters, every linear
+weight touched once per token, which overcounts dual-stream and modulation weights; attention
+QK^T and AV over S tokens, L blocks); a training row costs forward + backward (2x forward in
+full fine-tuning, 1x with LoRA: no base weight gradients) + one recompute with gradient
+checkpointing + a reference forward with a KL term. Seconds = FLOPs per rank / ``tflops``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import Config
+
+GIB = 2**30
+C0 = {"bf16": 12, "fp16": 12, "fp32": 16}
+"""Elements per token and hidden unit of a block's saved activations besides the MLP's 2 m,
+by compute dtype: q, k, v, the SDPA output, the norm, modulation and residual-gate inputs.
+Measured (saved-tensor hooks, docs/recipes.md): under bf16 autocast, in bf16-sized elements,
+FLUX double / single blocks 10.3 / 9, SD3 12.5, Wan 18 (its norms stay fp32); in fp32 the
+tiny FLUX blocks 17.5 / 13.3 (autocast saves some casts once instead of twice)."""
+ERROR_BAND = 0.25
+"""The estimate's stated relative error on the peak of a training iteration (measured on
+CPU, ``tests/test_memory.py``; the real sizes are hand-checked, docs/recipes.md)."""
+DEFAULT_TFLOPS = 400.0
+"""Sustained bf16 TFLOP/s of one H100/H200 at a realistic ~40% MFU (989 dense peak)."""
+CARDS_GB = (24, 48, 80)
+"""Device sizes the report checks the peak against (GiB, 10% kept free)."""
+BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The transformer as the estimate sees it, from a meta-device instance: parameters (all,
+    under ``_keep_in_fp32_modules``, of the largest block), LoRA parameters per unit rank on
+    the targets (sum of in + out features of the matched Linears), hidden width h (the most
+    common Linear input width in the blocks), blocks L, MLP ratio m."""
+
+    params: int
+    fp32_params: int
+    block_params: int
+    lora_per_rank: int
+    hidden: int
+    layers: int
+    mlp_ratio: float
+
+
+def arch_of(model: nn.Module, lora_targets: tuple[str, ...]) -> Arch:
+    """`Arch` of a (meta or real) transformer ``model``; its blocks are the items of its
+    ModuleLists (`branchgrpo.dist.transformer_blocks`)."""
+    from collections import Counter
+
+    from .dist import transformer_blocks
+    from .models.loading import keeps_fp32
+
+    blocks = transformer_blocks(model)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    widths = Counter(m.in_features for b in blocks for m in b.modules()
+                     if isinstance(m, nn.Linear))
+    hidden = widths.most_common(1)[0][0] if widths else max(
+        (m.in_features for _, m in linears), default=1)
+    lora = sum(m.in_features + m.out_features for n, m in linears
+               if any(n == t or n.endswith("." + t) for t in lora_targets))
+    return Arch(
+        params=sum(p.numel() for p in model.parameters()),
+        fp32_params=sum(p.numel() for n, p in model.named_parameters() if keeps_fp32(model, n)),
+        block_params=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
+        lora_per_rank=lora, hidden=hidden, layers=len(blocks),
+        mlp_ratio=_mlp_ratio(blocks, hidden))
+
+
+def _mlp_ratio(blocks: list[nn.Module], hidden: int) -> float:
+    """The widest MLP up-projection over h: Linears inside a module whose class or name says
+    feed-forward / MLP (diffusers' ``FeedForward``, FLUX's ``proj_mlp``); 4 when none does."""
+    widths = [m.out_features for b in blocks for n, m in b.named_modules()
+              if isinstance(m, nn.Linear) and m.in_features == hidden
+              and any(k in part.lower() for part in n.split(".") for k in ("ff", "mlp"))]
+    return max(widths) / hidden if widths else 4.0
+
+
+@functools.lru_cache(maxsize=32)
+def _meta_arch(library: str, cls_name: str, config_json: str,
+               lora_targets: tuple[str, ...]) -> Arch:
+    return arch_of(_meta_model(library, cls_name, config_json), lora_targets)
+
+
+@functools.lru_cache(maxsize=32)
+def _meta_params(library: str, cls_name: str, config_json: str) -> int:
+    return sum(p.numel() for p in _meta_model(library, cls_name, config_json).parameters())
+
+
+def _meta_model(library: str, cls_name: str, config_json: str) -> nn.Module:
+    """The module ``library.cls_name`` built from its config on the meta device (no memory)."""
+    import importlib
+
+    cls = getattr(importlib.import_module(library), cls_name)
+    config = json.loads(config_json)
+    with torch.device("meta"):
+        if library == "diffusers":
+            return cls.from_config(config)
+        return cls(cls.config_class.from_dict(config))
+
+
+def transformer_arch(transformer_class: str, config: dict[str, Any],
+                     lora_targets: tuple[str, ...]) -> Arch:
+    """`Arch` of the diffusers class ``transformer_class`` built from ``config`` on meta."""
+    clean = {k: v for k, v in config.items() if not k.startswith("_")}
+    return _meta_arch("diffusers", transformer_class, json.dumps(clean, sort_keys=True),
+                      tuple(lora_targets))
+
+
+# ------------------------------------------------------------------- the model's components
+@dataclass(frozen=True)
+class Model:
+    """What the estimate needs of the model: the transformer `Arch`, frozen component
+    parameters by pipeline name (text encoders, ``vae``), tokens per row, latent elements per
+    row, the VAE's widest channel count and output pixels, and where the counts came from."""
+
+    arch: Arch
+    frozen: dict[str, int]
+    fp32_frozen: tuple[str, ...]
+    image_tokens: int
+    text_tokens: int
+    latent_numel: int
+    cfg_rows: int
+    vae_width: int
+    pixels: int
+    decode_batch: int
+    sources: tuple[str, ...]
+
+
+def model_of(cfg: Config) -> Model:
+    """The `Model` of ``cfg.model`` (the tiny policy, or a diffusers family from its config
+    files: `branchgrpo.spec.read_model_files` and the component configs beside it)."""
+    from .spec import family_class, read_model_files
+
+    fam = family_class(cfg.model.kind)
+    if fam is None:
+        return _tiny_model()
+    files = read_model_files(cfg)
+    rel = fam.released_config
+    config = files.transformer if files.transformer.get("_class_name") else {
+        **rel["transformer"], **files.transformer}
+    arch = transformer_arch(fam.transformer_class, config, fam.lora_targets)
+    comps, sources = _components(cfg, fam)
+    vae = _component_config(cfg.model.path, "vae") or {}
+    m = cfg.model
+    side = _token_side(fam, config, vae, files.vae_scale_factor)
+    frames = _latent_frames(fam, vae, m.num_frames)
+    image = (m.height // side) * (m.width // side) * frames
+    latent_ch = int(vae.get("latent_channels") or vae.get("z_dim") or rel.get("latent_channels", 16))
+    latent = latent_ch * frames * (m.height // files.vae_scale_factor) * (
+        m.width // files.vae_scale_factor)
+    defaults = {f.name: f.default for f in dataclasses.fields(fam)}
+    text = int(rel.get("text_tokens") or defaults.get("max_sequence_length") or 0)
+    cfg_rows = 2 if fam.guidance_kind == "cfg" and m.guidance > 1 else 1
+    widths = vae.get("block_out_channels") or [128]
+    return Model(arch, comps, tuple(fam.fp32_modules), image, text, latent, cfg_rows,
+                 int(max(widths)), m.height * m.width * (m.num_frames if fam.video else 1),
+                 int(defaults.get("decode_batch") or 1), (files.source, *sources))
+
+
+def _tiny_model() -> Model:
+    """The embedded tiny policy: its FluxTransformer2DModel and word encoder, fp32."""
+    from .models.tiny import TinyFluxPolicy
+    from .tasks import shapes
+
+    with torch.device("meta"):
+        pol = TinyFluxPolicy()
+    arch = arch_of(pol.transformer, ())
+    s, c = pol.latent_shape
+    return Model(arch, {"text_encoder": sum(p.numel() for p in pol.text.parameters())}, (),
+                 s, shapes.MAX_WORDS, s * c, 1, 0, 0, 1, ("tiny (embedded)",))
+
+
+def _token_side(fam: Any, config: dict[str, Any], vae: dict[str, Any], factor: int) -> int:
+    """Pixels per token side: the VAE factor x the transformer's patch, or x the family's
+    ``released_config["token_patch"]`` (FLUX's 2x2 packing: patch_size 1 on 4 C channels);
+    a patch-1 transformer on 4x the VAE's latent channels is read as 2x2 packing too."""
+    patch = config.get("patch_size", 1)
+    patch = int(patch[-1] if isinstance(patch, (list, tuple)) else patch or 1)
+    packed = fam.released_config.get("token_patch")
+    if packed:
+        patch = int(packed)
+    elif patch == 1 and vae.get("latent_channels") and config.get("in_channels") == 4 * int(
+            vae["latent_channels"]):
+        patch = 2
+    return factor * patch
+
+
+def _latent_frames(fam: Any, vae: dict[str, Any], num_frames: int) -> int:
+    """Latent frames of a video family ((F - 1) / temporal factor + 1), 1 for images."""
+    if not fam.video:
+        return 1
+    down = vae.get("temperal_downsample") or vae.get("temporal_downsample")
+    t = 2 ** sum(bool(x) for x in down) if down else int(
+        fam.released_config.get("frame_period", 4))
+    return (num_frames - 1) // t + 1
+
+
+def _components(cfg: Config, fam: Any) -> tuple[dict[str, int], tuple[str, ...]]:
+    """Parameters of the frozen pipeline components (text encoders, ``vae``): meta instances
+    of their config files (``model_index.json`` names the classes), else the family's
+    ``released_config["params"]``."""
+    from .models.diffusers_policy import TEXT_ENCODERS
+
+    index = _component_config(cfg.model.path, "") or {}
+    fallback = fam.released_config.get("params", {})
+    names = [n for n in (*TEXT_ENCODERS, "vae") if n in index or n in fallback]
+    out: dict[str, int] = {}
+    used_files = used_fallback = False
+    for name in names:
+        conf = _component_config(cfg.model.path, name)
+        lib_cls = index.get(name)
+        if conf and isinstance(lib_cls, list) and lib_cls[0] in ("transformers", "diffusers"):
+            clean = {k: v for k, v in conf.items() if not k.startswith("_")}
+            out[name] = _meta_params(lib_cls[0], lib_cls[1], json.dumps(clean, sort_keys=True))
+            used_files = True
+        elif name in fallback:
+            out[name] = int(fallback[name])
+            used_fallback = True
+    notes = (("text encoders / VAE: their config files",) if used_files else ()) + (
+        (f"text encoders / VAE: {cfg.model.kind} released_config['params']",)
+        if used_fallback else ())
+    return out, notes
+
+
+def _component_config(path: str, name: str) -> dict[str, Any] | None:
+    """``name/config.json`` (``model_index.json`` for name "") of the local folder ``path`` or
+    the Hugging Face cache of the id ``path``; None when neither holds it (no download)."""
+    from .spec import _cached
+
+    rel = f"{name}/config.json" if name else "model_index.json"
+    p = Path(path).expanduser()
+    f = (p / rel) if p.is_dir() else (Path(c) if (c := _cached(path, rel)) else None)
+    if f is None or not f.is_file():
+        return None
+    try:
+        out = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return None
+    return out if isinstance(out, dict) else None
+
+
+# ------------------------------------------------------------------------- the estimate
+@dataclass(frozen=True)
+class Run:
+    """The run's values the estimate reads (from the config and the plan's counts)."""
+
+    compute: str
+    act_bytes: int
+    weight_bytes: int
+    storage_bytes: int
+    finetune: str
+    lora_rank: int
+    checkpointing: bool
+    kl: bool
+    ema: bool
+    fsdp: bool
+    cpu_offload: bool
+    world: int
+    train_rows: int
+    rollout_rows: int
+    nodes: int
+    leaves: int
+    edges: int
+
+
+def run_of(cfg: Config, counts: dict[str, int], world: int, per_rank: int) -> Run:
+    """`Run` of ``cfg`` with the plan's per-tree ``counts`` (forwards, nodes, trained_edges,
+    leaves: `branchgrpo.plan_report.PER_TREE`) and ``per_rank`` trees on each of ``world``."""
+    from .spec import kl_coef, strategy_of
+
+    m, t = cfg.model, cfg.train
+    tiny = m.kind == "tiny"
+    edges = counts["trained_edges"] * per_rank
+    per_update = -(-edges // max(t.updates_per_rollout, 1))
+    compute = "fp32" if tiny else m.dtype
+    return Run(
+        compute=compute, act_bytes=BYTES[compute], weight_bytes=4 if tiny else BYTES[m.dtype],
+        storage_bytes=BYTES[m.storage_dtype], finetune="full" if tiny else m.finetune,
+        lora_rank=m.lora_rank, checkpointing=m.gradient_checkpointing and not tiny,
+        kl=kl_coef(cfg) > 0, ema=t.ema_decay > 0,
+        fsdp=world > 1 and strategy_of(cfg) == "fsdp", cpu_offload=cfg.dist.cpu_offload,
+        world=world, train_rows=min(t.edge_chunk, per_update),
+        rollout_rows=min(cfg.rollout.max_batch, counts["leaves"] * per_rank),
+        nodes=counts["nodes"] * per_rank, leaves=counts["leaves"] * per_rank, edges=edges)
+
+
+def weights(model: Model, run: Run) -> dict[str, float]:
+    """Resident bytes of weights and optimizer state by part (see the module docstring)."""
+    a = model.arch
+    full = run.finetune == "full"
+    trainable = a.params if full else a.lora_per_rank * run.lora_rank
+    shard = run.world if run.fsdp else 1
+    on_device = 0.0 if (run.fsdp and run.cpu_offload) else 1.0
+    base = a.params * 4 if full else (a.params - a.fp32_params) * run.weight_bytes + (
+        a.fp32_params * 4)
+    out = {"transformer": base / shard * on_device,
+           "lora": 0.0 if full else trainable * 4.0}
+    for name, n in model.frozen.items():
+        b = 4 if name in model.fp32_frozen else run.weight_bytes
+        key = "vae" if name == "vae" else "text_encoders"
+        out[key] = out.get(key, 0.0) + n * b
+    if run.fsdp:  # two gathered blocks and the unsharded root parameters, in bf16
+        rest = a.params - a.block_params * a.layers
+        out["fsdp_gathered"] = (2 * a.block_params + max(rest, 0)) * run.weight_bytes
+    elif full and run.weight_bytes < 4:  # the forward's bf16 casts of the fp32 master weights
+        out["autocast_casts"] = a.params * run.weight_bytes * 1.0
+    if run.kl:  # a deep copy of the policy: its transformer (sharded under FSDP) and encoders
+        frozen = sum(v for k, v in out.items() if k in ("text_encoders", "vae"))
+        out["reference"] = out["transformer"] + out["lora"] + frozen
+    sharded = trainable / (shard if full else 1) * on_device
+    out["gradients"] = sharded * 4.0
+    out["optimizer"] = sharded * 8.0
+    if run.ema:
+        out["ema"] = sharded * 4.0
+    return out
+
+
+def activations(model: Model, run: Run, checkpointing: bool) -> dict[str, float]:
+    """Bytes of each phase's transient memory: ``train`` (one backward's saved activations and
+    step math, plus the gathered edge batch), ``rollout`` (one no-grad forward), ``decode``
+    (the VAE), and ``tree`` (the stored rollout, alive in all of them)."""
+    a, b = model.arch, run.act_bytes
+    s = model.image_tokens + model.text_tokens
+    per_block = (C0[run.compute] + 2 * a.mlp_ratio) * a.hidden * b  # bytes per token
+    rows = run.train_rows * model.cfg_rows
+    # saved tensors, + the backward's transient gradients (of the MLP's up-projection and
+    # the residual stream), + with checkpointing the recomputed block
+    grad = (2 * a.mlp_ratio + 2) * a.hidden * b
+    if checkpointing:
+        saved = rows * s * (a.layers * a.hidden * b + per_block + grad)
+    else:
+        saved = rows * s * (a.layers * per_block + grad)
+    nonblock = rows * s * a.hidden * b * 4  # embedders, final norm / projection
+    step = run.train_rows * model.latent_numel * 4 * 8  # fp32 x, v, mean, x_next, grads
+    edge_batch = run.edges * model.latent_numel * run.storage_bytes * 2
+    tree = (run.nodes + run.leaves) * model.latent_numel * run.storage_bytes
+    tree += run.rollout_rows * model.latent_numel * 4 * 3  # the frontier in fp32 (x, x0, v)
+    rollout = run.rollout_rows * model.cfg_rows * s * (6 + 2 * a.mlp_ratio) * a.hidden * b
+    decode = model.decode_batch * model.pixels * model.vae_width * b * 3
+    return {"tree": float(tree), "rollout": float(rollout), "decode": float(decode),
+            "train": float(saved + nonblock + step + edge_batch)}
+
+
+def peak(parts: dict[str, float], phases: dict[str, float]) -> tuple[float, str]:
+    """(peak bytes, the phase that decides it): resident parts + the tree + the largest
+    phase."""
+    phase = max(("rollout", "decode", "train"), key=lambda k: phases[k])
+    return sum(parts.values()) + phases["tree"] + phases[phase], phase
+
+
+def flops_per_row(model: Model) -> float:
+    """FLOPs of one transformer forward row: 2 P S + 4 S^2 h L (see the module docstring)."""
+    a = model.arch
+    s = model.image_tokens + model.text_tokens
+    return 2.0 * a.params * s + 4.0 * s * s * a.hidden * a.layers
+
+
+def cost(model: Model, run: Run, counts: dict[str, int], per_rank: int,
+         tflops: float) -> dict[str, Any]:
+    """Forwards, backward rows, FLOPs and seconds of one iteration on each rank."""
+    fwd_rows = counts["forwards"] * per_rank * model.cfg_rows
+    train_rows = run.edges * model.cfg_rows
+    f = flops_per_row(model)
+    per_train = 1.0 + (2.0 if run.finetune == "full" else 1.0) + (
+        1.0 if run.checkpointing else 0.0) + (1.0 if run.kl else 0.0)
+    total = f * (fwd_rows + train_rows * per_train)
+    return {"forward_rows_per_rank": fwd_rows, "backward_rows_per_rank": train_rows,
+            "cfg_rows_per_sample": model.cfg_rows, "tokens_per_row": model.image_tokens
+            + model.text_tokens, "gflop_per_forward_row": f / 1e9,
+            "forward_equivalents_per_training_row": per_train,
+            "tflop_per_iteration_per_rank": total / 1e12, "tflops": tflops,
+            "seconds_per_iteration": total / (tflops * 1e12),
+            "assumption": f"{tflops:g} TFLOP/s sustained per device (default {DEFAULT_TFLOPS:g}:"
+                          " an H100/H200 in bf16 at ~40% MFU); FLOPs 2 P S + 4 S^2 h L per "
+                          "forward row, backward 2x (full) or 1x (LoRA); rewards, decode and "
+                          "communication not counted"}
+
+
+def estimate(cfg: Config, counts: dict[str, int], world: int, per_rank: int,
+             tflops: float = DEFAULT_TFLOPS) -> dict[str, dict[str, Any]]:
+    """``{"memory": ..., "cost": ...}`` of ``cfg`` (see the module docstring)."""
+    if tflops <= 0:
+        from .config import ConfigError
+
+        raise ConfigError(f"--tflops must be > 0, got {tflops}")
+    model = model_of(cfg)
+    run = run_of(cfg, counts, world, per_rank)
+    parts = weights(model, run)
+    phases = {c: activations(model, run, c) for c in (False, True)}
+    now = phases[run.checkpointing]
+    total, phase = peak(parts, now)
+    gib = lambda x: round(x / GIB, 3)  # noqa: E731
+    optim = sum(parts.get(k, 0.0) for k in ("gradients", "optimizer", "ema"))
+    memory = {
+        "peak_gib": gib(total), "phase": phase,
+        "weights_gib": gib(sum(parts.values()) - optim), "optimizer_gib": gib(optim),
+        "activations_gib": gib(now["tree"] + now[phase]),
+        "peak_gib_without_checkpointing": gib(peak(parts, phases[False])[0]),
+        "peak_gib_with_checkpointing": gib(peak(parts, phases[True])[0]),
+        "gradient_checkpointing": run.checkpointing,
+        "parts_gib": {k: gib(v) for k, v in parts.items()},
+        "phases_gib": {k: gib(v) for k, v in now.items()},
+        "error_band": ERROR_BAND, "range_gib": [gib(total * (1 - ERROR_BAND)),
+                                                gib(total * (1 + ERROR_BAND))],
+        "fits_gb": {str(c): total <= 0.9 * c * GIB for c in CARDS_GB},
+        "params": {"transformer": model.arch.params, "trainable": model.arch.params
+                   if run.finetune == "full" else model.arch.lora_per_rank * run.lora_rank,
+                   **model.frozen},
+        "architecture": {"hidden": model.arch.hidden, "blocks": model.arch.layers,
+                         "mlp_ratio": round(model.arch.mlp_ratio, 3),
+                         "image_tokens": model.image_tokens, "text_tokens": model.text_tokens,
+                         "train_rows": run.train_rows * model.cfg_rows,
+                         "rollout_rows": run.rollout_rows * model.cfg_rows},
+        "sources": list(model.sources),
+        "not_counted": "reward models, CUDA context, allocator fragmentation",
+    }
+    return {"memory": memory, "cost": cost(model, run, counts, per_rank, tflops)}
+
+
+def summary(memory: dict[str, Any], cost_: dict[str, Any]) -> str:
+    """The one-line human form: peak, its parts, the fit, and the iteration's cost."""
+    fits = [c for c, ok in memory["fits_gb"].items() if ok]
+    nofit = [c for c, ok in memory["fits_gb"].items() if not ok]
+    fit = "; ".join(filter(None, [f"fits in {'/'.join(fits)} GB" if fits else "",
+                                  f"does not fit in {'/'.join(nofit)} GB" if nofit else ""]))
+    return (f"memory: peak ~{memory['peak_gib']:.1f} GiB per rank (+-{memory['error_band']:.0%}; "
+            f"weights {memory['weights_gib']:.1f}, optimizer {memory['optimizer_gib']:.1f}, "
+            f"activations {memory['activations_gib']:.1f} at {memory['phase']}; "
+            f"checkpointing {'on' if memory['gradient_checkpointing'] else 'off'}: "
+            f"{memory['peak_gib_with_checkpointing']:.1f} with, "
+            f"{memory['peak_gib_without_checkpointing']:.1f} without); {fit}\n"
+            f"cost: {cost_['forward_rows_per_rank']:,} forward + "
+            f"{cost_['backward_rows_per_rank']:,} backward rows per rank per iteration "
+            f"({cost_['tokens_per_row']:,} tokens, {cost_['gflop_per_forward_row']:,.0f} GFLOP "
+            f"a row), ~{cost_['seconds_per_iteration']:,.1f} s at {cost_['tflops']:g} TFLOP/s")
