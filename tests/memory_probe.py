@@ -21,8 +21,9 @@ def resident() -> int:
 
 
 def main(overrides: list[str]) -> dict[str, float]:
-    import torch  # noqa: F401  (imported before the baseline, as are the libraries below)
+    # imported before the baseline: the libraries' own memory is not the run's
     import diffusers  # noqa: F401
+    import torch  # noqa: F401
     import transformers  # noqa: F401
 
     from branchgrpo.config import load_config
@@ -32,12 +33,27 @@ def main(overrides: list[str]) -> dict[str, float]:
 
     cfg = load_config(None, overrides)
     est = plan_report(cfg)["memory"]
+    _import_model_code(cfg.model.kind)
     base = resident()
     s = setup(cfg, None)
     iteration(s)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     return {"measured": peak, "estimated": est["peak_gib"] * GIB,
             "phase": est["phase"], "parts": est["parts_gib"], "phases": est["phases_gib"]}
+
+
+def _import_model_code(kind: str) -> None:
+    """Import the code the run will (peft, the family's module and diffusers pipeline), so
+    its modules are in the baseline, not in the measured delta."""
+    if kind == "tiny":
+        return
+    import diffusers
+    import peft  # noqa: F401
+
+    from branchgrpo.models.families import family_class, family_module
+
+    family_module(kind)
+    getattr(diffusers, family_class(kind).pipeline_name)
 
 
 if __name__ == "__main__":

@@ -65,9 +65,8 @@ def _train(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .plan_report import format_report, plan_report
-
     from .memory import DEFAULT_TFLOPS
+    from .plan_report import format_report, plan_report
 
     tflops = DEFAULT_TFLOPS if args.tflops is None else args.tflops
     report = plan_report(load_config(args.config, args.overrides), tflops=tflops)

@@ -47,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,13 +57,15 @@ from torch import nn
 from .config import Config
 
 GIB = 2**30
-C0 = {"bf16": 12, "fp16": 12, "fp32": 16}
+C0 = {("full", 4): 15, ("full", 2): 19, ("lora", 4): 6, ("lora", 2): 11}
 """Elements per token and hidden unit of a block's saved activations besides the MLP's 2 m,
-by compute dtype: q, k, v, the SDPA output, the norm, modulation and residual-gate inputs.
-Measured (saved-tensor hooks, docs/recipes.md): under bf16 autocast, in bf16-sized elements,
-FLUX double / single blocks 10.3 / 9, SD3 12.5, Wan 18 (its norms stay fp32); in fp32 the
-tiny FLUX blocks 17.5 / 13.3 (autocast saves some casts once instead of twice)."""
-ERROR_BAND = 0.25
+by (fine-tuning, compute bytes): q, k, v, the SDPA output, the norm, modulation and
+residual-gate inputs, and (full fine-tuning) every Linear's input; a frozen Linear keeps no
+input for its weight gradient, so LoRA saves less. Measured with saved-tensor hooks (m = 4,
+docs/recipes.md): full fp32 24-25.5 (FLUX, tiny double blocks) / 21-22 (single blocks),
+full bf16 27 bf16-sized elements (FLUX double), LoRA fp32 13-14 (FLUX, SD3), LoRA bf16
+17-20.5 (FLUX, SD3; Wan 30 with m = 5.8: its norms stay fp32)."""
+ERROR_BAND = 0.3
 """The estimate's stated relative error on the peak of a training iteration (measured on
 CPU, ``tests/test_memory.py``; the real sizes are hand-checked, docs/recipes.md)."""
 DEFAULT_TFLOPS = 400.0
@@ -193,7 +194,8 @@ def model_of(cfg: Config) -> Model:
     side = _token_side(fam, config, vae, files.vae_scale_factor)
     frames = _latent_frames(fam, vae, m.num_frames)
     image = (m.height // side) * (m.width // side) * frames
-    latent_ch = int(vae.get("latent_channels") or vae.get("z_dim") or rel.get("latent_channels", 16))
+    latent_ch = int(vae.get("latent_channels") or vae.get("z_dim")
+                    or rel.get("latent_channels", 16))
     latent = latent_ch * frames * (m.height // files.vae_scale_factor) * (
         m.width // files.vae_scale_factor)
     defaults = {f.name: f.default for f in dataclasses.fields(fam)}
@@ -369,7 +371,7 @@ def activations(model: Model, run: Run, checkpointing: bool) -> dict[str, float]
     (the VAE), and ``tree`` (the stored rollout, alive in all of them)."""
     a, b = model.arch, run.act_bytes
     s = model.image_tokens + model.text_tokens
-    per_block = (C0[run.compute] + 2 * a.mlp_ratio) * a.hidden * b  # bytes per token
+    per_block = (C0[run.finetune, b] + 2 * a.mlp_ratio) * a.hidden * b  # bytes per token
     rows = run.train_rows * model.cfg_rows
     # saved tensors, + the backward's transient gradients (of the MLP's up-projection and
     # the residual stream), + with checkpointing the recomputed block

@@ -1,0 +1,154 @@
+"""`branchgrpo.memory`: the weight and optimizer parts by hand, LoRA counts against peft, the
+real FLUX.1-dev size from its released config (offline), and the estimate against the measured
+peak of one CPU training iteration (`tests/memory_probe.py` in a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from branchgrpo.cli import main
+from branchgrpo.memory import ERROR_BAND, GIB, Arch, Model, Run, weights
+
+PROBE = Path(__file__).with_name("memory_probe.py")
+
+
+def run_cli(capsys, *args: str) -> str:
+    """``branchgrpo ARGS`` in this process; its stdout."""
+    assert main(list(args)) == 0
+    return capsys.readouterr().out
+
+
+def _model(params: int = 1000, lora_per_rank: int = 10) -> Model:
+    arch = Arch(params=params, fp32_params=0, block_params=100, lora_per_rank=lora_per_rank,
+                hidden=8, layers=8, mlp_ratio=4.0)
+    return Model(arch, {"text_encoder": 50, "vae": 20}, ("vae",), 4, 4, 16, 1, 8, 64, 1, ())
+
+
+def _run(**kw) -> Run:
+    base = dict(compute="bf16", act_bytes=2, weight_bytes=2, storage_bytes=2, finetune="lora",
+                lora_rank=4, checkpointing=False, kl=False, ema=False, fsdp=False,
+                cpu_offload=False, world=1, train_rows=1, rollout_rows=1, nodes=1, leaves=1,
+                edges=1)
+    return Run(**{**base, **kw})
+
+
+def test_weight_parts_by_hand():
+    """1000 transformer parameters, LoRA rank 4 on Linears of 10 in + out features."""
+    lora = weights(_model(), _run())
+    assert lora == {"transformer": 2000, "lora": 160, "text_encoders": 100, "vae": 80,
+                    "gradients": 160, "optimizer": 320}
+    full = weights(_model(), _run(finetune="full"))  # fp32 master + the bf16 autocast casts
+    assert (full["transformer"], full["autocast_casts"], full["gradients"],
+            full["optimizer"]) == (4000, 2000, 4000, 8000)
+    fsdp = weights(_model(), _run(finetune="full", fsdp=True, world=4, ema=True, kl=True))
+    assert (fsdp["transformer"], fsdp["gradients"], fsdp["optimizer"], fsdp["ema"]) == (
+        1000, 1000, 2000, 1000)
+    assert fsdp["fsdp_gathered"] == 2 * (2 * 100 + 200)  # two blocks + the 200 outside them
+    assert fsdp["reference"] == 1000 + 100 + 80
+
+
+def test_lora_count_matches_peft():
+    """`Arch.lora_per_rank` x rank is the parameter count peft injects on the targets."""
+    from branchgrpo.memory import arch_of
+    from branchgrpo.models.flux import FluxFamily, tiny_flux
+    from branchgrpo.models.lora import LoraSpec
+
+    plain, _ = tiny_flux()
+    arch = arch_of(plain.transformer, FluxFamily.lora_targets)
+    policy, _ = tiny_flux(lora=LoraSpec(rank=4))
+    injected = sum(p.numel() for n, p in policy.transformer.named_parameters() if "lora_" in n)
+    assert arch.lora_per_rank * 4 == injected
+    assert arch.params == sum(p.numel() for p in plain.transformer.parameters())
+
+
+def test_flux_dev_plan_sizes_the_released_model(capsys):
+    """``branchgrpo plan configs/flux_branchgrpo.yaml`` offline (released configs): the 11.9B
+    transformer, and a peak in the hand-checked range. One rank, full fine-tuning: 11.9B x
+    (4 B fp32 master + 4 B grads + 8 B AdamW) = 177.3 GiB, + 22.2 GiB bf16 autocast casts,
+    + 9.1 GiB bf16 T5-XXL / CLIP-L = 208.6 GiB before activations (8 rows of 2537 tokens with
+    checkpointing: 57 blocks x 2537 x 3072 x 2 B = 0.83 GiB a row); LoRA rank 32: 22.2 GiB
+    bf16 base + 9.1 GiB encoders + activations."""
+    r = json.loads(run_cli(capsys, "plan", "configs/flux_branchgrpo.yaml", "--json"))
+    m = r["memory"]
+    assert m["params"]["transformer"] == 11_901_408_320
+    assert m["params"]["text_encoder_2"] == 4_762_310_656
+    assert m["architecture"]["image_tokens"] == 2025 and m["architecture"]["text_tokens"] == 512
+    assert 208.6 + 6 < m["peak_gib"] < 208.6 + 20
+    assert m["peak_gib_without_checkpointing"] > m["peak_gib"] + 50
+    assert not any(m["fits_gb"].values())
+    lora = json.loads(run_cli(capsys, "plan", "configs/flux_branchgrpo.yaml",
+                              "model.finetune=lora", "--json"))["memory"]
+    assert 31.3 + 5 < lora["peak_gib"] < 31.3 + 20 and lora["fits_gb"]["80"]
+    text = run_cli(capsys, "plan", "configs/flux_branchgrpo.yaml", "--tflops", "200")
+    assert "memory: peak ~" in text and "does not fit in 24/48/80 GB" in text
+    assert "406 forward + 436 backward rows per rank" in text and "at 200 TFLOP/s" in text
+
+
+def test_fsdp_shards_the_states(capsys, monkeypatch):
+    """Eight ranks under FSDP (dist.strategy auto, full fine-tuning): the states shard."""
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    m = json.loads(run_cli(capsys, "plan", "configs/flux_branchgrpo.yaml", "--json"))["memory"]
+    assert m["parts_gib"]["optimizer"] == pytest.approx(11_901_408_320 * 8 / 8 / GIB, rel=1e-3)
+    assert 30 < m["peak_gib"] < 50 and m["fits_gb"]["80"]
+
+
+def test_cost_scales_with_tflops(capsys):
+    a = json.loads(run_cli(capsys, "plan", "--json"))["cost"]
+    b = json.loads(run_cli(capsys, "plan", "--json", "--tflops", "100"))["cost"]
+    assert b["seconds_per_iteration"] == pytest.approx(4 * a["seconds_per_iteration"])
+    assert a["tflops"] == 400 and a["backward_rows_per_rank"] > 0
+
+
+REPLICA = ["reward.weights={jpeg_compressibility: 1.0}", "train.device=cpu",
+           "model.height=128", "model.width=128", "model.dtype=fp32", "train.edge_chunk=512",
+           "train.prompts_per_iteration=32", "rollout.num_steps=2"]
+CASES = {
+    "tiny": ["rollout.num_steps=4", "rollout.split_steps=[0,1,2]", "rollout.branch_factor=2",
+             "train.prompts_per_iteration=16", "train.edge_chunk=1024"],
+    "flux-lora": ["model.kind=flux", "model.finetune=lora", "rollout.method=branch",
+                  "rollout.split_steps=[0]", "rollout.branch_factor=2", *REPLICA],
+    "flux-full": ["model.kind=flux", "model.finetune=full", "rollout.method=branch",
+                  "rollout.split_steps=[0]", "rollout.branch_factor=2", *REPLICA],
+    "sd3-lora": ["model.kind=sd3", "model.finetune=lora", "model.guidance=4.5",
+                 "rollout.method=flow_grpo", "rollout.group_size=4", *REPLICA],
+    "sd3-full": ["model.kind=sd3", "model.finetune=full", "model.guidance=4.5",
+                 "rollout.method=flow_grpo", "rollout.group_size=4", *REPLICA],
+    "flux-lora-bf16": ["model.kind=flux", "model.finetune=lora", "rollout.method=branch",
+                       "rollout.split_steps=[0]", "rollout.branch_factor=2", *REPLICA,
+                       "model.dtype=bf16", "train.amp=bf16", "train.prompts_per_iteration=64"],
+}
+"""Runs whose training activations (hundreds of MB) dominate the process's own noise."""
+
+
+@pytest.mark.parametrize("case", ["tiny", *(pytest.param(c, marks=pytest.mark.slow)
+                                            for c in CASES if c != "tiny")])
+def test_estimate_within_band_of_measured_peak(case, tmp_path):
+    """One training iteration in a subprocess: the peak resident set it adds (glibc's mmap
+    threshold fixed at 64 KiB, so freed tensors leave the resident set) is within
+    `ERROR_BAND` of the estimate."""
+    args = [f"log.run_dir={tmp_path / 'run'}", "train.iterations=1", "reward.judge=''",
+            "log.progress=false", "log.tensorboard=false", *CASES[case]]
+    if case != "tiny":
+        from branchgrpo.models.testing import write_replica_pipeline
+
+        kind = case.split("-")[0]  # one replica per case: a few seconds
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("".join(f"a cube number {i}\n" for i in range(64)))
+        path = write_replica_pipeline(kind, tmp_path / kind)
+        args += [f"model.path={path}", f"data.prompts={prompts}",
+                 f"data.eval_prompts={prompts}"]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, str(PROBE), *args], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["measured"] > 300 * 2**20, r  # activations dominate the process's noise
+    print(case, "estimated / measured", r["estimated"] / r["measured"])
+    assert abs(r["estimated"] / r["measured"] - 1) <= ERROR_BAND, r
