@@ -123,11 +123,15 @@ CASES = {
                        "rollout.split_steps=[0]", "rollout.branch_factor=2", *REPLICA,
                        "model.dtype=bf16", "train.amp=bf16", "train.prompts_per_iteration=64"],
 }
-"""Runs whose training activations (hundreds of MB) dominate the process's own noise."""
+"""Runs whose training activations (hundreds of MB) dominate the process's own noise (the
+rows of docs/memory.md's table). The suite measures `TESTED` (LoRA and full fine-tuning, two
+replicas); ``MEMORY_CASES=all`` measures every case."""
+TESTED = ("tiny", "flux-lora", "sd3-full")
 
 
-@pytest.mark.parametrize("case", ["tiny", *(pytest.param(c, marks=pytest.mark.slow)
-                                            for c in CASES if c != "tiny")])
+@pytest.mark.parametrize("case", [
+    c if c == "tiny" else pytest.param(c, marks=pytest.mark.slow) for c in CASES
+    if c in TESTED or os.environ.get("MEMORY_CASES") == "all"])
 def test_estimate_within_band_of_measured_peak(case, tmp_path):
     """One training iteration in a subprocess: the peak resident set it adds (glibc's mmap
     threshold fixed at 64 KiB, so freed tensors leave the resident set) is within
@@ -152,3 +156,20 @@ def test_estimate_within_band_of_measured_peak(case, tmp_path):
     assert r["measured"] > 300 * 2**20, r  # activations dominate the process's noise
     print(case, "estimated / measured", r["estimated"] / r["measured"])
     assert abs(r["estimated"] / r["measured"] - 1) <= ERROR_BAND, r
+
+
+def test_component_counts_from_config_files(capsys, tmp_path):
+    """On a replica pipeline folder the counts come from its config files (meta instances of
+    the classes ``model_index.json`` names) and equal the loaded components'."""
+    import diffusers
+
+    from branchgrpo.models.testing import write_replica_pipeline
+
+    path = write_replica_pipeline("flux", tmp_path / "flux")
+    m = json.loads(run_cli(capsys, "plan", "model.kind=flux", f"model.path={path}",
+                           "model.height=64", "model.width=64", "--json"))["memory"]
+    pipe = diffusers.FluxPipeline.from_pretrained(path)
+    for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):
+        assert m["params"][name] == sum(p.numel() for p in getattr(pipe, name).parameters())
+    assert "text encoders / VAE: their config files" in m["sources"]
+    assert m["architecture"]["image_tokens"] == 16  # (64 / 16)^2: 2x2 packing

@@ -1,14 +1,15 @@
 """Peak memory per rank and compute cost of a training run, from config values alone.
 
-`estimate(cfg, counts, world, tflops)` is what ``branchgrpo plan`` prints as ``"memory"`` and
-``"cost"`` (and ``branchgrpo train`` writes into ``RUN/plan.json``). Nothing loads weights:
+`estimate(cfg, counts, world, per_rank, tflops)` is what ``branchgrpo plan`` prints as
+``"memory"`` and ``"cost"`` (and ``branchgrpo train`` writes into ``RUN/plan.json``). Nothing
+loads weights:
 the transformer is instantiated on the meta device from its config (the checkpoint's
 ``transformer/config.json``, or the family's ``released_config["transformer"]``), the text
 encoders and VAE from their config files when the folder or the Hugging Face cache holds them,
 else from the family's ``released_config["params"]`` counts. Every family works from its
 `branchgrpo.models.family.Family` class and config files; there is no per-family code here.
 
-The model (docs/recipes.md, "Memory and cost"; all per rank, GiB = 2^30 bytes):
+The model (docs/memory.md; all per rank, GiB = 2^30 bytes):
 
 - weights: transformer in ``model.dtype`` (its ``_keep_in_fp32_modules`` in fp32), fp32 master
   weights in full fine-tuning; LoRA matrices fp32, ``rank x (in + out)`` per targeted Linear;
@@ -35,11 +36,12 @@ allocator fragmentation (the fit test keeps 10% free), the text encoders' forwar
 prompt, run once). The error band `ERROR_BAND` is measured against one CPU training iteration
 (RSS) on the tiny model and FLUX/SD3 replicas (``tests/test_memory.py``).
 
-Cost: FLOPs per forward row ``2 P S + 4 S^2 h L`` (P transformer parameters, every linear
-weight touched once per token, which overcounts dual-stream and modulation weights; attention
-QK^T and AV over S tokens, L blocks); a training row costs forward + backward (2x forward in
-full fine-tuning, 1x with LoRA: no base weight gradients) + one recompute with gradient
-checkpointing + a reference forward with a KL term. Seconds = FLOPs per rank / ``tflops``.
+Cost: FLOPs per forward row ``2 (W_img S_img + W_txt S_txt) + 4 S^2 h L``: the blocks'
+Linear weights an image / a text token goes through (a dual-stream block's own stream; no
+per-row modulation), and attention's QK^T and AV over S = S_img + S_txt tokens in L blocks;
+a training row costs forward + backward (2x forward in full fine-tuning, 1x with LoRA: no
+base weight gradients) + one recompute with gradient checkpointing + a reference forward
+with a KL term. Seconds = FLOPs per rank / ``tflops``.
 """
 
 from __future__ import annotations
@@ -62,12 +64,12 @@ C0 = {("full", 4): 15, ("full", 2): 19, ("lora", 4): 6, ("lora", 2): 11}
 by (fine-tuning, compute bytes): q, k, v, the SDPA output, the norm, modulation and
 residual-gate inputs, and (full fine-tuning) every Linear's input; a frozen Linear keeps no
 input for its weight gradient, so LoRA saves less. Measured with saved-tensor hooks (m = 4,
-docs/recipes.md): full fp32 24-25.5 (FLUX, tiny double blocks) / 21-22 (single blocks),
+docs/memory.md): full fp32 24-25.5 (FLUX, tiny double blocks) / 21-22 (single blocks),
 full bf16 27 bf16-sized elements (FLUX double), LoRA fp32 13-14 (FLUX, SD3), LoRA bf16
 17-20.5 (FLUX, SD3; Wan 30 with m = 5.8: its norms stay fp32)."""
 ERROR_BAND = 0.3
 """The estimate's stated relative error on the peak of a training iteration (measured on
-CPU, ``tests/test_memory.py``; the real sizes are hand-checked, docs/recipes.md)."""
+CPU, ``tests/test_memory.py``; the real sizes are hand-checked, docs/memory.md)."""
 DEFAULT_TFLOPS = 400.0
 """Sustained bf16 TFLOP/s of one H100/H200 at a realistic ~40% MFU (989 dense peak)."""
 CARDS_GB = (24, 48, 80)
@@ -80,7 +82,8 @@ class Arch:
     """The transformer as the estimate sees it, from a meta-device instance: parameters (all,
     under ``_keep_in_fp32_modules``, of the largest block), LoRA parameters per unit rank on
     the targets (sum of in + out features of the matched Linears), hidden width h (the most
-    common Linear input width in the blocks), blocks L, MLP ratio m."""
+    common Linear input width in the blocks), blocks L, MLP ratio m, and the blocks' Linear
+    weights an image token and a text token go through (`stream_weights`)."""
 
     params: int
     fp32_params: int
@@ -89,6 +92,8 @@ class Arch:
     hidden: int
     layers: int
     mlp_ratio: float
+    image_weights: int = 0
+    text_weights: int = 0
 
 
 def arch_of(model: nn.Module, lora_targets: tuple[str, ...]) -> Arch:
@@ -112,7 +117,38 @@ def arch_of(model: nn.Module, lora_targets: tuple[str, ...]) -> Arch:
         fp32_params=sum(p.numel() for n, p in model.named_parameters() if keeps_fp32(model, n)),
         block_params=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
         lora_per_rank=lora, hidden=hidden, layers=len(blocks),
-        mlp_ratio=_mlp_ratio(blocks, hidden))
+        mlp_ratio=_mlp_ratio(blocks, hidden), **stream_weights(blocks))
+
+
+TEXT_MARKS = ("add_", "context", "txt")
+"""Name parts of a dual-stream block's text-stream Linears (diffusers' joint attention
+``add_q_proj`` / ``to_add_out``, ``ff_context``; ``txt_mlp``)."""
+
+
+def stream_weights(blocks: list[nn.Module]) -> dict[str, int]:
+    """Linear weights per image token and per text token summed over ``blocks``:
+    modulation Linears (inside a ``*Norm*`` module or named ``*_mod`` / ``*modulation*``: per
+    row, not per token) are left out; in a block with text-stream Linears (`TEXT_MARKS`) the
+    others see image tokens only, in a single-stream block every token sees them all."""
+    image = text = 0
+    for block in blocks:
+        mods = dict(block.named_modules())
+        img = txt = 0
+        for name, m in mods.items():
+            if not isinstance(m, nn.Linear):
+                continue
+            parts = name.split(".")
+            above = [mods[".".join(parts[:i])] for i in range(1, len(parts))]
+            if any("Norm" in type(a).__name__ for a in above) or any(
+                    p.endswith("_mod") or "modulation" in p.lower() for p in parts):
+                continue
+            if any(k in p for p in parts for k in TEXT_MARKS):
+                txt += m.weight.numel()
+            else:
+                img += m.weight.numel()
+        image += img
+        text += txt if txt else img
+    return {"image_weights": image, "text_weights": text}
 
 
 def _mlp_ratio(blocks: list[nn.Module], hidden: int) -> float:
@@ -259,9 +295,9 @@ def _components(cfg: Config, fam: Any) -> tuple[dict[str, int], tuple[str, ...]]
     for name in names:
         conf = _component_config(cfg.model.path, name)
         lib_cls = index.get(name)
-        if conf and isinstance(lib_cls, list) and lib_cls[0] in ("transformers", "diffusers"):
-            clean = {k: v for k, v in conf.items() if not k.startswith("_")}
-            out[name] = _meta_params(lib_cls[0], lib_cls[1], json.dumps(clean, sort_keys=True))
+        n = _count(lib_cls, conf) if conf and isinstance(lib_cls, list) else None
+        if n is not None:
+            out[name] = n
             used_files = True
         elif name in fallback:
             out[name] = int(fallback[name])
@@ -270,6 +306,18 @@ def _components(cfg: Config, fam: Any) -> tuple[dict[str, int], tuple[str, ...]]
         (f"text encoders / VAE: {cfg.model.kind} released_config['params']",)
         if used_fallback else ())
     return out, notes
+
+
+def _count(lib_cls: list[str], conf: dict[str, Any]) -> int | None:
+    """Parameters of ``model_index.json``'s (library, class) built on meta from ``conf``; None
+    when it is not a transformers / diffusers class or the config does not build."""
+    if len(lib_cls) != 2 or lib_cls[0] not in ("transformers", "diffusers"):
+        return None
+    clean = {k: v for k, v in conf.items() if not k.startswith("_")}
+    try:
+        return _meta_params(lib_cls[0], lib_cls[1], json.dumps(clean, sort_keys=True))
+    except (AttributeError, ImportError, KeyError, TypeError, ValueError, RuntimeError):
+        return None
 
 
 def _component_config(path: str, name: str) -> dict[str, Any] | None:
@@ -399,10 +447,14 @@ def peak(parts: dict[str, float], phases: dict[str, float]) -> tuple[float, str]
 
 
 def flops_per_row(model: Model) -> float:
-    """FLOPs of one transformer forward row: 2 P S + 4 S^2 h L (see the module docstring)."""
+    """FLOPs of one transformer forward row: 2 (W_img S_img + W_txt S_txt) + 4 S^2 h L, W the
+    blocks' Linear weights a token of each stream goes through (`stream_weights`), S = S_img
+    + S_txt; 2 P S when the blocks hold no Linear (see the module docstring)."""
     a = model.arch
     s = model.image_tokens + model.text_tokens
-    return 2.0 * a.params * s + 4.0 * s * s * a.hidden * a.layers
+    linear = (2.0 * (a.image_weights * model.image_tokens + a.text_weights * model.text_tokens)
+              if a.image_weights else 2.0 * a.params * s)
+    return linear + 4.0 * s * s * a.hidden * a.layers
 
 
 def cost(model: Model, run: Run, counts: dict[str, int], per_rank: int,
@@ -421,7 +473,7 @@ def cost(model: Model, run: Run, counts: dict[str, int], per_rank: int,
             "tflop_per_iteration_per_rank": total / 1e12, "tflops": tflops,
             "seconds_per_iteration": total / (tflops * 1e12),
             "assumption": f"{tflops:g} TFLOP/s sustained per device (default {DEFAULT_TFLOPS:g}:"
-                          " an H100/H200 in bf16 at ~40% MFU); FLOPs 2 P S + 4 S^2 h L per "
+                          " an H100/H200 in bf16 at ~40% MFU); FLOPs 2 W S + 4 S^2 h L per "
                           "forward row, backward 2x (full) or 1x (LoRA); rewards, decode and "
                           "communication not counted"}
 
@@ -467,19 +519,25 @@ def estimate(cfg: Config, counts: dict[str, int], world: int, per_rank: int,
     return {"memory": memory, "cost": cost(model, run, counts, per_rank, tflops)}
 
 
+def _n(x: float) -> str:
+    """A size or duration for the summary line: one decimal from 10 up, else 3 digits."""
+    return f"{x:,.1f}" if abs(x) >= 10 else f"{x:.3g}"
+
+
 def summary(memory: dict[str, Any], cost_: dict[str, Any]) -> str:
-    """The one-line human form: peak, its parts, the fit, and the iteration's cost."""
-    fits = [c for c, ok in memory["fits_gb"].items() if ok]
-    nofit = [c for c, ok in memory["fits_gb"].items() if not ok]
+    """The human form (two lines): peak, its parts, the fit; the iteration's cost."""
+    m, c = memory, cost_
+    fits = [k for k, ok in m["fits_gb"].items() if ok]
+    nofit = [k for k, ok in m["fits_gb"].items() if not ok]
     fit = "; ".join(filter(None, [f"fits in {'/'.join(fits)} GB" if fits else "",
                                   f"does not fit in {'/'.join(nofit)} GB" if nofit else ""]))
-    return (f"memory: peak ~{memory['peak_gib']:.1f} GiB per rank (+-{memory['error_band']:.0%}; "
-            f"weights {memory['weights_gib']:.1f}, optimizer {memory['optimizer_gib']:.1f}, "
-            f"activations {memory['activations_gib']:.1f} at {memory['phase']}; "
-            f"checkpointing {'on' if memory['gradient_checkpointing'] else 'off'}: "
-            f"{memory['peak_gib_with_checkpointing']:.1f} with, "
-            f"{memory['peak_gib_without_checkpointing']:.1f} without); {fit}\n"
-            f"cost: {cost_['forward_rows_per_rank']:,} forward + "
-            f"{cost_['backward_rows_per_rank']:,} backward rows per rank per iteration "
-            f"({cost_['tokens_per_row']:,} tokens, {cost_['gflop_per_forward_row']:,.0f} GFLOP "
-            f"a row), ~{cost_['seconds_per_iteration']:,.1f} s at {cost_['tflops']:g} TFLOP/s")
+    gc = "on" if m["gradient_checkpointing"] else "off"
+    return (f"memory: peak ~{_n(m['peak_gib'])} GiB per rank (+-{m['error_band']:.0%}; weights "
+            f"{_n(m['weights_gib'])}, optimizer {_n(m['optimizer_gib'])}, activations "
+            f"{_n(m['activations_gib'])} at {m['phase']}); gradient checkpointing {gc} "
+            f"({_n(m['peak_gib_with_checkpointing'])} with, "
+            f"{_n(m['peak_gib_without_checkpointing'])} without); {fit}\n"
+            f"cost: {c['forward_rows_per_rank']:,} forward + {c['backward_rows_per_rank']:,} "
+            f"backward rows per rank per iteration ({c['tokens_per_row']:,} tokens, "
+            f"{_n(c['gflop_per_forward_row'])} GFLOP a row), ~{_n(c['seconds_per_iteration'])} s "
+            f"at {c['tflops']:g} TFLOP/s")

@@ -91,4 +91,6 @@ def test_a_new_family_trains_one_iteration(replica, family_dir, tmp_path):
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     (trained,) = [r for r in rows if "eval/tag" not in r]
     assert math.isfinite(trained["loss/total"]) and trained["grad_norm"] > 0
-    assert json.loads((run / "plan.json").read_text())["family"] == "myflux"
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["family"] == "myflux"  # and the memory / cost estimate of a family it never saw
+    assert plan["memory"]["params"]["trainable"] > 0 and plan["cost"]["backward_rows_per_rank"]

@@ -69,7 +69,14 @@ class Family(Protocol):
       ``_keep_in_fp32_modules`` are reported by ``branchgrpo plan``).
     - ``released_config``: the released checkpoint's config values that decide the schedule,
       used when no config file can be read: ``{"scheduler": {...}, "transformer": {...},
-      "vae_scale_factor": f}``.
+      "vae_scale_factor": f}``. `branchgrpo.memory` (``branchgrpo plan``'s memory and cost)
+      builds ``"transformer"`` on the meta device, so give the full released config, and
+      reads the optional keys ``"params"`` (``{component: parameter count}`` of the text
+      encoders and ``"vae"``, used when their config files are not on disk),
+      ``"text_tokens"`` (the text sequence the transformer sees; default: the family's
+      ``max_sequence_length``), ``"token_patch"`` (latent pixels per token side when the
+      transformer's ``patch_size`` does not say it: FLUX's 2x2 packing) and
+      ``"frame_period"`` (a video VAE's temporal factor, default 4).
     - ``pipeline_grid(scheduler, steps, height, width, vae_scale_factor, shift, dynamic)``
       (classmethod): the `Grid` the family's diffusers pipeline runs for ``steps`` steps with
       the checkpoint's scheduler config (FLUX: FluxPipeline's linspace(1, 1/T, T) with a
