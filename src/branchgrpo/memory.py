@@ -370,7 +370,9 @@ def run_of(cfg: Config, counts: dict[str, int], world: int, per_rank: int) -> Ru
     tiny = m.kind == "tiny"
     edges = counts["trained_edges"] * per_rank
     per_update = -(-edges // max(t.updates_per_rollout, 1))
-    compute = "fp32" if tiny else m.dtype
+    # the transformer runs under the policy's autocast (model.dtype) or the loop's (train.amp)
+    compute = m.dtype if not tiny and m.dtype != "fp32" else (
+        t.amp if t.amp != "none" else "fp32")
     return Run(
         compute=compute, act_bytes=BYTES[compute], weight_bytes=4 if tiny else BYTES[m.dtype],
         storage_bytes=BYTES[m.storage_dtype], finetune="full" if tiny else m.finetune,
@@ -400,8 +402,8 @@ def weights(model: Model, run: Run) -> dict[str, float]:
     if run.fsdp:  # two gathered blocks and the unsharded root parameters, in bf16
         rest = a.params - a.block_params * a.layers
         out["fsdp_gathered"] = (2 * a.block_params + max(rest, 0)) * run.weight_bytes
-    elif full and run.weight_bytes < 4:  # the forward's bf16 casts of the fp32 master weights
-        out["autocast_casts"] = a.params * run.weight_bytes * 1.0
+    elif full and run.act_bytes < 4:  # the forward's bf16 casts of the fp32 master weights
+        out["autocast_casts"] = a.params * run.act_bytes * 1.0
     if run.kl:  # a deep copy of the policy: its transformer (sharded under FSDP) and encoders
         frozen = sum(v for k, v in out.items() if k in ("text_encoders", "vae"))
         out["reference"] = out["transformer"] + out["lora"] + frozen
