@@ -173,3 +173,14 @@ def test_component_counts_from_config_files(capsys, tmp_path):
         assert m["params"][name] == sum(p.numel() for p in getattr(pipe, name).parameters())
     assert "text encoders / VAE: their config files" in m["sources"]
     assert m["architecture"]["image_tokens"] == 16  # (64 / 16)^2: 2x2 packing
+
+
+def test_plan_survives_a_transformer_that_does_not_build(capsys, monkeypatch):
+    """A family whose transformer class does not build on meta still plans (and trains): the
+    memory and cost say why they are missing."""
+    from branchgrpo.models.flux import FluxFamily
+
+    monkeypatch.setitem(FluxFamily.released_config, "transformer",
+                        {**FluxFamily.released_config["transformer"], "num_layers": "x"})
+    text = run_cli(capsys, "plan", "configs/flux_branchgrpo.yaml")
+    assert "memory and cost: not estimated" in text

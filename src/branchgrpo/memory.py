@@ -487,7 +487,12 @@ def estimate(cfg: Config, counts: dict[str, int], world: int, per_rank: int,
         from .config import ConfigError
 
         raise ConfigError(f"--tflops must be > 0, got {tflops}")
-    model = model_of(cfg)
+    try:
+        model = model_of(cfg)
+    except (AttributeError, ImportError, KeyError, TypeError, ValueError, RuntimeError) as e:
+        why = (f"not estimated: the transformer {cfg.model.kind} names does not build from "
+               f"its config on the meta device ({type(e).__name__}: {e})")
+        return {"memory": {"unavailable": why}, "cost": {"unavailable": why}}
     run = run_of(cfg, counts, world, per_rank)
     parts = weights(model, run)
     phases = {c: activations(model, run, c) for c in (False, True)}
@@ -529,6 +534,8 @@ def _n(x: float) -> str:
 def summary(memory: dict[str, Any], cost_: dict[str, Any]) -> str:
     """The human form (two lines): peak, its parts, the fit; the iteration's cost."""
     m, c = memory, cost_
+    if "unavailable" in m:
+        return f"memory and cost: {m['unavailable']}"
     fits = [k for k, ok in m["fits_gb"].items() if ok]
     nofit = [k for k, ok in m["fits_gb"].items() if not ok]
     fit = "; ".join(filter(None, [f"fits in {'/'.join(fits)} GB" if fits else "",
