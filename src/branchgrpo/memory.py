@@ -257,16 +257,20 @@ def _tiny_model() -> Model:
 
 
 def _token_side(fam: Any, config: dict[str, Any], vae: dict[str, Any], factor: int) -> int:
-    """Pixels per token side: the VAE factor x the transformer's patch, or x the family's
-    ``released_config["token_patch"]`` (FLUX's 2x2 packing: patch_size 1 on 4 C channels);
-    a patch-1 transformer on 4x the VAE's latent channels is read as 2x2 packing too."""
-    patch = config.get("patch_size", 1)
+    """Pixels per token side: the VAE factor x the transformer's (spatial) patch
+    (``patch_size``, or Z-Image's ``all_patch_size``), or x the family's
+    ``released_config["token_patch"]`` (FLUX's 2x2 packing: patch_size 1 on 4 C channels). A
+    patch-1 transformer on 4x the VAE's latent channels (without a VAE config: on 64 or more
+    channels, a multiple of 4) is read as 2x2 packing too."""
+    patch = config.get("patch_size", config.get("all_patch_size", 1))
     patch = int(patch[-1] if isinstance(patch, (list, tuple)) else patch or 1)
     packed = fam.released_config.get("token_patch")
+    channels = int(config.get("in_channels") or 0)
+    latent = int(vae.get("latent_channels") or vae.get("z_dim") or 0)
     if packed:
         patch = int(packed)
-    elif patch == 1 and vae.get("latent_channels") and config.get("in_channels") == 4 * int(
-            vae["latent_channels"]):
+    elif patch == 1 and (channels == 4 * latent if latent else
+                         channels >= 64 and channels % 4 == 0):
         patch = 2
     return factor * patch
 
