@@ -184,3 +184,21 @@ def test_plan_survives_a_transformer_that_does_not_build(capsys, monkeypatch):
                         {**FluxFamily.released_config["transformer"], "num_layers": "x"})
     text = run_cli(capsys, "plan", "configs/flux_branchgrpo.yaml")
     assert "memory and cost: not estimated" in text
+
+
+@pytest.mark.parametrize("kind,params,tokens", [("flux", 11_901_408_320, (2025, 512)),
+                                                ("sd3", 2_243_171_520, (1024, 333)),
+                                                ("wan", 1_418_996_800, (14040, 512))])
+def test_released_configs_size_the_released_models(kind, params, tokens, capsys):
+    """Each family's released transformer config is the replica's (the released file), and
+    its recipe config plans the released model offline: FLUX 720 px, SD3.5 512 px, Wan
+    33 x 480 x 832 (9 latent frames of 30 x 52 tokens)."""
+    from branchgrpo.models.families import family_class
+    from branchgrpo.models.testing import REPLICAS
+
+    assert family_class(kind).released_config["transformer"] == REPLICAS[kind][
+        "transformer/config.json"]
+    config = {"flux": "flux_branchgrpo", "sd3": "sd35_flow_grpo", "wan": "wan_branchgrpo"}[kind]
+    m = json.loads(run_cli(capsys, "plan", f"configs/{config}.yaml", "--json"))["memory"]
+    assert m["params"]["transformer"] == params
+    assert (m["architecture"]["image_tokens"], m["architecture"]["text_tokens"]) == tokens
