@@ -28,7 +28,9 @@ The model (docs/memory.md; all per rank, GiB = 2^30 bytes):
   recompute. The step math adds fp32 latents per edge.
 - rollout: the stored tree (nodes and leaves x latent x ``model.storage_dtype``, the edge batch
   gathered for training) and one no-grad forward of ``rollout.max_batch`` rows (``(6 + 2 m) h``
-  per token of one block); decode: ``decode_batch`` images through the VAE's widest layer.
+  per token of one block); decode: ``decode_batch`` images (a video: one latent frame's
+  pixels at a time, as the causal video VAEs decode) through the decoder's widest
+  full-resolution tensor.
 - peak = weights + optimizer + the largest phase (rollout, decode or training).
 
 Not counted: reward models (their own weights and inputs; ``reward.*``), the CUDA context and
@@ -237,10 +239,21 @@ def model_of(cfg: Config) -> Model:
     defaults = {f.name: f.default for f in dataclasses.fields(fam)}
     text = int(rel.get("text_tokens") or defaults.get("max_sequence_length") or 0)
     cfg_rows = 2 if fam.guidance_kind == "cfg" and m.guidance > 1 else 1
-    widths = vae.get("block_out_channels") or [128]
+    pixels = m.height * m.width * (min(m.num_frames, _frame_period(fam, vae)) if fam.video
+                                   else 1)
     return Model(arch, comps, tuple(fam.fp32_modules), image, text, latent, cfg_rows,
-                 int(max(widths)), m.height * m.width * (m.num_frames if fam.video else 1),
-                 int(defaults.get("decode_batch") or 1), (files.source, *sources))
+                 _decoder_width(vae), pixels, int(defaults.get("decode_batch") or 1),
+                 (files.source, *sources))
+
+
+def _decoder_width(vae: dict[str, Any]) -> int:
+    """Channels of the decoder's widest full-resolution tensor: the second level's width
+    (upsampled into the last level), from ``block_out_channels`` or Wan's ``base_dim`` x
+    ``dim_mult``; 256 without a VAE config (FLUX / SD3's AutoencoderKL)."""
+    widths = list(vae.get("block_out_channels") or [])
+    if not widths and vae.get("base_dim") and vae.get("dim_mult"):
+        widths = [vae["base_dim"] * k for k in vae["dim_mult"]]
+    return int(widths[1] if len(widths) > 1 else (widths[0] if widths else 256))
 
 
 def _tiny_model() -> Model:
@@ -275,14 +288,17 @@ def _token_side(fam: Any, config: dict[str, Any], vae: dict[str, Any], factor: i
     return factor * patch
 
 
+def _frame_period(fam: Any, vae: dict[str, Any]) -> int:
+    """A video VAE's temporal factor: 2^(temporal downsamplings) of its config, else the
+    family's ``released_config["frame_period"]`` (4)."""
+    down = vae.get("temperal_downsample") or vae.get("temporal_downsample")
+    return 2 ** sum(bool(x) for x in down) if down else int(
+        fam.released_config.get("frame_period", 4))
+
+
 def _latent_frames(fam: Any, vae: dict[str, Any], num_frames: int) -> int:
     """Latent frames of a video family ((F - 1) / temporal factor + 1), 1 for images."""
-    if not fam.video:
-        return 1
-    down = vae.get("temperal_downsample") or vae.get("temporal_downsample")
-    t = 2 ** sum(bool(x) for x in down) if down else int(
-        fam.released_config.get("frame_period", 4))
-    return (num_frames - 1) // t + 1
+    return (num_frames - 1) // _frame_period(fam, vae) + 1 if fam.video else 1
 
 
 def _components(cfg: Config, fam: Any) -> tuple[dict[str, int], tuple[str, ...]]:
