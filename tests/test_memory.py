@@ -202,3 +202,26 @@ def test_released_configs_size_the_released_models(kind, params, tokens, capsys)
     m = json.loads(run_cli(capsys, "plan", f"configs/{config}.yaml", "--json"))["memory"]
     assert m["params"]["transformer"] == params
     assert (m["architecture"]["image_tokens"], m["architecture"]["text_tokens"]) == tokens
+
+
+def test_two_expert_checkpoint_counts_both(capsys):
+    """Wan2.2-I2V-A14B (released configs): two 14.3B experts resident; ``model.experts=high``
+    trains one, so its LoRA and optimizer halve. A family without component counts says so."""
+    m = json.loads(run_cli(capsys, "plan", "configs/wan_i2v_branchgrpo.yaml", "--json"))[
+        "memory"]
+    one = json.loads(run_cli(capsys, "plan", "configs/wan_i2v_branchgrpo.yaml",
+                             "model.experts=high", "--json"))["memory"]
+    assert m["params"]["experts"] == 2 and m["params"]["transformer"] == 14_288_901_184
+    assert m["parts_gib"]["transformer"] > 2 * 14.2e9 * 2 / GIB
+    assert one["params"]["trainable"] * 2 == m["params"]["trainable"]
+    assert one["parts_gib"]["optimizer"] == pytest.approx(m["parts_gib"]["optimizer"] / 2,
+                                                          abs=1e-3)
+    assert "text_encoder" in m["uncounted"]
+
+
+def test_null_guidance_is_the_family_default(capsys):
+    """``model.guidance`` null (the family pipeline's default: SD3.5 7.0) turns CFG on: two
+    transformer rows per sample."""
+    cost = json.loads(run_cli(capsys, "plan", "configs/sd35_flow_grpo.yaml",
+                              "model.guidance=null", "--json"))["cost"]
+    assert cost["cfg_rows_per_sample"] == 2

@@ -196,9 +196,11 @@ def transformer_arch(transformer_class: str, config: dict[str, Any],
 # ------------------------------------------------------------------- the model's components
 @dataclass(frozen=True)
 class Model:
-    """What the estimate needs of the model: the transformer `Arch`, frozen component
-    parameters by pipeline name (text encoders, ``vae``), tokens per row, latent elements per
-    row, the VAE's widest channel count and output pixels, and where the counts came from."""
+    """What the estimate needs of the model: the transformer `Arch` and its expert count (2 for
+    a two-expert checkpoint, Wan2.2 A14B's ``transformer_2``), frozen component parameters by
+    pipeline name (text encoders, ``vae``) and the components it could not count, tokens per
+    row, latent elements per row, CFG rows per sample, the VAE's decoder width and output
+    pixels, the family's decode batch, and where the counts came from."""
 
     arch: Arch
     frozen: dict[str, int]
@@ -211,6 +213,15 @@ class Model:
     pixels: int
     decode_batch: int
     sources: tuple[str, ...]
+    experts: int = 1
+    uncounted: tuple[str, ...] = ()
+
+
+def released(fam: Any, path: str) -> dict[str, Any]:
+    """The family's released config values for the checkpoint ``path``: its
+    ``released_configs[path]`` (one family, several checkpoints: Wan2.2, Z-Image), else its
+    ``released_config`` (as `branchgrpo.spec.read_model_files` picks them)."""
+    return getattr(fam, "released_configs", {}).get(path, fam.released_config)
 
 
 def model_of(cfg: Config) -> Model:
@@ -222,28 +233,61 @@ def model_of(cfg: Config) -> Model:
     if fam is None:
         return _tiny_model()
     files = read_model_files(cfg)
-    rel = fam.released_config
+    m, rel = cfg.model, released(fam, cfg.model.path)
     config = files.transformer if files.transformer.get("_class_name") else {
         **rel["transformer"], **files.transformer}
     arch = transformer_arch(fam.transformer_class, config, fam.lora_targets)
-    comps, sources = _components(cfg, fam)
-    vae = _component_config(cfg.model.path, "vae") or {}
-    m = cfg.model
-    side = _token_side(fam, config, vae, files.vae_scale_factor)
-    frames = _latent_frames(fam, vae, m.num_frames)
-    image = (m.height // side) * (m.width // side) * frames
-    latent_ch = int(vae.get("latent_channels") or vae.get("z_dim")
-                    or rel.get("latent_channels", 16))
-    latent = latent_ch * frames * (m.height // files.vae_scale_factor) * (
-        m.width // files.vae_scale_factor)
+    comps, uncounted, sources = _components(cfg, fam, rel)
+    vae = _component_config(m.path, "vae") or {}
+    patch = _token_patch(rel, config, vae)
+    side = files.vae_scale_factor * patch
+    frames = _latent_frames(fam, rel, vae, m.num_frames)
+    channels = int(vae.get("latent_channels") or vae.get("z_dim") or rel.get("latent_channels")
+                   or config.get("out_channels") or config.get("in_channels") or 16)
+    if not (vae.get("latent_channels") or vae.get("z_dim")) and patch == 2 and config.get(
+            "patch_size", 1) == 1:
+        channels //= 4  # packed 2x2: the transformer's channels are 4 latent channels
     defaults = {f.name: f.default for f in dataclasses.fields(fam)}
-    text = int(rel.get("text_tokens") or defaults.get("max_sequence_length") or 0)
-    cfg_rows = 2 if fam.guidance_kind == "cfg" and m.guidance > 1 else 1
-    pixels = m.height * m.width * (min(m.num_frames, _frame_period(fam, vae)) if fam.video
+    pixels = m.height * m.width * (min(m.num_frames, _frame_period(rel, vae)) if fam.video
                                    else 1)
-    return Model(arch, comps, tuple(fam.fp32_modules), image, text, latent, cfg_rows,
-                 _decoder_width(vae), pixels, int(defaults.get("decode_batch") or 1),
-                 (files.source, *sources))
+    return Model(
+        arch, comps, tuple(fam.fp32_modules), (m.height // side) * (m.width // side) * frames,
+        int(rel.get("text_tokens") or defaults.get("max_sequence_length") or 0),
+        channels * frames * (m.height // files.vae_scale_factor) * (
+            m.width // files.vae_scale_factor),
+        _cfg_rows(cfg, fam), _decoder_width(vae), pixels,
+        int(defaults.get("decode_batch") or 1), (files.source, *sources),
+        experts=1 + len(_extra_experts(fam, rel, m.path)), uncounted=uncounted)
+
+
+def _cfg_rows(cfg: Config, fam: Any) -> int:
+    """Transformer rows per sample: 2 when classifier-free guidance is on (the run's guidance,
+    `branchgrpo.spec.guidance`, above the family's ``cfg_above``, default 1), else 1."""
+    from .spec import guidance
+
+    g = guidance(cfg)
+    on = fam.guidance_kind in ("cfg", "true_cfg") and g is not None and g > getattr(
+        fam, "cfg_above", 1.0)
+    return 2 if on else 1
+
+
+def _extra_experts(fam: Any, rel: dict[str, Any], path: str) -> list[str]:
+    """The checkpoint's transformers beyond ``transformer`` (Wan2.2 A14B's ``transformer_2``):
+    family subfolders named ``transformer_*`` that the folder or cache holds a config of, that
+    its ``model_index.json`` lists, or, offline, that the released ``model_index`` switches to
+    (WanPipeline's ``boundary_ratio``)."""
+    names = [n for n in (*fam.subfolders, *getattr(fam, "optional_subfolders", ()))
+             if n.startswith("transformer_")]
+    index = _component_config(path, "") or {}
+    switch = bool((rel.get("model_index") or {}).get("boundary_ratio"))
+    return [n for n in names if _listed(index, n) or _component_config(path, n) is not None
+            or (not index and switch)]
+
+
+def _listed(index: dict[str, Any], name: str) -> bool:
+    """``model_index.json`` lists component ``name`` with a class (not ``[null, null]``)."""
+    entry = index.get(name)
+    return isinstance(entry, list) and bool(entry) and entry[0] is not None
 
 
 def _decoder_width(vae: dict[str, Any]) -> int:
@@ -269,47 +313,49 @@ def _tiny_model() -> Model:
                  s, shapes.MAX_WORDS, s * c, 1, 0, 0, 1, ("tiny (embedded)",))
 
 
-def _token_side(fam: Any, config: dict[str, Any], vae: dict[str, Any], factor: int) -> int:
-    """Pixels per token side: the VAE factor x the transformer's (spatial) patch
-    (``patch_size``, or Z-Image's ``all_patch_size``), or x the family's
-    ``released_config["token_patch"]`` (FLUX's 2x2 packing: patch_size 1 on 4 C channels). A
-    patch-1 transformer on 4x the VAE's latent channels (without a VAE config: on 64 or more
-    channels, a multiple of 4) is read as 2x2 packing too."""
+def _token_patch(rel: dict[str, Any], config: dict[str, Any], vae: dict[str, Any]) -> int:
+    """Latent pixels per token side: the transformer's (spatial) patch (``patch_size``, or
+    Z-Image's ``all_patch_size``), or the family's ``released_config["token_patch"]`` (FLUX's
+    2x2 packing: patch_size 1 on 4 C channels). A patch-1 transformer on 4x the VAE's latent
+    channels (without a VAE config: on 64 or more channels, a multiple of 4) is read as 2x2
+    packing too."""
     patch = config.get("patch_size", config.get("all_patch_size", 1))
     patch = int(patch[-1] if isinstance(patch, (list, tuple)) else patch or 1)
-    packed = fam.released_config.get("token_patch")
+    packed = rel.get("token_patch")
     channels = int(config.get("in_channels") or 0)
     latent = int(vae.get("latent_channels") or vae.get("z_dim") or 0)
     if packed:
-        patch = int(packed)
-    elif patch == 1 and (channels == 4 * latent if latent else
-                         channels >= 64 and channels % 4 == 0):
-        patch = 2
-    return factor * patch
+        return int(packed)
+    if patch == 1 and (channels == 4 * latent if latent else
+                       channels >= 64 and channels % 4 == 0):
+        return 2
+    return patch
 
 
-def _frame_period(fam: Any, vae: dict[str, Any]) -> int:
+def _frame_period(rel: dict[str, Any], vae: dict[str, Any]) -> int:
     """A video VAE's temporal factor: 2^(temporal downsamplings) of its config, else the
     family's ``released_config["frame_period"]`` (4)."""
     down = vae.get("temperal_downsample") or vae.get("temporal_downsample")
-    return 2 ** sum(bool(x) for x in down) if down else int(
-        fam.released_config.get("frame_period", 4))
+    return 2 ** sum(bool(x) for x in down) if down else int(rel.get("frame_period", 4))
 
 
-def _latent_frames(fam: Any, vae: dict[str, Any], num_frames: int) -> int:
+def _latent_frames(fam: Any, rel: dict[str, Any], vae: dict[str, Any], num_frames: int) -> int:
     """Latent frames of a video family ((F - 1) / temporal factor + 1), 1 for images."""
-    return (num_frames - 1) // _frame_period(fam, vae) + 1 if fam.video else 1
+    return (num_frames - 1) // _frame_period(rel, vae) + 1 if fam.video else 1
 
 
-def _components(cfg: Config, fam: Any) -> tuple[dict[str, int], tuple[str, ...]]:
-    """Parameters of the frozen pipeline components (text encoders, ``vae``): meta instances
-    of their config files (``model_index.json`` names the classes), else the family's
+def _components(cfg: Config, fam: Any, rel: dict[str, Any],
+                ) -> tuple[dict[str, int], tuple[str, ...], tuple[str, ...]]:
+    """(parameters of the frozen pipeline components, the components left uncounted, notes):
+    text encoders and ``vae`` of the family's subfolders, counted on meta instances of their
+    config files (``model_index.json`` names the classes), else from the family's
     ``released_config["params"]``."""
     from .models.diffusers_policy import TEXT_ENCODERS
 
     index = _component_config(cfg.model.path, "") or {}
-    fallback = fam.released_config.get("params", {})
-    names = [n for n in (*TEXT_ENCODERS, "vae") if n in index or n in fallback]
+    fallback = rel.get("params", {})
+    names = [n for n in (*TEXT_ENCODERS, "vae")
+             if _listed(index, n) or n in fallback or (not index and n in fam.subfolders)]
     out: dict[str, int] = {}
     used_files = used_fallback = False
     for name in names:
@@ -325,7 +371,7 @@ def _components(cfg: Config, fam: Any) -> tuple[dict[str, int], tuple[str, ...]]
     notes = (("text encoders / VAE: their config files",) if used_files else ()) + (
         (f"text encoders / VAE: {cfg.model.kind} released_config['params']",)
         if used_fallback else ())
-    return out, notes
+    return out, tuple(n for n in names if n not in out), notes
 
 
 def _count(lib_cls: list[str], conf: dict[str, Any]) -> int | None:
@@ -379,6 +425,7 @@ class Run:
     nodes: int
     leaves: int
     edges: int
+    trained_experts: int = 1
 
 
 def run_of(cfg: Config, counts: dict[str, int], world: int, per_rank: int) -> Run:
@@ -401,18 +448,29 @@ def run_of(cfg: Config, counts: dict[str, int], world: int, per_rank: int) -> Ru
         fsdp=world > 1 and strategy_of(cfg) == "fsdp", cpu_offload=cfg.dist.cpu_offload,
         world=world, train_rows=min(t.edge_chunk, per_update),
         rollout_rows=min(cfg.rollout.max_batch, counts["leaves"] * per_rank),
-        nodes=counts["nodes"] * per_rank, leaves=counts["leaves"] * per_rank, edges=edges)
+        nodes=counts["nodes"] * per_rank, leaves=counts["leaves"] * per_rank, edges=edges,
+        trained_experts=2 if getattr(m, "experts", "all") == "all" else 1)
+
+
+def trainable_params(model: Model, run: Run) -> int:
+    """Parameters the optimizer updates: every weight of the trained experts (full) or their
+    LoRA matrices (rank x (in + out) per targeted Linear)."""
+    a = model.arch
+    per = a.params if run.finetune == "full" else a.lora_per_rank * run.lora_rank
+    return per * min(run.trained_experts, model.experts)
 
 
 def weights(model: Model, run: Run) -> dict[str, float]:
     """Resident bytes of weights and optimizer state by part (see the module docstring)."""
     a = model.arch
     full = run.finetune == "full"
-    trainable = a.params if full else a.lora_per_rank * run.lora_rank
+    trained = min(run.trained_experts, model.experts)
+    trainable = trainable_params(model, run)
     shard = run.world if run.fsdp else 1
     on_device = 0.0 if (run.fsdp and run.cpu_offload) else 1.0
-    base = a.params * 4 if full else (a.params - a.fp32_params) * run.weight_bytes + (
-        a.fp32_params * 4)
+    frozen_base = (a.params - a.fp32_params) * run.weight_bytes + a.fp32_params * 4
+    base = (trained * (a.params * 4 if full else frozen_base)
+            + (model.experts - trained) * frozen_base)
     out = {"transformer": base / shard * on_device,
            "lora": 0.0 if full else trainable * 4.0}
     for name, n in model.frozen.items():
@@ -423,7 +481,7 @@ def weights(model: Model, run: Run) -> dict[str, float]:
         rest = a.params - a.block_params * a.layers
         out["fsdp_gathered"] = (2 * a.block_params + max(rest, 0)) * run.weight_bytes
     elif full and run.act_bytes < 4:  # the forward's bf16 casts of the fp32 master weights
-        out["autocast_casts"] = a.params * run.act_bytes * 1.0
+        out["autocast_casts"] = trained * a.params * run.act_bytes * 1.0
     if run.kl:  # a deep copy of the policy: its transformer (sharded under FSDP) and encoders
         frozen = sum(v for k, v in out.items() if k in ("text_encoders", "vae"))
         out["reference"] = out["transformer"] + out["lora"] + frozen
@@ -532,9 +590,9 @@ def estimate(cfg: Config, counts: dict[str, int], world: int, per_rank: int,
         "error_band": ERROR_BAND, "range_gib": [gib(total * (1 - ERROR_BAND)),
                                                 gib(total * (1 + ERROR_BAND))],
         "fits_gb": {str(c): total <= 0.9 * c * GIB for c in CARDS_GB},
-        "params": {"transformer": model.arch.params, "trainable": model.arch.params
-                   if run.finetune == "full" else model.arch.lora_per_rank * run.lora_rank,
-                   **model.frozen},
+        "params": {"transformer": model.arch.params, "experts": model.experts,
+                   "trainable": trainable_params(model, run), **model.frozen},
+        "uncounted": list(model.uncounted),
         "architecture": {"hidden": model.arch.hidden, "blocks": model.arch.layers,
                          "mlp_ratio": round(model.arch.mlp_ratio, 3),
                          "image_tokens": model.image_tokens, "text_tokens": model.text_tokens,
@@ -556,6 +614,8 @@ def summary(memory: dict[str, Any], cost_: dict[str, Any]) -> str:
     m, c = memory, cost_
     if "unavailable" in m:
         return f"memory and cost: {m['unavailable']}"
+    missing = (f"; not counted: {', '.join(m['uncounted'])} (no config file, no released "
+               "params)") if m.get("uncounted") else ""
     fits = [k for k, ok in m["fits_gb"].items() if ok]
     nofit = [k for k, ok in m["fits_gb"].items() if not ok]
     fit = "; ".join(filter(None, [f"fits in {'/'.join(fits)} GB" if fits else "",
@@ -565,7 +625,7 @@ def summary(memory: dict[str, Any], cost_: dict[str, Any]) -> str:
             f"{_n(m['weights_gib'])}, optimizer {_n(m['optimizer_gib'])}, activations "
             f"{_n(m['activations_gib'])} at {m['phase']}); gradient checkpointing {gc} "
             f"({_n(m['peak_gib_with_checkpointing'])} with, "
-            f"{_n(m['peak_gib_without_checkpointing'])} without); {fit}\n"
+            f"{_n(m['peak_gib_without_checkpointing'])} without); {fit}{missing}\n"
             f"cost: {c['forward_rows_per_rank']:,} forward + {c['backward_rows_per_rank']:,} "
             f"backward rows per rank per iteration ({c['tokens_per_row']:,} tokens, "
             f"{_n(c['gflop_per_forward_row'])} GFLOP a row), ~{_n(c['seconds_per_iteration'])} s "
