@@ -177,12 +177,19 @@ def _meta_model(library: str, cls_name: str, config_json: str) -> nn.Module:
     """The module ``library.cls_name`` built from its config on the meta device (no memory)."""
     import importlib
 
+    from diffusers.utils import logging as dlog
+
     cls = getattr(importlib.import_module(library), cls_name)
     config = json.loads(config_json)
-    with torch.device("meta"):
-        if library == "diffusers":
-            return cls.from_config(config)
-        return cls(cls.config_class.from_dict(config))
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()  # "config attributes ... will be ignored": not the user's file
+    try:
+        with torch.device("meta"):
+            if library == "diffusers":
+                return cls.from_config(config)
+            return cls(cls.config_class.from_dict(config))
+    finally:
+        dlog.set_verbosity(level)
 
 
 def transformer_arch(transformer_class: str, config: dict[str, Any],

@@ -76,7 +76,8 @@ class Family(Protocol):
       ``"text_tokens"`` (the text sequence the transformer sees; default: the family's
       ``max_sequence_length``), ``"token_patch"`` (latent pixels per token side when the
       transformer's ``patch_size`` does not say it: FLUX's 2x2 packing) and
-      ``"frame_period"`` (a video VAE's temporal factor, default 4).
+      ``"frame_period"`` (a video VAE's temporal factor, default 4); a family of several
+      checkpoints puts them in each ``released_configs`` entry.
     - ``pipeline_grid(scheduler, steps, height, width, vae_scale_factor, shift, dynamic)``
       (classmethod): the `Grid` the family's diffusers pipeline runs for ``steps`` steps with
       the checkpoint's scheduler config (FLUX: FluxPipeline's linspace(1, 1/T, T) with a
