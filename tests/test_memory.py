@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from branchgrpo.cli import main
-from branchgrpo.memory import ERROR_BAND, GIB, Arch, Model, Run, weights
+from branchgrpo.memory import ERROR_BAND, GIB, Run, weights
+from branchgrpo.model_sizes import Arch, Model
 
 PROBE = Path(__file__).with_name("memory_probe.py")
 
@@ -55,7 +56,7 @@ def test_weight_parts_by_hand():
 
 def test_lora_count_matches_peft():
     """`Arch.lora_per_rank` x rank is the parameter count peft injects on the targets."""
-    from branchgrpo.memory import arch_of
+    from branchgrpo.model_sizes import arch_of
     from branchgrpo.models.flux import FluxFamily, tiny_flux
     from branchgrpo.models.lora import LoraSpec
 
