@@ -65,6 +65,10 @@ input for its weight gradient, so LoRA saves less. Measured with saved-tensor ho
 docs/memory.md): full fp32 24-25.5 (FLUX, tiny double blocks) / 21-22 (single blocks),
 full bf16 27 bf16-sized elements (FLUX double), LoRA fp32 13-14 (FLUX, SD3), LoRA bf16
 17-20.5 (FLUX, SD3; Wan 30 with m = 5.8: its norms stay fp32)."""
+FP32_NORM = 2.5
+"""Extra 16-bit-sized elements per token and h of each block norm kept in fp32 under bf16
+autocast (its fp32 output and the cast the next op saves): Wan's three norms, measured 30
+against 22.7 without them."""
 ERROR_BAND = 0.3
 """The estimate's stated relative error on the peak of a training iteration (measured on
 CPU, ``tests/test_memory.py``; the real sizes are hand-checked, docs/memory.md)."""
@@ -171,7 +175,8 @@ def activations(model: Model, run: Run, checkpointing: bool) -> dict[str, float]
     (the VAE), and ``tree`` (the stored rollout, alive in all of them)."""
     a, b = model.arch, run.act_bytes
     s = model.image_tokens + model.text_tokens
-    per_block = (C0[run.finetune, b] + 2 * a.mlp_ratio) * a.hidden * b  # bytes per token
+    c0 = C0[run.finetune, b] + (FP32_NORM * a.fp32_norms if b < 4 else 0)
+    per_block = (c0 + 2 * a.mlp_ratio) * a.hidden * b  # bytes per token
     rows = run.train_rows * model.cfg_rows
     # saved tensors, + the backward's transient gradients (of the MLP's up-projection and
     # the residual stream), + with checkpointing the recomputed block

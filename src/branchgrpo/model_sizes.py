@@ -25,8 +25,9 @@ class Arch:
     """The transformer as the estimate sees it, from a meta-device instance: parameters (all,
     under ``_keep_in_fp32_modules``, of the largest block), LoRA parameters per unit rank on
     the targets (sum of in + out features of the matched Linears), hidden width h (the most
-    common Linear input width in the blocks), blocks L, MLP ratio m, and the blocks' Linear
-    weights an image token and a text token go through (`stream_weights`)."""
+    common Linear input width in the blocks), blocks L, MLP ratio m, the blocks' Linear
+    weights an image token and a text token go through (`stream_weights`), and the norms of a
+    block kept in fp32."""
 
     params: int
     fp32_params: int
@@ -37,6 +38,7 @@ class Arch:
     mlp_ratio: float
     image_weights: int = 0
     text_weights: int = 0
+    fp32_norms: int = 0
 
 
 def arch_of(model: nn.Module, lora_targets: tuple[str, ...]) -> Arch:
@@ -60,7 +62,19 @@ def arch_of(model: nn.Module, lora_targets: tuple[str, ...]) -> Arch:
         fp32_params=sum(p.numel() for n, p in model.named_parameters() if keeps_fp32(model, n)),
         block_params=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
         lora_per_rank=lora, hidden=hidden, layers=len(blocks),
-        mlp_ratio=_mlp_ratio(blocks, hidden), **stream_weights(blocks))
+        mlp_ratio=_mlp_ratio(blocks, hidden), **stream_weights(blocks),
+        fp32_norms=_fp32_norms(model, blocks))
+
+
+def _fp32_norms(model: nn.Module, blocks: list[nn.Module]) -> int:
+    """Norm modules of the largest block that the class keeps in fp32 (``_keep_in_fp32_modules``:
+    Wan's norm1-3), whose outputs a bf16 forward saves in fp32."""
+    keep = set(getattr(type(model), "_keep_in_fp32_modules", None) or ())
+    if not blocks or not keep:
+        return 0
+    block = max(blocks, key=lambda b: sum(p.numel() for p in b.parameters()))
+    return sum(1 for n, m in block.named_modules() if n and "Norm" in type(m).__name__
+               and keep & set(n.split(".")))
 
 
 TEXT_MARKS = ("add_", "context", "txt")
