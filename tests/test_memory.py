@@ -226,3 +226,17 @@ def test_null_guidance_is_the_family_default(capsys):
     cost = json.loads(run_cli(capsys, "plan", "configs/sd35_flow_grpo.yaml",
                               "model.guidance=null", "--json"))["cost"]
     assert cost["cfg_rows_per_sample"] == 2
+
+
+def test_sequence_parallel_splits_activations_and_flops(capsys, monkeypatch):
+    """``dist.sequence_parallel=2`` on 2 ranks (one group): each rank holds half the video
+    tokens through the blocks, so its training activations and FLOPs about halve; the
+    weights are the same."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    one, two = (json.loads(run_cli(capsys, "plan", "configs/wan_branchgrpo.yaml",
+                                   f"dist.sequence_parallel={r}", "--json")) for r in (1, 2))
+    a, b = one["memory"]["phases_gib"]["train"], two["memory"]["phases_gib"]["train"]
+    assert 0.45 < b / a < 0.6
+    assert one["memory"]["weights_gib"] == two["memory"]["weights_gib"]
+    ratio = two["cost"]["gflop_per_forward_row"] / one["cost"]["gflop_per_forward_row"]
+    assert 0.5 < ratio < 0.55

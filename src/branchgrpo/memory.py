@@ -102,6 +102,7 @@ class Run:
     leaves: int
     edges: int
     trained_experts: int = 1
+    sequence_parallel: int = 1
 
 
 def run_of(cfg: Config, counts: dict[str, int], world: int, per_rank: int) -> Run:
@@ -125,7 +126,8 @@ def run_of(cfg: Config, counts: dict[str, int], world: int, per_rank: int) -> Ru
         world=world, train_rows=min(t.edge_chunk, per_update),
         rollout_rows=min(cfg.rollout.max_batch, counts["leaves"] * per_rank),
         nodes=counts["nodes"] * per_rank, leaves=counts["leaves"] * per_rank, edges=edges,
-        trained_experts=2 if getattr(m, "experts", "all") == "all" else 1)
+        trained_experts=2 if getattr(m, "experts", "all") == "all" else 1,
+        sequence_parallel=max(1, int(getattr(cfg.dist, "sequence_parallel", 1) or 1)))
 
 
 def trainable_params(model: Model, run: Run) -> int:
@@ -174,7 +176,8 @@ def activations(model: Model, run: Run, checkpointing: bool) -> dict[str, float]
     step math, plus the gathered edge batch), ``rollout`` (one no-grad forward), ``decode``
     (the VAE), and ``tree`` (the stored rollout, alive in all of them)."""
     a, b = model.arch, run.act_bytes
-    s = model.image_tokens + model.text_tokens
+    # sequence parallelism: each rank of a group holds S_img / R image tokens in every block
+    s = model.image_tokens / run.sequence_parallel + model.text_tokens
     c0 = C0[run.finetune, b] + (FP32_NORM * a.fp32_norms if b < 4 else 0)
     per_block = (c0 + 2 * a.mlp_ratio) * a.hidden * b  # bytes per token
     rows = run.train_rows * model.cfg_rows
@@ -203,15 +206,18 @@ def peak(parts: dict[str, float], phases: dict[str, float]) -> tuple[float, str]
     return sum(parts.values()) + phases["tree"] + phases[phase], phase
 
 
-def flops_per_row(model: Model) -> float:
-    """FLOPs of one transformer forward row: 2 (W_img S_img + W_txt S_txt) + 4 S^2 h L, W the
-    blocks' Linear weights a token of each stream goes through (`stream_weights`), S = S_img
-    + S_txt; 2 P S when the blocks hold no Linear (see the module docstring)."""
+def flops_per_row(model: Model, sp: int = 1) -> float:
+    """FLOPs of one transformer forward row on one rank: 2 (W_img S_img / R + W_txt S_txt)
+    + 4 S^2 h L / R, W the blocks' Linear weights a token of each stream goes through
+    (`stream_weights`), S = S_img + S_txt, R the sequence-parallel degree (a rank holds S_img / R
+    tokens and attends for H / R heads); 2 P S / R when the blocks hold no Linear (see the
+    module docstring)."""
     a = model.arch
     s = model.image_tokens + model.text_tokens
-    linear = (2.0 * (a.image_weights * model.image_tokens + a.text_weights * model.text_tokens)
-              if a.image_weights else 2.0 * a.params * s)
-    return linear + 4.0 * s * s * a.hidden * a.layers
+    linear = (2.0 * (a.image_weights * model.image_tokens / sp
+                     + a.text_weights * model.text_tokens)
+              if a.image_weights else 2.0 * a.params * s / sp)
+    return linear + 4.0 * s * s * a.hidden * a.layers / sp
 
 
 def cost(model: Model, run: Run, counts: dict[str, int], per_rank: int,
@@ -219,7 +225,7 @@ def cost(model: Model, run: Run, counts: dict[str, int], per_rank: int,
     """Forwards, backward rows, FLOPs and seconds of one iteration on each rank."""
     fwd_rows = counts["forwards"] * per_rank * model.cfg_rows
     train_rows = run.edges * model.cfg_rows
-    f = flops_per_row(model)
+    f = flops_per_row(model, run.sequence_parallel)
     per_train = 1.0 + (2.0 if run.finetune == "full" else 1.0) + (
         1.0 if run.checkpointing else 0.0) + (1.0 if run.kl else 0.0)
     total = f * (fwd_rows + train_rows * per_train)
