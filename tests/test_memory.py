@@ -207,7 +207,8 @@ def test_released_configs_size_the_released_models(kind, params, tokens, capsys)
 
 def test_two_expert_checkpoint_counts_both(capsys):
     """Wan2.2-I2V-A14B (released configs): two 14.3B experts resident; ``model.experts=high``
-    trains one, so its LoRA and optimizer halve. A family without component counts says so."""
+    trains one, so its LoRA and optimizer halve; the text encoder and VAE are counted from
+    the family's released parameter counts."""
     m = json.loads(run_cli(capsys, "plan", "configs/wan_i2v_branchgrpo.yaml", "--json"))[
         "memory"]
     one = json.loads(run_cli(capsys, "plan", "configs/wan_i2v_branchgrpo.yaml",
@@ -217,7 +218,21 @@ def test_two_expert_checkpoint_counts_both(capsys):
     assert one["params"]["trainable"] * 2 == m["params"]["trainable"]
     assert one["parts_gib"]["optimizer"] == pytest.approx(m["parts_gib"]["optimizer"] / 2,
                                                           abs=1e-3)
-    assert "text_encoder" in m["uncounted"]
+    assert m["uncounted"] == [] and m["params"]["text_encoder"] == 5_680_910_336
+
+
+CONFIGS = sorted(p.stem for p in (Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_recipe_plans_forwards_and_memory_per_rank_offline(config, capsys):
+    """Every recipe config, from config files alone (released values, no weights): forwards
+    per tree and per rank, and a peak memory per rank with every component counted."""
+    r = json.loads(run_cli(capsys, "plan", f"configs/{config}.yaml", "--json"))
+    m = r["memory"]
+    assert r["per_rank"]["forwards"] >= r["forwards"] > 0
+    assert m["uncounted"] == [] and m["peak_gib"] > 1
+    assert m["params"]["transformer"] > 1e9 and m["params"]["text_encoder"] > 1e8
 
 
 def test_null_guidance_is_the_family_default(capsys):

@@ -309,14 +309,14 @@ def _latent_frames(fam: Any, rel: dict[str, Any], vae: dict[str, Any], num_frame
 def _components(cfg: Config, fam: Any, rel: dict[str, Any],
                 ) -> tuple[dict[str, int], tuple[str, ...], tuple[str, ...]]:
     """(parameters of the frozen pipeline components, the components left uncounted, notes):
-    text encoders and ``vae`` of the family's subfolders, counted on meta instances of their
-    config files (``model_index.json`` names the classes), else from the family's
+    text encoders, ``image_encoder`` and ``vae`` of the family's subfolders, counted on meta
+    instances of their config files (``model_index.json`` names the classes), else from the family's
     ``released_config["params"]``."""
     from .models.diffusers_policy import TEXT_ENCODERS
 
     index = _component_config(cfg.model.path, "") or {}
     fallback = rel.get("params", {})
-    names = [n for n in (*TEXT_ENCODERS, "vae")
+    names = [n for n in (*TEXT_ENCODERS, "image_encoder", "vae")
              if _listed(index, n) or n in fallback or (not index and n in fam.subfolders)]
     out: dict[str, int] = {}
     used_files = used_fallback = False

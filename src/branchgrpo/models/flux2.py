@@ -66,7 +66,11 @@ RELEASED_CONFIG: dict[str, Any] = {
                     "num_attention_heads": 48, "num_layers": 8, "num_single_layers": 48,
                     "out_channels": None, "patch_size": 1, "rope_theta": 2000,
                     "timestep_guidance_channels": 256},
-    "vae_scale_factor": 8}
+    "vae_scale_factor": 8,
+    # parameter counts for `branchgrpo plan`'s memory estimate (meta-device builds of the
+    # released architectures): Mistral-Small-3.1-24B (Mistral3ForConditionalGeneration: 40
+    # layers of 5120, Pixtral vision tower) and AutoencoderKLFlux2
+    "params": {"text_encoder": 24_011_361_280, "vae": 84_046_115}}
 """FLUX.2-dev's released config values (`Flux2Family.released_config`)."""
 TEXT_LAYERS = (10, 20, 30)
 """Flux2Pipeline's ``text_encoder_out_layers``: the Mistral hidden states stacked per token."""

@@ -75,10 +75,13 @@ TI2V_5B_VAE: dict[str, Any] = {
 RELEASED: dict[str, dict[str, Any]] = {
     TI2V_5B: {"scheduler": {**UNIPC, "flow_shift": 5.0}, "transformer": TI2V_5B_TRANSFORMER,
               "vae_scale_factor": 16,
+              # UMT5-XXL encoder (Wan2.1's) and the 48-channel Wan2.2 VAE (meta-device count)
+              "params": {"text_encoder": 5_680_910_336, "vae": 704_688_668},
               "model_index": {"_class_name": "WanPipeline", "boundary_ratio": None,
                               "expand_timesteps": True}},
     T2V_A14B: {"scheduler": {**UNIPC, "flow_shift": 3.0}, "transformer": A14B_TRANSFORMER,
                "vae_scale_factor": 8,
+               "params": {"text_encoder": 5_680_910_336, "vae": 126_892_531},  # Wan2.1's VAE
                "model_index": {"_class_name": "WanPipeline", "boundary_ratio": 0.875,
                                "expand_timesteps": False}},
 }

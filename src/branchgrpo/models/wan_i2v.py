@@ -47,12 +47,16 @@ I2V_14B_480P = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 RELEASED: dict[str, dict[str, Any]] = {
     I2V_A14B: {"scheduler": {**UNIPC, "flow_shift": 3.0},
                "transformer": {**A14B_TRANSFORMER, "in_channels": 36}, "vae_scale_factor": 8,
+               "params": {"text_encoder": 5_680_910_336, "vae": 126_892_531},
                "model_index": {"_class_name": "WanImageToVideoPipeline", "boundary_ratio": 0.9,
                                "expand_timesteps": False}},
     I2V_14B_480P: {"scheduler": {**UNIPC, "flow_shift": 3.0},
                    "transformer": {**A14B_TRANSFORMER, "in_channels": 36, "image_dim": 1280,
                                    "added_kv_proj_dim": 5120},
                    "vae_scale_factor": 8,
+                   # + the CLIP ViT-H/14 vision tower (CLIPVisionModel, 32 layers of 1280)
+                   "params": {"text_encoder": 5_680_910_336, "image_encoder": 630_766_080,
+                              "vae": 126_892_531},
                    "model_index": {"_class_name": "WanImageToVideoPipeline",
                                    "boundary_ratio": None, "expand_timesteps": False}},
 }

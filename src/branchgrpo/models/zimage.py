@@ -81,14 +81,18 @@ TURBO_CONFIG: dict[str, Any] = {
                     "in_channels": 16, "n_heads": 30, "n_kv_heads": 30, "n_layers": 30,
                     "n_refiner_layers": 2, "norm_eps": 1e-05, "qk_norm": True,
                     "rope_theta": 256.0, "t_scale": 1000.0},
-    "vae_scale_factor": 8}
+    "vae_scale_factor": 8,
+    # parameter counts for `branchgrpo plan`'s memory estimate (meta-device builds): Qwen3-4B
+    # (Qwen3Model, 36 layers of 2560) and FLUX.1's 16-channel AutoencoderKL
+    "params": {"text_encoder": 4_022_468_096, "vae": 83_819_683}}
 """Z-Image-Turbo's released config values (`ZImageFamily.released_configs`)."""
 TURBO_SHIFT = 3.0
 """The static shift of Turbo's scheduler; the base Z-Image's ships 6.0."""
 RELEASED_CONFIG: dict[str, Any] = {
     # Tongyi-MAI/Z-Image scheduler/scheduler_config.json: static shift 6.0
     "scheduler": {**TURBO_CONFIG["scheduler"], "shift": 6.0},
-    "transformer": TURBO_CONFIG["transformer"], "vae_scale_factor": 8}
+    "transformer": TURBO_CONFIG["transformer"], "vae_scale_factor": 8,
+    "params": TURBO_CONFIG["params"]}
 """The base Z-Image's released config values (`ZImageFamily.released_config`)."""
 
 
