@@ -6,6 +6,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The processes tests start (CLI runs, torchrun ranks, benches) run one thread each unless the
+# caller set OMP_NUM_THREADS: beside a second pytest-xdist worker, a subprocess on two OpenMP
+# threads spins on a busy core and ran bench credit's CLI test 10x slower (30 s -> 5 min).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)
