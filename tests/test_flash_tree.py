@@ -153,3 +153,24 @@ def test_cli_trains_the_sibling_tree(tmp_path, cache_dir):
     # 2 trees, K 4 at steps 0 and 1 of T 4, one tail step: 1 + 4 + 16 forwards, 4 + 16 SDE
     # edges, 16 ODE tail edges each
     assert (r["tree/forwards"], r["tree/trained_edges"], r["tree/edges"]) == (42, 40, 72)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sibling_preset_batched_equals_per_node_and_ratio_is_one(policy, dtype):
+    """The invariants of tests/test_tree.py on the branch_sibling preset's own plan (Flow-SDE
+    only at the splits, K 4, the DPM tail), which SMALL's branch_flash entry does not cover."""
+    from branchgrpo.engine.methods import METHODS
+    from branchgrpo.engine.tree import edge_log_prob
+
+    m = METHODS.get("branch_sibling")
+    plan = build_plan(m.plan, **m.plan_kw)
+    cond = policy.encode(["a", "b"])
+    t1 = rollout(policy, cond, plan, generator=_gen(), storage_dtype=dtype)
+    t2 = rollout(policy, cond, plan, generator=_gen(), storage_dtype=dtype, max_batch=1)
+    for name in ("latents", "parent", "log_prob", "leaf_x0"):
+        assert torch.equal(getattr(t1, name), getattr(t2, name)), name
+    edges = t1.edges()
+    assert len(edges) == 2 * 20
+    with torch.no_grad():
+        lp, *_ = edge_log_prob(policy, edges, cond, plan, max_batch=7, storage_dtype=dtype)
+    assert torch.equal(lp, edges.old_log_prob)
