@@ -22,6 +22,8 @@ SMALL = {
     "branch": {"num_steps": 6, "split_steps": (0, 2), "branch_factor": 3,
                "split_noise_scale": 2.0},
     "branch_mix": {"num_steps": 6, "split_steps": (0, 3), "mix_window": 2, "mix_stride": 4},
+    "branch_flash": {"num_steps": 10, "split_steps": (0, 3), "mix_window": 2,
+                     "compression": 0.6},
 }
 
 # SDE (trained) edges per tree of each SMALL plan, from the plan arithmetic:
@@ -38,6 +40,9 @@ SDE_EDGES = {
     "branch": 3 + 3 + 9 + 27,
     # K = 2 at 0 and 3; SDE iff i % 4 < 2 or a split: steps 0, 1 (2 nodes), 3, 4, 5 (4 nodes)
     "branch_mix": 2 + 2 + 4 + 4 + 4,
+    # K = 2 at 0 and 3, SDE at {0, 1} and the splits; ODE at 2; after step 3 the flash tail
+    # (int(7 x 0.6) = 4 points: Euler, then DPM-Solver++ twice)
+    "branch_flash": 2 + 2 + 4,
 }
 
 

@@ -73,7 +73,8 @@ class ModelConfig:
 @dataclass
 class RolloutConfig:
     method: str = f("branch", "dance, flow_grpo, mix, mix_flash, g2rpo, branch, branch_width, "
-                              "branch_depth or branch_mix")
+                              "branch_depth, branch_mix, branch_mix_flash or "
+                              "branch_sibling")
     num_steps: int | None = f(None, "denoising steps T (null: the method's default)")
     group_size: int | None = f(None, "samples per prompt G (dance, flow_grpo, mix*, g2rpo)")
     split_steps: list[int] | None = f(None, "branch steps S (branch*) or SDE steps M (g2rpo)")
@@ -95,8 +96,10 @@ class RolloutConfig:
     window: int | None = f(None, "SDE window size (mix, mix_flash)")
     iters_per_shift: int | None = f(None, "iterations per window move (mix, mix_flash)")
     stride: int | None = f(None, "window move per shift, 0 freezes it (mix, mix_flash)")
-    compression: float | None = f(None, "post-window schedule compression r (mix_flash)")
-    mix_window: int | None = f(None, "SDE steps per stride (branch_mix)")
+    compression: float | None = f(None, "post-window schedule compression r (mix_flash, "
+                                          "branch_flash)")
+    mix_window: int | None = f(None, "SDE steps per stride (branch_mix; branch_flash: "
+                                       "0 = SDE at the splits only)")
     mix_stride: int | None = f(None, "stride q of the SDE windows (branch_mix)")
     shared_noise: bool | None = f(None, "every tree of a batch starts from one x_T")
     max_batch: int = f(256, "max rows per model forward (frontier chunking)")
@@ -104,7 +107,8 @@ class RolloutConfig:
 
 @dataclass
 class AdvantageConfig:
-    rule: str | None = f(None, "group, prompt_global_std, depth or g2rpo (null: method's)")
+    rule: str | None = f(None, "group, prompt_global_std, depth, g2rpo or sibling "
+                                  "(null: method's)")
     fusion: str = f("mean", "leaf-to-node fusion for depth: mean, child_softmax or path")
     alpha: float = f(1.0, "temperature of child_softmax / path fusion")
     combine: str = f("reward_sum", "several rewards: reward_sum or advantage_sum")

@@ -51,7 +51,8 @@ from ..engine.policy import Cond, Policy, select_cond
 from ..engine.pruning import select_edges
 from ..engine.tree import RolloutPlan, Tree, chain_plan, decode_leaves, rollout
 
-DEFAULT_METHODS = ("dance_full", "flow_grpo", "mix", "g2rpo", "branch", "branch_depth")
+DEFAULT_METHODS = ("dance_full", "flow_grpo", "mix", "g2rpo", "branch", "branch_depth",
+                   "branch_mix", "branch_mix_flash", "branch_sibling")
 
 RewardFn = Callable[[Tensor, list[str], Tensor], Tensor]
 """(media [B, ...], prompts [B], group ids [B]) -> total reward [B] fp32 on the CPU."""

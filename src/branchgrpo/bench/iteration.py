@@ -31,7 +31,8 @@ from ..train import assemble, iteration
 from .common import bench_policy, machine, markdown
 
 DEFAULT_METHODS = ("dance_full", "dance", "flow_grpo", "mix", "mix_flash", "g2rpo", "branch",
-                   "branch_width", "branch_depth", "branch_mix")
+                   "branch_width", "branch_depth", "branch_mix", "branch_mix_flash",
+                   "branch_sibling")
 PHASES = {"rollout_s": ("rollout",), "reward_s": ("decode", "reward"),
           "update_s": ("advantage", "select", "update")}
 

@@ -212,6 +212,41 @@ def g2rpo_advantage(tree: Tree, leaf_reward: Tensor, eps: float = 1e-8) -> Tenso
     return out.float()
 
 
+@ADVANTAGES.register("sibling")
+def sibling_advantage(tree: Tree, leaf_reward: Tensor, eps: float = 1e-8) -> Tensor:
+    """Sibling-relative (leave-one-out) advantage (docs/algorithms.md §15.1): for the SDE
+    child c of a parent u with K >= 2 SDE children,
+
+        A(c) = (R(c) - mean_{siblings j != c} R(j)) / (std_tree r + eps),
+
+    R the mean-fused reward of each node's leaves, std_tree the unbiased std of the tree's
+    leaf rewards. Siblings share u's state, so R(c) - R(j) contains no prefix noise: given u
+    it is an unbiased estimate of V(c) - V(u) (the action's own effect) when the steps below
+    the children are the same sampler. SDE edges without a sibling, and every deterministic
+    edge, get 0: plans for this rule are SDE only at their splits (``branch_flash`` with
+    ``mix_window`` 0)."""
+    r = fuse(tree, leaf_reward, "mean").cpu()
+    par, n = tree.parent.cpu(), tree.num_nodes
+    c = ((par >= 0) & tree.sde.cpu()).nonzero().squeeze(1)
+    p = par[c]
+    cnt = torch.zeros(n, dtype=torch.float64).index_add(0, p, torch.ones(len(c),
+                                                                         dtype=torch.float64))
+    tot = torch.zeros(n, dtype=torch.float64).index_add(0, p, r[c])
+    k = cnt[p]
+    loo = (tot[p] - r[c]) / (k - 1).clamp_min(1)
+    a = torch.where(k >= 2, r[c] - loo, torch.zeros_like(loo))
+    g = _leaf_groups(tree)
+    lr = leaf_reward.cpu().double()
+    m = int(g.max()) + 1
+    num = torch.bincount(g, minlength=m).double()
+    mean = torch.zeros(m, dtype=torch.float64).index_add(0, g, lr) / num.clamp_min(1)
+    ss = torch.zeros(m, dtype=torch.float64).index_add(0, g, (lr - mean[g]) ** 2)
+    std = (ss / (num - 1).clamp_min(1)).sqrt()
+    out = torch.zeros(n, dtype=torch.float64)
+    out[c] = a / (std[tree.group.cpu()[c]] + eps)
+    return out.float()
+
+
 def compute_advantages(
     tree: Tree, rewards: Mapping[str, Tensor], rule: str = "group",
     weights: Mapping[str, float] | None = None, combine: str = "reward_sum",

@@ -56,3 +56,12 @@ METHODS.register("branch_depth")(Method(
 METHODS.register("branch_mix")(Method(
     "branch_mix", advantage="depth", clip_eps=1e-3,
     note="BranchGRPO-Mix: SDE only at steps {0,1,2,3} and the splits"))
+METHODS.register("branch_mix_flash")(Method(
+    "branch_flash", advantage="depth", clip_eps=1e-3,
+    note="flash tree: BranchGRPO-Mix with a compressed DPM-Solver++ tail after step 9 (r 0.4)"))
+METHODS.register("branch_sibling")(Method(
+    "branch_flash", plan_kw={"split_steps": (0, 2), "branch_factor": 4, "mix_window": 0,
+                             "compression": 0.25, "kernel": "flow", "level": 0.7},
+    advantage="sibling", clip_eps=1e-3,
+    note="sibling tree: K 4 at steps 0 and 2, Flow-SDE only there, ODE between, 3-step "
+         "flash tail, sibling-relative advantages"))

@@ -240,6 +240,72 @@ def branch_mix(mix_window: int = 4, mix_stride: int = 30, **kw) -> RolloutPlan:
     return branch(mix_window=mix_window, mix_stride=mix_stride, **kw)
 
 
+def check_high_order(plan: RolloutPlan) -> None:
+    """Raise ValueError unless every DPM-Solver++ (2M) step of ``plan`` lies in a
+    deterministic tail: after the last stochastic step or split of its lane, and after a
+    deterministic single-child step (docs/algorithms.md §15.3). A 2M step extrapolates from
+    the previous step's x0 prediction; across an SDE step or a split that prediction belongs
+    to the pre-noise state, and inside a window the compressed grid would change the sigma
+    pairs of trained edges, so their stored log-probs would not be the ones trained."""
+    for li, lane in enumerate(plan.lanes):
+        stochastic = [p for p, fs in enumerate(lane.forks)
+                      if any(f.solver == "sde" or f.count > 1 for f in fs)]
+        last = max(stochastic, default=-1)
+        for p, fs in enumerate(lane.forks):
+            if not any(f.solver == "dpm2" for f in fs):
+                continue
+            where = f"plan {plan.name!r} lane {li} at step {lane.track[p]}"
+            if p <= last:
+                raise ValueError(f"{where}: a DPM-Solver++ step before the last SDE step or "
+                                 "split of the lane; keep high-order steps in the ODE tail")
+            prev = lane.forks[p - 1] if p > 0 else ()
+            if not prev or any(f.solver == "sde" or f.count > 1 for f in prev):
+                raise ValueError(f"{where}: a DPM-Solver++ step right after a stochastic step "
+                                 "or split would take its history across it; make the first "
+                                 "tail step 'ode' (first order)")
+
+
+@PLANS.register("branch_flash")
+def branch_flash(
+    num_steps: int = 20, split_steps: Sequence[int] = (0, 3, 6, 9), branch_factor: int = 2,
+    split_noise_scale: float = 1.0, kernel: str = "dance", level: float = 0.3,
+    mix_window: int = 4, mix_stride: int = 30, compression: float = 0.4, shift: float = 3.0,
+    schedule: str = "shifted", image_seq_len: int = 256, sigmas: Sequence[float] | None = None,
+    shared_noise: bool = True, roots: int = 1, iteration: int = 0,
+) -> RolloutPlan:
+    """The flash tree (docs/algorithms.md §15.3): BranchGRPO-Mix up to its last stochastic
+    step e (SDE iff i mod q < w or i is a split; ``mix_window`` 0: SDE at the splits only),
+    Euler ODE between, then MixGRPO-Flash's compressed tail: n_post = int(max((T - e) r, 1))
+    points from sigma[e+1] to 0 (unshifted times spaced linearly, then shifted), the first
+    tail step Euler (DPM-Solver++ first order, no history across the SDE step) and the rest
+    DPM-Solver++ (2M). Every SDE step keeps its sigma pair of the full grid. Needs the
+    'shifted' schedule, like mix_flash."""
+    s = _check_splits(split_steps, num_steps, branch_factor)
+    t = num_steps
+    full = _sigmas(t, schedule, shift, image_seq_len, sigmas)
+    if schedule != "shifted" or not torch.allclose(full, make_sigmas("shifted", t, shift)):
+        raise ValueError("branch_flash compresses the 'shifted' schedule; set schedule: shifted")
+    sde = {i for i in range(t) if i % mix_stride < mix_window} | set(s)
+    e = max(sde)
+    if e > t - 2:
+        raise ValueError(f"branch_flash needs its last SDE step or split <= T - 2 = {t - 2}, "
+                         f"got {e}: there is no ODE tail to compress")
+    n_post = int(max((t - e) * compression, 1))
+    u = torch.linspace(1.0 - (e + 1) / t, 0.0, max(n_post, 2), dtype=torch.float64)
+    sig = torch.cat([full[: e + 2], shift_sigmas(u, shift).float()[1:]])
+    steps = len(sig) - 1
+    solver = [("sde" if i in sde else "ode") if i <= e + 1 else "dpm2" for i in range(steps)]
+    solver[e + 1] = "ode"
+    plan = chain_plan("branch_flash", sig, [branch_factor if i in s else 1 for i in range(steps)],
+                      solver, [split_noise_scale if i in s else 1.0 for i in range(steps)],
+                      kernel=kernel, level=level, shared_noise=shared_noise, roots=roots,
+                      info={"split_steps": s, "branch_factor": branch_factor, "n_post": n_post,
+                            "sde_steps": sorted(sde),
+                            "group_size": roots * branch_factor ** len(s)})
+    check_high_order(plan)
+    return plan
+
+
 def plan_parameters(plan: str) -> set[str]:
     """The keyword parameters the plan builder ``plan`` accepts (branch_mix forwards the
     rest of branch's)."""

@@ -47,7 +47,8 @@ if TYPE_CHECKING:
 FLUX_DEV = "black-forest-labs/FLUX.1-dev"
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer",
               "tokenizer_2", "scheduler")
-FASTVIDEO_PLANS = frozenset({"dance", "branch", "branch_mix", "mix", "mix_flash", "g2rpo"})
+FASTVIDEO_PLANS = frozenset({"dance", "branch", "branch_mix", "mix", "mix_flash", "g2rpo",
+                             "branch_flash"})
 """Plans whose published FLUX code (the FastVideo repos) runs the shifted linspace, shift 3,
 and gives the transformer int(1000 sigma) / 1000."""
 RELEASED_CONFIG: dict[str, Any] = {
