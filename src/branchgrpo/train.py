@@ -346,7 +346,8 @@ def setup(cfg: Config, resume: Path | None) -> State:
     path = ckpt.pick_checkpoint(run_dir, d, cfg.log.checkpoint_every) if resume else None
     torch.manual_seed(cfg.train.seed)
     with dist.main_first(d):  # rank 0 fills the model caches first
-        policy = build_policy(model_options(cfg, progress=cfg.log.progress and d.main), device)
+        policy = build_policy(model_options(cfg, progress=cfg.log.progress and d.main), device,
+                              train_prompts + eval_prompts)  # model.free_encoders encodes them
         judge = scoring.judge(cfg, d.main)
     # Building may have drawn from the global generators or not (the tiny base model is
     # pretrained on first use, loaded from the cache after): a run must not depend on which.

@@ -43,6 +43,7 @@ class DiffusersPolicy:
         self.dtype = dtype
         self.offload_encoders = offload_encoders
         self._cache: dict[str, dict[str, Tensor]] = {}
+        self.encoders_freed = False
         freeze(*self.frozen_modules())
         for m in self.frozen_modules():
             if m not in self.text_encoders():
@@ -85,6 +86,11 @@ class DiffusersPolicy:
         """Conditioning {name: [B, ...]} on ``device``; each distinct prompt is encoded once
         and cached (on the device it was computed on)."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing and self.encoders_freed:
+            raise KeyError(f"prompt {missing[0]!r} was not encoded before the text encoders were "
+                           f"freed (model.free_encoders): {len(missing)} new prompt(s); list "
+                           "them in data.prompts or data.eval_prompts, or set "
+                           "model.free_encoders=false")
         if missing:
             with torch.no_grad(), self._encoders_on_device():
                 enc = self.family.encode(self, missing)
@@ -92,6 +98,22 @@ class DiffusersPolicy:
                 self._cache[p] = {k: v[i].detach() for k, v in enc.items()}
         rows = [self._cache[p] for p in prompts]
         return {k: torch.stack([r[k] for r in rows]).to(self.device) for k in rows[0]}
+
+    def free_encoders(self, prompts: Sequence[str], chunk: int = 8) -> None:
+        """Encode every distinct prompt of ``prompts`` (``chunk`` at a time) into the cache,
+        move the cache to the CPU (`encode` brings rows back to ``device``), then drop the text
+        encoders: the pipeline no longer references them, so their memory is freed on every
+        device. `encode` of a prompt not encoded here then raises KeyError."""
+        todo = list(dict.fromkeys(prompts))
+        for i in range(0, len(todo), chunk):
+            self.encode(todo[i:i + chunk])
+        self._cache = {p: {k: v.cpu() for k, v in r.items()} for p, r in self._cache.items()}
+        for n in TEXT_ENCODERS:
+            if getattr(self.pipe, n, None) is not None:
+                setattr(self.pipe, n, None)
+        self.encoders_freed = True
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         """Guided v [N, *latent_shape] fp32 at x [N, *latent_shape], sigma [N]."""

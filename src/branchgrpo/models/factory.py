@@ -3,6 +3,7 @@ and read the prompt sets."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,10 @@ class ModelOptions:
     file.
     ``quantize_timestep``: the resolved rule (`branchgrpo.spec.RunSpec`). ``pretrain_steps``,
     ``clutter``, ``cache_dir``: the tiny family's pretraining and cache. ``progress``: show the
-    tiny pretraining bar. ``compile``, ``attention_backend``: see `speed_up`."""
+    tiny pretraining bar. ``compile``, ``attention_backend``: see `speed_up`. ``quantize``:
+    the frozen base's storage (`branchgrpo.models.loading.quantization_config`);
+    ``offload_encoders``: text encoders on the CPU between encodes (`DiffusersPolicy`);
+    ``free_encoders``: read by the trainer (`DiffusersPolicy.free_encoders`)."""
 
     kind: str = "tiny"
     path: str = ""
@@ -35,6 +39,9 @@ class ModelOptions:
     lora_rank: int = 32
     lora_alpha: float = 64.0
     gradient_checkpointing: bool = False
+    quantize: str = "none"
+    offload_encoders: bool = False
+    free_encoders: bool = False
     compile: bool = False
     attention_backend: str = "native"
     height: int = 512
@@ -62,16 +69,24 @@ class ModelOptions:
         return {"dtype": DTYPES[self.dtype], "lora": lora,
                 "full_finetune": self.finetune == "full", "height": self.height,
                 "width": self.width, "gradient_checkpointing": self.gradient_checkpointing,
-                "quantize_timestep": self.quantize_timestep, **guidance}
+                "quantize_timestep": self.quantize_timestep, "quantize": self.quantize,
+                "offload_encoders": self.offload_encoders, **guidance}
 
 
-def build_policy(options: ModelOptions, device: torch.device) -> Policy:
+def build_policy(options: ModelOptions, device: torch.device,
+                 prompts: Sequence[str] = ()) -> Policy:
     """The policy of family ``options.kind`` on ``device`` (registry:
     `branchgrpo.models.families.FAMILIES`); a diffusers family fails fast with
-    `ModelNotAvailableError` when its weights are not on this machine."""
+    `ModelNotAvailableError` when its weights are not on this machine. With
+    ``options.free_encoders``: ``prompts`` (every prompt the run will encode) are encoded, then
+    the text encoders dropped (`DiffusersPolicy.free_encoders`); without ``prompts``
+    (inference) they are kept."""
     from .families import family_module
 
-    return speed_up(family_module(options.kind).build(options, device), options)
+    policy = speed_up(family_module(options.kind).build(options, device), options)
+    if options.free_encoders and prompts:
+        policy.free_encoders(prompts)  # type: ignore[attr-defined]
+    return policy
 
 
 def speed_up(policy: Policy, options: ModelOptions) -> Policy:

@@ -38,32 +38,72 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+QUANTIZED_COMPONENTS = ("transformer", "transformer_2")
+"""Pipeline components a ``quantize`` other than none loads quantized (Wan2.2 A14B has two
+experts); text encoders and VAE keep ``dtype`` (cached or offloaded instead)."""
+
+
+def quantization_config(quantize: str) -> Any:
+    """The diffusers ``TorchAoConfig`` of ``model.quantize`` (None for "none"): int8 is torchao's
+    ``Int8WeightOnlyConfig`` (per-channel int8 weights + one scale per output row, dequantized
+    in the matmul; CPU and CUDA), fp8 its ``Float8WeightOnlyConfig`` (CUDA sm89+). Both are in
+    diffusers' trainable torchao configs, and peft wraps their linear layers in
+    ``TorchaoLoraLinear``, so LoRA trains on the frozen quantized base. ImportError naming the
+    extra when torchao is missing."""
+    if quantize == "none":
+        return None
+    try:
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+    except ImportError as e:
+        raise ImportError(f"model.quantize={quantize} needs torchao: pip install "
+                          "'branchgrpo[quant]'") from e
+    from diffusers import TorchAoConfig
+
+    configs = {"int8": Int8WeightOnlyConfig, "fp8": Float8WeightOnlyConfig}
+    if quantize not in configs:
+        raise ValueError(f"quantize={quantize!r} is not one of {['none', *configs]}")
+    return TorchAoConfig(configs[quantize]())
+
+
 def load_pipeline(family_cls: Any, model_id_or_path: str | os.PathLike, dtype: torch.dtype,
-                  cache_dir: str | os.PathLike | None = None) -> Any:
+                  cache_dir: str | os.PathLike | None = None, quantize: str = "none") -> Any:
     """The family's pipeline (``family_cls.pipeline_name``) from the resolved local folder
     (never the network) in ``dtype``, the components in ``family_cls.fp32_modules`` in fp32
     (their class from ``model_index.json``); ``family_cls.optional_subfolders`` (if any) are
-    fetched when the checkpoint has them."""
+    fetched when the checkpoint has them. ``quantize`` (not "none"): the transformer(s)
+    (`QUANTIZED_COMPONENTS`) load with `quantization_config`."""
     import diffusers
 
     path = resolve_checkpoint(model_id_or_path, family_cls.subfolders, cache_dir,
                               getattr(family_cls, "optional_subfolders", ()))
     try:
-        fp32 = {name: _component(path, name, torch.float32) for name in family_cls.fp32_modules}
+        parts = {name: _component(path, name, torch.float32) for name in family_cls.fp32_modules}
+        if (qc := quantization_config(quantize)) is not None:
+            index = json.loads((Path(path) / "model_index.json").read_text())
+            parts |= {name: _component(path, name, dtype, quantization_config=qc)
+                      for name in QUANTIZED_COMPONENTS
+                      if (index.get(name) or [None])[0] is not None}
         return getattr(diffusers, family_cls.pipeline_name).from_pretrained(
-            path, local_files_only=True, **{dtype_kwarg(): dtype}, **fp32)
+            path, local_files_only=True, **{dtype_kwarg(): dtype}, **parts)
     except OSError as e:
         raise ModelNotAvailableError(advice(str(model_id_or_path),
                                             f"files are missing in {path} ({e})")) from e
 
 
-def _component(path: str, name: str, dtype: torch.dtype) -> nn.Module:
-    """Pipeline component ``name`` of the folder ``path`` in ``dtype``."""
+def _component(path: str, name: str, dtype: torch.dtype, **kw: Any) -> nn.Module:
+    """Pipeline component ``name`` of the folder ``path`` in ``dtype`` (``kw``: more
+    ``from_pretrained`` arguments, e.g. ``quantization_config``)."""
     import importlib
 
     library, cls = json.loads((Path(path) / "model_index.json").read_text())[name]
     return getattr(importlib.import_module(library), cls).from_pretrained(
-        path, subfolder=name, local_files_only=True, **{dtype_kwarg(): dtype})
+        path, subfolder=name, local_files_only=True, **{dtype_kwarg(): dtype}, **kw)
+
+
+def is_quantized(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a quantized tensor subclass (torchao's ``Int8Tensor``, ...), not a
+    plain tensor or parameter."""
+    return type(t.data) is not torch.Tensor
 
 
 def load(
@@ -71,15 +111,19 @@ def load(
     dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None,
     lora: LoraSpec | None = None, full_finetune: bool = False,
     master_dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLike | None = None,
-    **kw: Any,
+    quantize: str = "none", **kw: Any,
 ) -> DiffusersPolicy:
     """The policy of ``family_cls`` from a checkpoint (Hub id or local diffusers folder);
     fails fast with `ModelNotAvailableError` offline. Frozen parts load in ``dtype``; fully
-    fine-tuned transformer weights in ``master_dtype``. ``kw``: the family's options and
-    `branchgrpo.models.diffusers_policy.compose`'s (gradient_checkpointing, ...)."""
+    fine-tuned transformer weights in ``master_dtype``; ``quantize`` (int8, fp8; LoRA only):
+    the frozen transformer base stored quantized (`quantization_config`). ``kw``: the
+    family's options and `branchgrpo.models.diffusers_policy.compose`'s (gradient_checkpointing,
+    offload_encoders, ...)."""
     from .diffusers_policy import compose
 
-    pipe = load_pipeline(family_cls, model_id_or_path, dtype, cache_dir)
+    if quantize != "none" and lora is None:
+        raise ValueError(f"quantize={quantize} freezes the base: train it with lora=LoraSpec()")
+    pipe = load_pipeline(family_cls, model_id_or_path, dtype, cache_dir, quantize)
     cast_weights(pipe.transformer, weight_dtype(dtype, lora, full_finetune, master_dtype))
     return compose(family_cls, pipe, device=device or default_device(), dtype=dtype, lora=lora,
                    full_finetune=full_finetune, **kw)
@@ -103,7 +147,7 @@ def cast_weights(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     with torch.no_grad():
         tensors = list(module.named_parameters()) + list(module.named_buffers())
         for name, t in tensors:
-            if name not in persistent or not t.is_floating_point():
+            if name not in persistent or not t.is_floating_point() or is_quantized(t):
                 continue
             target = torch.float32 if keeps_fp32(module, name) else dtype
             if t.dtype != target:

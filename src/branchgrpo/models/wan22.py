@@ -271,9 +271,10 @@ def compose_wan22(pipe: Any, *, experts: str = "all", dtype: torch.dtype = torch
 
 def build(o: ModelOptions, device: torch.device) -> DiffusersPolicy:
     """The registry's builder: the checkpoint ``o.path`` as a Wan2.2 policy on ``device``."""
-    pipe = load_pipeline(Wan22Family, o.path, DTYPES[o.dtype])
+    kw = o.diffusers_kwargs()
+    pipe = load_pipeline(Wan22Family, o.path, DTYPES[o.dtype], quantize=kw.pop("quantize"))
     return compose_wan22(pipe, experts=o.experts, device=device, num_frames=o.num_frames,
-                         guidance_scale_2=o.guidance_2, **o.diffusers_kwargs())
+                         guidance_scale_2=o.guidance_2, **kw)
 
 
 def tiny_wan22_parts(seed: int = 0, experts: bool = False) -> dict[str, Any]:

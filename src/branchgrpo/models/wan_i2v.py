@@ -186,12 +186,13 @@ FAMILY = WanI2VFamily
 def build(o: ModelOptions, device: torch.device) -> DiffusersPolicy:
     """The registry's builder: the checkpoint ``o.path`` as a Wan I2V policy on ``device``,
     the images of ``o.images``."""
-    pipe = load_pipeline(WanI2VFamily, o.path, DTYPES[o.dtype])
+    kw = o.diffusers_kwargs()
+    pipe = load_pipeline(WanI2VFamily, o.path, DTYPES[o.dtype], quantize=kw.pop("quantize"))
     if getattr(pipe, "image_encoder", None) is not None:
         pipe.image_encoder.requires_grad_(False).eval().to(device)
     return compose_wan22(pipe, family_cls=WanI2VFamily, experts=o.experts, device=device,
                          num_frames=o.num_frames, guidance_scale_2=o.guidance_2,
-                         images=read_images(o.images), **o.diffusers_kwargs())
+                         images=read_images(o.images), **kw)
 
 
 def tiny_wan_i2v_parts(seed: int = 0, clip: bool = False) -> dict[str, Any]:

@@ -1,0 +1,144 @@
+"""Small-GPU recipes on CPU (docs/small_gpu.md): ``model.quantize=int8`` loads a replica
+checkpoint's transformer with int8 linear weights (torchao through diffusers' ``TorchAoConfig``)
+under fp32 LoRA; one ``branchgrpo train`` iteration on it (with a KL reference copy and the
+text encoders freed) trains the LoRA, whose ``RUN/lora/`` loads into the unquantized pipeline
+and reproduces the run's policy up to the base's quantization error; ``model.free_encoders``
+drops the encoders after the prompt cache is filled; the config refuses what cannot work."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from models_testlib import PROMPTS, load_replica_pipeline, ode_rollout
+from models_testlib import run_default_pipeline as run_pipe
+from test_models_replica_train import _checkpoint, prompts, train_cli  # noqa: F401
+
+from branchgrpo.config import ConfigError, load_config
+from branchgrpo.inference import load_trained
+from branchgrpo.models.factory import ModelOptions, build_policy
+from branchgrpo.models.loading import keeps_fp32
+from branchgrpo.spec import resolve
+
+SIZE = {"flux": {"height": 64, "width": 64}, "sd3": {"height": 64, "width": 64},
+        "wan": {"height": 32, "width": 32, "num_frames": 5}}
+
+
+def _torchao():
+    return pytest.importorskip("torchao", reason="model.quantize needs torchao: pip install "
+                                                 "'branchgrpo[quant]'")
+
+
+def _policy(family: str, path, **kw):
+    o = ModelOptions(kind=family, path=str(path), finetune="lora", lora_rank=4, lora_alpha=8,
+                     **SIZE[family], **kw)
+    return build_policy(o, torch.device("cpu"))
+
+
+def _base_linears(tr: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The transformer's linear layers that are not LoRA matrices, nor under the class's
+    ``_keep_in_fp32_modules`` (diffusers leaves those unquantized: Wan's time embedder)."""
+    return {n: m for n, m in tr.named_modules() if isinstance(m, torch.nn.Linear)
+            and "lora_" not in n and not keeps_fp32(tr, n + ".weight")}
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "wan"])
+def test_int8_base_loads_quantized_under_lora(family, replica):
+    torchao = _torchao()
+    from torchao.quantization import Int8Tensor
+
+    path = replica(family)
+    q = _policy(family, path, quantize="int8")
+    lin = _base_linears(q.transformer)
+    assert lin and all(isinstance(m.weight, Int8Tensor) for m in lin.values()), torchao.__version__
+    assert all(m.weight.qdata.dtype == torch.int8 for m in lin.values())
+    lora = {n: p for n, p in q.transformer.named_parameters() if "lora_" in n}
+    assert lora and all(p.requires_grad and p.dtype == torch.float32 for p in lora.values())
+    assert [n for n, p in q.transformer.named_parameters() if p.requires_grad] == list(lora)
+    # the quantized base moves the velocity by its int8 error only (LoRA B starts nonzero under
+    # gaussian init, the same in both: same seed)
+    torch.manual_seed(0)
+    full = _policy(family, path)
+    x = torch.randn(2, *q.latent_shape, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.9, 0.4])
+    with torch.no_grad():
+        vq, vf = (p.velocity(x, sigma, p.encode(PROMPTS)) for p in (q, full))
+    rel = ((vq - vf).norm() / vf.norm()).item()
+    assert 0 < rel < 0.05, rel
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_int8_lora_train_exports_into_unquantized_pipeline(family, replica, prompts, tmp_path):
+    _torchao()
+    path = replica(family)
+    run = tmp_path / "run"
+    train_cli(family, path, run, prompts, "model.finetune=lora", "model.lora_rank=4",
+              "model.lora_alpha=8", "train.lr=1e-2", "model.quantize=int8",
+              "model.free_encoders=true", "model.gradient_checkpointing=true",
+              "train.kl_coef=0.01")
+    state = _checkpoint(run)  # the checkpoint holds only the trained LoRA, in fp32
+    assert state and all("lora_" in k and v.dtype == torch.float32 for k, v in state.items())
+    policy, cfg, _, _ = load_trained(run)  # the run's own policy: int8 base + trained LoRA
+    assert cfg.model.quantize == "int8"
+    sigmas = torch.tensor(resolve(cfg).sigmas)
+    steps = len(sigmas) - 1
+    with torch.no_grad():
+        ours = ode_rollout(policy, sigmas)
+    x_T = ours.latents[ours.parent < 0]
+    pipe = load_replica_pipeline(family, path)  # unquantized
+    base = run_pipe(family, pipe, cfg, x_T.clone(), steps)
+    pipe.load_lora_weights(run / "lora")
+    tuned = run_pipe(family, pipe, cfg, x_T.clone(), steps)
+    # the expected difference is the base's int8 error: measured as the quantized base's
+    # output against the unquantized one's, both without LoRA
+    policy.transformer.disable_adapters()
+    with torch.no_grad():
+        q_base = ode_rollout(policy, sigmas).leaf_x0
+    policy.transformer.enable_adapters()
+    q_err = (q_base - base).abs().max().item()
+    assert (tuned - base).abs().max() > 1e-3  # the LoRA moved the output
+    err = (ours.leaf_x0 - tuned).abs().max().item()
+    assert 0 < q_err < 0.1 and err <= 2 * q_err + 1e-5, (err, q_err)
+
+
+def test_free_encoders_drops_them_after_the_cache(replica):
+    path = replica("flux")
+    o = ModelOptions(kind="flux", path=str(path), finetune="lora", lora_rank=4,
+                     free_encoders=True, **SIZE["flux"])
+    kept = build_policy(o, torch.device("cpu"))  # no prompts (inference): encoders kept
+    assert kept.pipe.text_encoder is not None and not kept.encoders_freed
+    before = kept.encode(PROMPTS)
+    refs = [weakref.ref(m) for m in kept.text_encoders()]
+    assert len(refs) == 2  # CLIP and T5
+    kept.free_encoders(PROMPTS[:1] + PROMPTS)
+    gc.collect()
+    assert kept.text_encoders() == [] and all(r() is None for r in refs)
+    after = kept.encode(PROMPTS)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert all(v.device.type == "cpu" for r in kept._cache.values() for v in r.values())
+    with pytest.raises(KeyError, match="model.free_encoders"):
+        kept.encode(["a prompt never encoded"])
+    freed = build_policy(o, torch.device("cpu"), PROMPTS)  # the trainer's call
+    assert freed.encoders_freed and freed.pipe.text_encoder_2 is None
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["model.quantize=int8"], "model.finetune=lora"),
+    (["model.quantize=int8", "model.finetune=lora", "model.kind=tiny"], "diffusers"),
+    (["model.free_encoders=true", "model.kind=analytic"], "diffusers"),
+    (["model.quantize=int8", "model.finetune=lora", "dist.strategy=fsdp"], "dist.strategy=ddp"),
+    (["model.quantize=fp8", "model.finetune=lora", "train.device=cpu"], "model.quantize=int8"),
+    (["model.quantize=int4", "model.finetune=lora"], "not one of"),
+])
+def test_config_refuses_what_cannot_work(overrides, match):
+    kind = [] if any(o.startswith("model.kind") for o in overrides) else ["model.kind=flux"]
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [*kind, *overrides])
+
+
+def test_config_accepts_quantized_lora():
+    cfg = load_config(None, ["model.kind=flux", "model.finetune=lora", "model.quantize=int8",
+                             "model.offload_encoders=true", "model.free_encoders=true"])
+    assert cfg.model.quantize == "int8"
