@@ -14,7 +14,7 @@ import pytest
 import torch
 from models_testlib import PROMPTS, load_replica_pipeline, ode_rollout
 from models_testlib import run_default_pipeline as run_pipe
-from test_models_replica_train import _checkpoint, prompts, train_cli  # noqa: F401
+from test_models_replica_train import _checkpoint, train_cli
 
 from branchgrpo.config import ConfigError, load_config
 from branchgrpo.inference import load_trained
@@ -24,6 +24,13 @@ from branchgrpo.spec import resolve
 
 SIZE = {"flux": {"height": 64, "width": 64}, "sd3": {"height": 64, "width": 64},
         "wan": {"height": 32, "width": 32, "num_frames": 5}}
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(PROMPTS) + "\n")
+    return f
 
 
 def _torchao():
@@ -70,11 +77,11 @@ def test_int8_base_loads_quantized_under_lora(family, replica):
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3"])
-def test_int8_lora_train_exports_into_unquantized_pipeline(family, replica, prompts, tmp_path):
+def test_int8_lora_train_exports_into_unquantized_pipeline(family, replica, prompt_file, tmp_path):
     _torchao()
     path = replica(family)
     run = tmp_path / "run"
-    train_cli(family, path, run, prompts, "model.finetune=lora", "model.lora_rank=4",
+    train_cli(family, path, run, prompt_file, "model.finetune=lora", "model.lora_rank=4",
               "model.lora_alpha=8", "train.lr=1e-2", "model.quantize=int8",
               "model.free_encoders=true", "model.gradient_checkpointing=true",
               "train.kl_coef=0.01")
