@@ -157,6 +157,11 @@ def wrap(policy: Any, d: Dist, *, trainable: bool = True, bf16: bool = False,
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         dev = [d.local_rank] if next(inner.parameters()).is_cuda else None
+        # a quantized frozen base (model.quantize) is the same file on every rank, and its
+        # tensor subclasses cannot be broadcast: DDP's start-up sync skips it
+        DDP._set_params_and_buffers_to_ignore_for_model(inner, [
+            n for n, t in [*inner.named_parameters(), *inner.named_buffers()]
+            if type(t.data) is not torch.Tensor and not t.requires_grad])
         # a mixture of experts (Wan2.2 A14B's WanExperts) runs one expert per forward
         policy.transformer = DDP(inner, device_ids=dev, forward_sync_buffers=False,
                                  find_unused_parameters=find_unused_parameters

@@ -149,3 +149,39 @@ def test_config_accepts_quantized_lora():
     cfg = load_config(None, ["model.kind=flux", "model.finetune=lora", "model.quantize=int8",
                              "model.offload_encoders=true", "model.free_encoders=true"])
     assert cfg.model.quantize == "int8"
+
+
+def test_int8_lora_trains_under_ddp_on_two_ranks(replica, prompt_file, tmp_path):
+    """DDP's start-up broadcast skips the quantized frozen base (its tensor subclass has no
+    ``view``); the LoRA weights stay equal on both ranks (``dist.verify_sync=1``)."""
+    _torchao()
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "run"
+    args = ["model.kind=flux", f"model.path={replica('flux')}", "model.guidance=3.5",
+            "model.height=64", "model.width=64", "rollout.method=branch",
+            "rollout.split_steps=[0]", "rollout.schedule=flux_dynamic",
+            "rollout.quantize_timestep=false", "rollout.num_steps=2", "rollout.branch_factor=2",
+            "train.iterations=1", "dist.global_prompts=2", "train.device=cpu",
+            "reward.weights={jpeg_compressibility: 1.0}", "reward.judge=''",
+            f"data.prompts={prompt_file}", f"data.eval_prompts={prompt_file}",
+            "data.eval_samples=1", f"log.run_dir={run}", "log.progress=false",
+            "log.tensorboard=false", "log.eval_every=0", "model.finetune=lora",
+            "model.lora_rank=4", "model.quantize=int8", "model.free_encoders=true",
+            "train.kl_coef=0.01", "dist.verify_sync=1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "branchgrpo",
+           "train", *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    (row,) = [r for r in rows if "eval/tag" not in r]
+    assert torch.isfinite(torch.tensor(row["loss/total"])) and row["grad_norm"] > 0
