@@ -359,8 +359,6 @@ LOSSY_ATTENTION_WHY = (
 """Why lossy attention kernels (SageAttention) are refused."""
 QUANTIZE = ("none", "int8", "fp8")
 """``model.quantize`` values: torchao weight-only configs diffusers can train LoRA on."""
-EMBEDDED_KINDS = ("tiny", "analytic")
-"""Model kinds without a diffusers pipeline (no quantized loading, no text encoders)."""
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("fp32", "bf16", "fp16"), "model.attention_backend": EXACT_ATTENTION,
     "model.storage_dtype": ("fp32", "bf16", "fp16"), "model.finetune": ("full", "lora"),
@@ -410,7 +408,6 @@ def validate(cfg: Config) -> None:
                               + near(str(v), list(CHOICES[key])))
         if v is not None and key in RANGES:
             _check_range(key, v)
-    _check_small_gpu(cfg)
     for k, v in cfg.reward.weights.items():
         if not math.isfinite(v):
             raise ConfigError(f"reward.weights.{k} must be a finite number, got {v}")
@@ -426,31 +423,6 @@ def validate(cfg: Config) -> None:
         if v is not None and not v:
             raise ConfigError(f"rollout.{k} is empty: give at least one value, or null for the "
                               "method's")
-
-
-def _check_small_gpu(cfg: Config) -> None:
-    """`ConfigError` for a quantized base or encoder offload that cannot work: a quantized base
-    without LoRA (its weights cannot train) or under FSDP (torchao's tensors do not shard), fp8
-    on the CPU, any of them on an embedded kind (docs/small_gpu.md)."""
-    m = cfg.model
-    asked = [k for k, on in (("quantize", m.quantize != "none"),
-                             ("offload_encoders", m.offload_encoders),
-                             ("free_encoders", m.free_encoders)) if on]
-    if asked and m.kind in EMBEDDED_KINDS:
-        raise ConfigError(f"model.{asked[0]} is for the diffusers families; model.kind="
-                          f"{m.kind} has no pipeline: unset it or pick a diffusers kind")
-    if m.quantize == "none":
-        return
-    if m.finetune != "lora":
-        raise ConfigError(f"model.quantize={m.quantize} freezes the base weights: set "
-                          "model.finetune=lora (or model.quantize=none for full fine-tuning)")
-    if cfg.dist.strategy == "fsdp":
-        raise ConfigError(f"model.quantize={m.quantize} does not shard under FSDP: set "
-                          "dist.strategy=ddp (LoRA replicates its few weights) or "
-                          "model.quantize=none")
-    if m.quantize == "fp8" and cfg.train.device == "cpu":
-        raise ConfigError("model.quantize=fp8 needs a CUDA GPU (sm89+): set model.quantize="
-                          "int8 on the CPU")
 
 
 def prompts_per_rank(cfg: Config, world: int) -> int:

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from .config import Config, ConfigError, near, prompts_per_rank
-from .spec import RunSpec, advantage_kw, plan_params, resolve, resolved_rules
+from .models.families import FAMILIES, family_class
+from .spec import RunSpec, advantage_kw, plan_params, resolve, resolved_rules, strategy_of
 
 MAX_LEAVES = 4096
 """Leaves (decoded images, reward calls) per tree: 14x the largest published tree (G2RPO's
@@ -44,10 +45,33 @@ def check_plan(cfg: Config) -> RunSpec:
     """The checks of the run's plan alone (no rewards, devices or prompt files): its
     `RunSpec`, or `ConfigError` for the first problem."""
     _check_distilled(cfg)
+    _check_small_gpu(cfg)
     spec, plan = _check_plan(cfg)
     _check_rules(cfg, plan)
     _check_dry_run(cfg, spec)
     return spec
+
+
+def _check_small_gpu(cfg: Config) -> None:
+    """A quantized base or encoder offload that cannot work (docs/small_gpu.md): a quantized
+    base without LoRA (its weights cannot train) or under FSDP (torchao's tensors do not
+    shard), any of them on an embedded kind (no pipeline). fp8 on the CPU: `_check_device`."""
+    m = cfg.model
+    asked = [k for k, on in (("quantize", m.quantize != "none"),
+                             ("offload_encoders", m.offload_encoders),
+                             ("free_encoders", m.free_encoders)) if on]
+    if asked and m.kind in FAMILIES and family_class(m.kind) is None:
+        raise ConfigError(f"model.{asked[0]} is for the diffusers families; model.kind="
+                          f"{m.kind} has no pipeline: unset it or pick a diffusers kind")
+    if m.quantize == "none":
+        return
+    if m.finetune != "lora":
+        raise ConfigError(f"model.quantize={m.quantize} freezes the base weights: set "
+                          "model.finetune=lora (or model.quantize=none for full fine-tuning)")
+    if strategy_of(cfg) == "fsdp":
+        raise ConfigError(f"model.quantize={m.quantize} does not shard under FSDP: set "
+                          "dist.strategy=ddp (LoRA replicates its few weights) or "
+                          "model.quantize=none")
 
 
 def _check_plan(cfg: Config) -> tuple[RunSpec, Any]:
@@ -245,6 +269,9 @@ def _check_device(cfg: Config) -> None:
                           f"a CPU build, {torch.__version__}); use train.device=cpu or auto")
     backend = cfg.model.attention_backend
     on_cuda = d == "cuda" or (d == "auto" and torch.cuda.is_available())
+    if cfg.model.quantize == "fp8" and not on_cuda:
+        raise ConfigError("model.quantize=fp8 needs a CUDA GPU (sm89+) and this run is on the "
+                          "CPU; use model.quantize=int8")
     if backend not in ("native", "_native_math") and not on_cuda:
         raise ConfigError(f"model.attention_backend={backend} is a CUDA kernel and this run is "
                           "on the CPU; use model.attention_backend=native")

@@ -16,10 +16,12 @@ from models_testlib import PROMPTS, load_replica_pipeline, ode_rollout
 from models_testlib import run_default_pipeline as run_pipe
 from test_models_replica_train import _checkpoint, train_cli
 
+from branchgrpo import preflight
 from branchgrpo.config import ConfigError, load_config
 from branchgrpo.inference import load_trained
 from branchgrpo.models.factory import ModelOptions, build_policy
 from branchgrpo.models.loading import keeps_fp32
+from branchgrpo.preflight import check_plan
 from branchgrpo.spec import resolve
 
 SIZE = {"flux": {"height": 64, "width": 64}, "sd3": {"height": 64, "width": 64},
@@ -134,21 +136,30 @@ def test_free_encoders_drops_them_after_the_cache(replica):
 @pytest.mark.parametrize(("overrides", "match"), [
     (["model.quantize=int8"], "model.finetune=lora"),
     (["model.quantize=int8", "model.finetune=lora", "model.kind=tiny"], "diffusers"),
-    (["model.free_encoders=true", "model.kind=analytic"], "diffusers"),
+    (["model.free_encoders=true", "model.kind=tiny"], "diffusers"),
     (["model.quantize=int8", "model.finetune=lora", "dist.strategy=fsdp"], "dist.strategy=ddp"),
-    (["model.quantize=fp8", "model.finetune=lora", "train.device=cpu"], "model.quantize=int8"),
-    (["model.quantize=int4", "model.finetune=lora"], "not one of"),
 ])
-def test_config_refuses_what_cannot_work(overrides, match):
+def test_plan_refuses_what_cannot_work(overrides, match):
     kind = [] if any(o.startswith("model.kind") for o in overrides) else ["model.kind=flux"]
+    cfg = load_config(None, [*kind, "model.path=black-forest-labs/FLUX.1-dev", *overrides])
     with pytest.raises(ConfigError, match=match):
-        load_config(None, [*kind, *overrides])
+        check_plan(cfg)
 
 
-def test_config_accepts_quantized_lora():
-    cfg = load_config(None, ["model.kind=flux", "model.finetune=lora", "model.quantize=int8",
+def test_fp8_on_the_cpu_and_int4_are_refused():
+    cfg = load_config(None, ["model.kind=flux", "model.finetune=lora", "model.quantize=fp8",
+                             "train.device=cpu"])
+    with pytest.raises(ConfigError, match="model.quantize=int8"):
+        preflight._check_device(cfg)
+    with pytest.raises(ConfigError, match="not one of"):
+        load_config(None, ["model.quantize=int4"])
+
+
+def test_plan_accepts_quantized_lora():
+    cfg = load_config(None, ["model.kind=flux", "model.path=black-forest-labs/FLUX.1-dev",
+                             "model.finetune=lora", "model.quantize=int8",
                              "model.offload_encoders=true", "model.free_encoders=true"])
-    assert cfg.model.quantize == "int8"
+    check_plan(cfg)
 
 
 def test_int8_lora_trains_under_ddp_on_two_ranks(replica, prompt_file, tmp_path):
