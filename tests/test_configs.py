@@ -30,6 +30,11 @@ CLAIMS = {
                             34, 2),
     # T 16, G 12 from one x_T: 12 x 16 edges, 1 + 12 x 15 forwards, 60% of steps 0..14
     # (int(15 x 0.6) = 9) trained per sample
+    # the same tree on one small GPU (docs/small_gpu.md): one prompt per iteration at 24 and
+    # 48 GB (per rank, so 1 on 8 ranks too), two at 80 GB
+    "flux_24gb": ("branch", "flux", "shifted", "dance", 0.3, *_TREE.values(), 218, 1),
+    "flux_48gb": ("branch", "flux", "shifted", "dance", 0.3, *_TREE.values(), 218, 1),
+    "flux_80gb": ("branch", "flux", "shifted", "dance", 0.3, *_TREE.values(), 218, 2),
     "flux_dancegrpo": ("dance", "flux", "shifted", "dance", 0.3, 16, 12, 192, 181, 12 * 9, 2),
     # an ODE anchor (16 edges, leaf 1) and at each of 8 split steps 12 SDE children with 3 ODE
     # tails each: 1 + 8 x 12 x 3 = 289 leaves; only the 8 x 12 SDE edges train

@@ -112,6 +112,11 @@ def _dtypes(cfg: Config) -> dict[str, str]:
            "text encoders": m.dtype, "vae": "fp32" if "vae" in fam.fp32_modules else m.dtype}
     if m.finetune == "lora":
         out["lora adapters"] = "fp32"
+    if m.quantize != "none":  # model.quantize: torchao weight-only linear layers
+        out["transformer weights"] = f"{m.quantize} linear layers, {m.dtype} the rest"
+    if m.offload_encoders or m.free_encoders:
+        out["text encoders"] += (" (freed once every prompt is encoded)" if m.free_encoders
+                                 else " (on the CPU between encodes)")
     if m.dtype != "fp32" and (keep := _fp32_modules(fam.transformer_class)):
         out["transformer fp32 modules"] = ", ".join(keep)
     return {**out, **math}
