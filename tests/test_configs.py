@@ -54,6 +54,11 @@ CLAIMS = {
     # the FLUX tree with DanceGRPO's Qwen-Image grid (ours), one prompt per rank
     "qwenimage_branchgrpo": ("branch", "qwenimage", "shifted", "dance", 0.3, *_TREE.values(),
                              218, 1),
+    # small-GPU Qwen-Image (int8 at 48 GB, bf16 at 80 GB) and Wan2.2-T2V-A14B (int8 experts)
+    "qwenimage_48gb": ("branch", "qwenimage", "shifted", "dance", 0.3, *_TREE.values(), 218, 1),
+    "qwenimage_80gb": ("branch", "qwenimage", "shifted", "dance", 0.3, *_TREE.values(), 218, 1),
+    "wan22_48gb": ("branch", "wan22", "diffusers", "dance", 0.3, *_TREE.values(), 218, 1),
+    "wan22_80gb": ("branch", "wan22", "diffusers", "dance", 0.3, *_TREE.values(), 218, 1),
     # the same tree on Wan2.2-TI2V-5B (ours: no published Wan2.2 recipe)
     "wan22_branchgrpo": ("branch", "wan22", "diffusers", "dance", 0.3, *_TREE.values(), 218,
                          1),
