@@ -112,6 +112,23 @@ def test_int8_lora_train_exports_into_unquantized_pipeline(family, replica, prom
     assert 0 < q_err < 0.1 and err <= 2 * q_err + 1e-5, (err, q_err)
 
 
+def test_int8_wan22_a14b_quantizes_and_trains_both_experts(replica, prompt_file, tmp_path):
+    _torchao()
+    from torchao.quantization import Int8Tensor
+
+    path, run = replica("wan22_a14b"), tmp_path / "run"
+    train_cli("wan22", path, run, prompt_file, "model.height=32", "model.width=32",
+              "model.finetune=lora", "model.lora_rank=4", "model.lora_alpha=8",
+              "model.quantize=int8", "model.offload_encoders=true", "train.lr=1e-2")
+    state = _checkpoint(run)
+    assert {k.split(".")[0] for k in state} == {"transformer", "transformer_2"}
+    assert all("lora_" in k for k in state)
+    policy, _, _, _ = load_trained(run)
+    for expert in policy.transformer.experts().values():
+        lin = _base_linears(expert)
+        assert lin and all(isinstance(m.weight, Int8Tensor) for m in lin.values())
+
+
 def test_free_encoders_drops_them_after_the_cache(replica):
     path = replica("flux")
     o = ModelOptions(kind="flux", path=str(path), finetune="lora", lora_rank=4,
