@@ -16,7 +16,10 @@ The model (docs/memory.md; all per rank, GiB = 2^30 bytes):
 - weights: transformer in ``model.dtype`` (its ``_keep_in_fp32_modules`` in fp32), fp32 master
   weights in full fine-tuning; LoRA matrices fp32, ``rank x (in + out)`` per targeted Linear;
   text encoders and VAE in ``model.dtype`` (fp32 for the family's ``fp32_modules``); a KL
-  reference (``train.kl_coef > 0``) is a deep copy of the whole policy.
+  reference (``train.kl_coef > 0``) is a deep copy of the whole policy. ``model.quantize``:
+  the frozen transformer's Linear weights at 1 byte (int8, fp8) plus one scale per output row
+  (`frozen_base_bytes`); ``model.offload_encoders`` / ``free_encoders``: the text encoders
+  are on the device only in an ``encode`` phase (before a rollout; their forward uncounted).
 - optimizer: per trainable parameter fp32 gradients (4 B) and AdamW's two fp32 states (8 B),
   an fp32 EMA copy (``train.ema_decay > 0``); FSDP shards the transformer's weights, gradients,
   states and EMA over the ranks (and ``dist.cpu_offload`` moves them to the CPU), plus two
@@ -77,6 +80,10 @@ DEFAULT_TFLOPS = 400.0
 CARDS_GB = (24, 48, 80)
 """Device sizes the report checks the peak against (GiB, 10% kept free)."""
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+QUANT_BYTES = {"int8": 1, "fp8": 1}
+"""Bytes per quantized Linear weight (``model.quantize``); each output row adds one fp32
+scale (torchao 0.18's ``Int8Tensor`` and ``Float8Tensor``: measured on a replica,
+``tests/test_memory_quantize.py``)."""
 
 
 # ------------------------------------------------------------------------- the estimate
@@ -103,6 +110,8 @@ class Run:
     edges: int
     trained_experts: int = 1
     sequence_parallel: int = 1
+    quantize: str = "none"
+    encoders_on_device: bool = True
 
 
 def run_of(cfg: Config, counts: dict[str, int], world: int, per_rank: int) -> Run:
@@ -127,7 +136,9 @@ def run_of(cfg: Config, counts: dict[str, int], world: int, per_rank: int) -> Ru
         rollout_rows=min(cfg.rollout.max_batch, counts["leaves"] * per_rank),
         nodes=counts["nodes"] * per_rank, leaves=counts["leaves"] * per_rank, edges=edges,
         trained_experts=2 if getattr(m, "experts", "all") == "all" else 1,
-        sequence_parallel=max(1, int(getattr(cfg.dist, "sequence_parallel", 1) or 1)))
+        sequence_parallel=max(1, int(getattr(cfg.dist, "sequence_parallel", 1) or 1)),
+        quantize="none" if tiny else m.quantize,
+        encoders_on_device=not (m.offload_encoders or m.free_encoders))
 
 
 def trainable_params(model: Model, run: Run) -> int:
@@ -146,7 +157,7 @@ def weights(model: Model, run: Run) -> dict[str, float]:
     trainable = trainable_params(model, run)
     shard = run.world if run.fsdp else 1
     on_device = 0.0 if (run.fsdp and run.cpu_offload) else 1.0
-    frozen_base = (a.params - a.fp32_params) * run.weight_bytes + a.fp32_params * 4
+    frozen_base = frozen_base_bytes(model, run)
     base = (trained * (a.params * 4 if full else frozen_base)
             + (model.experts - trained) * frozen_base)
     out = {"transformer": base / shard * on_device,
@@ -154,7 +165,8 @@ def weights(model: Model, run: Run) -> dict[str, float]:
     for name, n in model.frozen.items():
         b = 4 if name in model.fp32_frozen else run.weight_bytes
         key = "vae" if name == "vae" else "text_encoders"
-        out[key] = out.get(key, 0.0) + n * b
+        if key == "vae" or run.encoders_on_device:  # else: the encode phase (`activations`)
+            out[key] = out.get(key, 0.0) + n * b
     if run.fsdp:  # two gathered blocks and the unsharded root parameters, in bf16
         rest = a.params - a.block_params * a.layers
         out["fsdp_gathered"] = (2 * a.block_params + max(rest, 0)) * run.weight_bytes
@@ -169,6 +181,24 @@ def weights(model: Model, run: Run) -> dict[str, float]:
     if run.ema:
         out["ema"] = sharded * 4.0
     return out
+
+
+def frozen_base_bytes(model: Model, run: Run) -> float:
+    """Bytes of one frozen transformer: ``model.dtype`` weights (``_keep_in_fp32_modules`` in
+    fp32); with ``model.quantize`` its Linear weights at `QUANT_BYTES` plus an fp32 scale per
+    output row."""
+    a = model.arch
+    dense = (a.params - a.fp32_params) * run.weight_bytes + a.fp32_params * 4
+    if run.quantize == "none":
+        return float(dense)
+    return float(dense - a.linear_params * (run.weight_bytes - QUANT_BYTES[run.quantize])
+                 + a.linear_rows * 4)
+
+
+def encoder_bytes(model: Model, run: Run) -> float:
+    """Bytes of the text encoders (every frozen component but the VAE) on the device."""
+    return float(sum(n * (4 if name in model.fp32_frozen else run.weight_bytes)
+                     for name, n in model.frozen.items() if name != "vae"))
 
 
 def activations(model: Model, run: Run, checkpointing: bool) -> dict[str, float]:
@@ -195,14 +225,16 @@ def activations(model: Model, run: Run, checkpointing: bool) -> dict[str, float]
     tree += run.rollout_rows * model.latent_numel * 4 * 3  # the frontier in fp32 (x, x0, v)
     rollout = run.rollout_rows * model.cfg_rows * s * (6 + 2 * a.mlp_ratio) * a.hidden * b
     decode = model.decode_batch * model.pixels * model.vae_width * b * 3
+    # offloaded or freed encoders visit the device only to encode (their forward uncounted)
+    encode = 0.0 if run.encoders_on_device else encoder_bytes(model, run)
     return {"tree": float(tree), "rollout": float(rollout), "decode": float(decode),
-            "train": float(saved + nonblock + step + edge_batch)}
+            "train": float(saved + nonblock + step + edge_batch), "encode": encode}
 
 
 def peak(parts: dict[str, float], phases: dict[str, float]) -> tuple[float, str]:
     """(peak bytes, the phase that decides it): resident parts + the tree + the largest
     phase."""
-    phase = max(("rollout", "decode", "train"), key=lambda k: phases[k])
+    phase = max(("rollout", "decode", "train", "encode"), key=lambda k: phases.get(k, 0.0))
     return sum(parts.values()) + phases["tree"] + phases[phase], phase
 
 

@@ -26,8 +26,8 @@ class Arch:
     under ``_keep_in_fp32_modules``, of the largest block), LoRA parameters per unit rank on
     the targets (sum of in + out features of the matched Linears), hidden width h (the most
     common Linear input width in the blocks), blocks L, MLP ratio m, the blocks' Linear
-    weights an image token and a text token go through (`stream_weights`), and the norms of a
-    block kept in fp32."""
+    weights an image token and a text token go through (`stream_weights`), the norms of a
+    block kept in fp32, and the Linear weights and rows ``model.quantize`` stores quantized."""
 
     params: int
     fp32_params: int
@@ -39,6 +39,8 @@ class Arch:
     image_weights: int = 0
     text_weights: int = 0
     fp32_norms: int = 0
+    linear_params: int = 0
+    linear_rows: int = 0
 
 
 def arch_of(model: nn.Module, lora_targets: tuple[str, ...]) -> Arch:
@@ -63,7 +65,18 @@ def arch_of(model: nn.Module, lora_targets: tuple[str, ...]) -> Arch:
         block_params=max((sum(p.numel() for p in b.parameters()) for b in blocks), default=0),
         lora_per_rank=lora, hidden=hidden, layers=len(blocks),
         mlp_ratio=_mlp_ratio(blocks, hidden), **stream_weights(blocks),
-        fp32_norms=_fp32_norms(model, blocks))
+        fp32_norms=_fp32_norms(model, blocks), **_quantizable(model, linears))
+
+
+def _quantizable(model: nn.Module, linears: list[tuple[str, nn.Linear]]) -> dict[str, int]:
+    """``linear_params`` and ``linear_rows``: the weights and output rows of the Linears a
+    ``model.quantize`` load quantizes (diffusers' torchao quantizer: every ``nn.Linear``
+    weight outside ``_keep_in_fp32_modules``)."""
+    from .models.loading import keeps_fp32
+
+    q = [m for n, m in linears if not keeps_fp32(model, n + ".weight")]
+    return {"linear_params": sum(m.weight.numel() for m in q),
+            "linear_rows": sum(m.out_features for m in q)}
 
 
 def _fp32_norms(model: nn.Module, blocks: list[nn.Module]) -> int:
