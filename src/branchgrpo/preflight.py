@@ -54,8 +54,9 @@ def check_plan(cfg: Config) -> RunSpec:
 
 def _check_small_gpu(cfg: Config) -> None:
     """A quantized base or encoder offload that cannot work (docs/small_gpu.md): a quantized
-    base without LoRA (its weights cannot train) or under FSDP (torchao's tensors do not
-    shard), any of them on an embedded kind (no pipeline). fp8 on the CPU: `_check_device`."""
+    base without LoRA (its weights cannot train), compiled (torch.compile refuses its tensor
+    subclass) or under FSDP (torchao's tensors do not shard), any of them on an embedded kind
+    (no pipeline). fp8 on the CPU: `_check_device`."""
     m = cfg.model
     asked = [k for k, on in (("quantize", m.quantize != "none"),
                              ("offload_encoders", m.offload_encoders),
@@ -68,6 +69,10 @@ def _check_small_gpu(cfg: Config) -> None:
     if m.finetune != "lora":
         raise ConfigError(f"model.quantize={m.quantize} freezes the base weights: set "
                           "model.finetune=lora (or model.quantize=none for full fine-tuning)")
+    if m.compile:  # measured: AOTAutograd refuses torchao's subclass weights under LoRA
+        raise ConfigError(f"model.quantize={m.quantize} does not compile (torch.compile "
+                          "refuses the quantized weights' tensor subclass in a training "
+                          "graph): set model.compile=false or model.quantize=none")
     if strategy_of(cfg) == "fsdp":
         raise ConfigError(f"model.quantize={m.quantize} does not shard under FSDP: set "
                           "dist.strategy=ddp (LoRA replicates its few weights) or "

@@ -155,6 +155,7 @@ def test_free_encoders_drops_them_after_the_cache(replica):
     (["model.quantize=int8", "model.finetune=lora", "model.kind=tiny"], "diffusers"),
     (["model.free_encoders=true", "model.kind=tiny"], "diffusers"),
     (["model.quantize=int8", "model.finetune=lora", "dist.strategy=fsdp"], "dist.strategy=ddp"),
+    (["model.quantize=int8", "model.finetune=lora", "model.compile=true"], "model.compile=false"),
 ])
 def test_plan_refuses_what_cannot_work(overrides, match):
     kind = [] if any(o.startswith("model.kind") for o in overrides) else ["model.kind=flux"]
