@@ -180,6 +180,7 @@ def test_plan_accepts_quantized_lora():
     check_plan(cfg)
 
 
+@pytest.mark.slow  # a torchrun run, as tests/distributed
 def test_int8_lora_trains_under_ddp_on_two_ranks(replica, prompt_file, tmp_path):
     """DDP's start-up broadcast skips the quantized frozen base (its tensor subclass has no
     ``view``); the LoRA weights stay equal on both ranks (``dist.verify_sync=1``)."""
