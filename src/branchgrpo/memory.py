@@ -336,9 +336,11 @@ def summary(memory: dict[str, Any], cost_: dict[str, Any]) -> str:
     fit = "; ".join(filter(None, [f"fits in {'/'.join(fits)} GB" if fits else "",
                                   f"does not fit in {'/'.join(nofit)} GB" if nofit else ""]))
     gc = "on" if m["gradient_checkpointing"] else "off"
+    act = (f"offloaded text encoders {_n(m['activations_gib'])} while encoding"
+           if m["phase"] == "encode" else f"activations {_n(m['activations_gib'])} at {m['phase']}")
     return (f"memory: peak ~{_n(m['peak_gib'])} GiB per rank (+-{m['error_band']:.0%}; weights "
-            f"{_n(m['weights_gib'])}, optimizer {_n(m['optimizer_gib'])}, activations "
-            f"{_n(m['activations_gib'])} at {m['phase']}); gradient checkpointing {gc} "
+            f"{_n(m['weights_gib'])}, optimizer {_n(m['optimizer_gib'])}, {act}); "
+            f"gradient checkpointing {gc} "
             f"({_n(m['peak_gib_with_checkpointing'])} with, "
             f"{_n(m['peak_gib_without_checkpointing'])} without); {fit}{missing}\n"
             f"cost: {c['forward_rows_per_rank']:,} forward + {c['backward_rows_per_rank']:,} "
