@@ -47,12 +47,14 @@ def test_offloaded_encoders_count_only_while_encoding():
     assert activations(_model(), _run(), False)["encode"] == 0
 
 
-def test_int8_estimate_is_the_bytes_a_quantized_replica_holds(tmp_path):
-    """The estimate from the meta-device architecture against the loaded int8 FLUX replica:
-    torchao's ``Int8Tensor`` holds int8 ``qdata`` and one fp32 scale per output row."""
+@pytest.mark.parametrize("quantize", ["int8", "fp8"])
+def test_estimate_is_the_bytes_a_quantized_replica_holds(quantize, tmp_path):
+    """The estimate from the meta-device architecture against the loaded quantized FLUX
+    replica: torchao's ``Int8Tensor`` / ``Float8Tensor`` hold 1-byte ``qdata`` and one fp32
+    scale per output row."""
     pytest.importorskip("torchao", reason="model.quantize needs torchao: pip install "
                                           "'branchgrpo[quant]'")
-    from torchao.quantization import Int8Tensor
+    from torchao.quantization import Float8Tensor, Int8Tensor
 
     from branchgrpo.model_sizes import arch_of
     from branchgrpo.models.factory import ModelOptions, build_policy
@@ -61,13 +63,13 @@ def test_int8_estimate_is_the_bytes_a_quantized_replica_holds(tmp_path):
 
     path = write_replica_pipeline("flux", tmp_path / "flux")
     policy = build_policy(ModelOptions(kind="flux", path=str(path), dtype="bf16",
-                                       finetune="lora", lora_rank=4, quantize="int8",
+                                       finetune="lora", lora_rank=4, quantize=quantize,
                                        height=64, width=64), torch.device("cpu"))
     held = 0
     for n, p in policy.transformer.named_parameters():
         if "lora_" in n:
             continue
-        if isinstance(p, Int8Tensor):
+        if isinstance(p, (Int8Tensor, Float8Tensor)):
             held += p.qdata.numel() + p.scale.numel() * p.scale.element_size()
         else:
             held += p.numel() * p.element_size()
@@ -76,7 +78,7 @@ def test_int8_estimate_is_the_bytes_a_quantized_replica_holds(tmp_path):
     with torch.device("meta"):
         plain = FluxTransformer2DModel.from_config(policy.transformer.config)
     model = Model(arch_of(plain, FluxFamily.lora_targets), {}, (), 1, 1, 1, 1, 1, 1, 1, ())
-    assert frozen_base_bytes(model, _run(quantize="int8")) == held
+    assert frozen_base_bytes(model, _run(quantize=quantize)) == held
 
 
 def test_flux_24gb_plans_under_24_gib(capsys):

@@ -46,8 +46,8 @@ class ModelConfig:
     lora_alpha: float = f(64.0, "LoRA alpha (finetune=lora)")
     gradient_checkpointing: bool = f(False, "recompute transformer activations in backward")
     quantize: str = f("none", "frozen transformer base stored quantized under LoRA "
-                              "(finetune=lora, diffusers families): none, int8 (torchao, CPU "
-                              "and CUDA), fp8 (torchao, CUDA sm89+); docs/small_gpu.md")
+                              "(finetune=lora, diffusers families): none, int8 or fp8 (torchao "
+                              "weight-only); docs/small_gpu.md")
     offload_encoders: bool = f(False, "keep the text encoders on the CPU between encodes "
                                       "(diffusers families)")
     free_encoders: bool = f(False, "encode every training and held-out prompt at start-up, "

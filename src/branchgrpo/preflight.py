@@ -56,7 +56,7 @@ def _check_small_gpu(cfg: Config) -> None:
     """A quantized base or encoder offload that cannot work (docs/small_gpu.md): a quantized
     base without LoRA (its weights cannot train), compiled (torch.compile refuses its tensor
     subclass) or under FSDP (torchao's tensors do not shard), any of them on an embedded kind
-    (no pipeline). fp8 on the CPU: `_check_device`."""
+    (no pipeline)."""
     m = cfg.model
     asked = [k for k, on in (("quantize", m.quantize != "none"),
                              ("offload_encoders", m.offload_encoders),
@@ -274,9 +274,6 @@ def _check_device(cfg: Config) -> None:
                           f"a CPU build, {torch.__version__}); use train.device=cpu or auto")
     backend = cfg.model.attention_backend
     on_cuda = d == "cuda" or (d == "auto" and torch.cuda.is_available())
-    if cfg.model.quantize == "fp8" and not on_cuda:
-        raise ConfigError("model.quantize=fp8 needs a CUDA GPU (sm89+) and this run is on the "
-                          "CPU; use model.quantize=int8")
     if backend not in ("native", "_native_math") and not on_cuda:
         raise ConfigError(f"model.attention_backend={backend} is a CUDA kernel and this run is "
                           "on the CPU; use model.attention_backend=native")

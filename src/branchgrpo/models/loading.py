@@ -45,9 +45,10 @@ experts); text encoders and VAE keep ``dtype`` (cached or offloaded instead)."""
 
 def quantization_config(quantize: str) -> Any:
     """The diffusers ``TorchAoConfig`` of ``model.quantize`` (None for "none"): int8 is torchao's
-    ``Int8WeightOnlyConfig`` (per-channel int8 weights + one scale per output row, dequantized
-    in the matmul; CPU and CUDA), fp8 its ``Float8WeightOnlyConfig`` (CUDA sm89+). Both are in
-    diffusers' trainable torchao configs, and peft wraps their linear layers in
+    ``Int8WeightOnlyConfig`` (int8 weights + one fp32 scale per output row, dequantized in the
+    matmul), fp8 its ``Float8WeightOnlyConfig`` (float8 e4m3 weights, the same scales); both
+    run on the CPU and CUDA. Both are in diffusers' trainable torchao configs, and peft wraps
+    their linear layers in
     ``TorchaoLoraLinear``, so LoRA trains on the frozen quantized base. ImportError naming the
     extra when torchao is missing."""
     if quantize == "none":
