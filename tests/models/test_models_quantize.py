@@ -215,3 +215,45 @@ def test_int8_lora_trains_under_ddp_on_two_ranks(replica, prompt_file, tmp_path)
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     (row,) = [r for r in rows if "eval/tag" not in r]
     assert torch.isfinite(torch.tensor(row["loss/total"])) and row["grad_norm"] > 0
+
+
+@pytest.mark.slow  # three CLI runs
+def test_int8_lora_resume_equals_the_straight_run(replica, prompt_file, tmp_path):
+    """2 iterations straight == the same run resumed after its first checkpoint: the base is
+    quantized again from model.path (deterministically) and the LoRA and AdamW come back."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from models_testlib import RECIPES, REPLICA_SIZE
+    from safetensors.torch import load_file
+    from test_models_replica_train import SMALL
+
+    _torchao()
+    args = ["model.kind=flux", f"model.path={replica('flux')}", "model.guidance=3.5",
+            *(f"{k}={v}" for k, v in REPLICA_SIZE["flux"].items()), *RECIPES["flux"],
+            *SMALL["flux"], "train.prompts_per_iteration=1", "train.device=cpu",
+            "reward.weights={jpeg_compressibility: 1.0}", "reward.judge=''",
+            f"data.prompts={prompt_file}", f"data.eval_prompts={prompt_file}",
+            "data.eval_samples=1", "log.progress=false", "log.tensorboard=false",
+            "log.eval_every=0", "model.finetune=lora", "model.lora_rank=4",
+            "model.quantize=int8", "model.free_encoders=true", "train.lr=1e-2",
+            "log.checkpoint_every=1", "train.iterations=2"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+    def cli(*a: str) -> None:
+        out = subprocess.run([sys.executable, "-m", "branchgrpo", "train", *a],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    cli(*args, f"log.run_dir={straight}")
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "iter_000002")  # back to the end of iteration 1
+    cli("--resume", str(resumed), "train.iterations=2")
+    a, b = (load_file(r / "checkpoints" / "iter_000002" / "model.safetensors")
+            for r in (straight, resumed))
+    assert a and set(a) == set(b) and all("lora_" in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
