@@ -349,8 +349,7 @@ def setup(cfg: Config, resume: Path | None) -> State:
         policy = build_policy(model_options(cfg, progress=cfg.log.progress and d.main), device,
                               train_prompts + eval_prompts)  # model.free_encoders encodes them
         judge = scoring.judge(cfg, d.main)
-    # Building may have drawn from the global generators or not (the tiny base model is
-    # pretrained on first use, loaded from the cache after): a run must not depend on which.
+    # reseed: building drew from the global generators or not (tiny: pretrained, or cached)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)  # nothing draws from these today; a future draw stays seeded
     np.random.seed(cfg.train.seed)
