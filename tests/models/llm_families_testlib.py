@@ -7,16 +7,11 @@ default, or the Turbo model card's 0), `RECIPE` to a tiny tree."""
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
-from models_testlib import PROMPTS, ode_rollout
+from models_testlib import PROMPTS, ode_rollout, run_train
 from torch import Tensor
 
 from branchgrpo.config import load_config
@@ -90,21 +85,6 @@ def run_pipeline(replica: str, pipe, cfg, latents: Tensor, steps: int, **kw: Any
 
 
 def train_cli(replica: str, path: Path, run: Path, prompts: Path, *extra: str) -> dict:
-    """``python -m branchgrpo train``: one iteration, one prompt, 2 steps, 2 leaves, the JPEG
-    reward. Asserts exit 0 and a finite loss; returns the metrics row."""
-    args = [*config_args(replica, path, "rollout.num_steps=2"), "train.iterations=1",
-            "train.prompts_per_iteration=1", "train.device=cpu",
-            "reward.weights={jpeg_compressibility: 1.0}", "reward.judge=''",
-            f"data.prompts={prompts}", f"data.eval_prompts={prompts}", "data.eval_samples=1",
-            f"log.run_dir={run}", "log.progress=false", "log.tensorboard=false",
-            "log.eval_every=0", *extra]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "branchgrpo", "train", *args],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, f"exit {out.returncode}\n{out.stderr[-3000:]}"
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    (row,) = [r for r in rows if "eval/tag" not in r]
-    losses = {k: v for k, v in row.items() if k.startswith("loss/")}
-    assert "loss/total" in losses and all(math.isfinite(v) for v in losses.values())
-    assert row["grad_norm"] > 0
-    return row
+    """``python -m branchgrpo train`` (`models_testlib.run_train`): one iteration, one prompt,
+    2 steps, 2 leaves, the JPEG reward; returns the metrics row."""
+    return run_train(run, prompts, *config_args(replica, path, "rollout.num_steps=2"), *extra)

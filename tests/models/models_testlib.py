@@ -3,6 +3,12 @@ diffusers pipeline on given initial latents and sigmas."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -121,3 +127,29 @@ def ode_rollout(policy, sigmas: Tensor, prompts=PROMPTS, seed: int = 0) -> Tree:
     plan = chain_plan("ode", sigmas, [1] * steps, ["ode"] * steps)
     return rollout(policy, policy.encode(prompts), plan,
                    generator=torch.Generator().manual_seed(seed))
+
+
+# ---- one training iteration through the CLI ------------------------------------------------
+SMALL_RUN = ("train.iterations=1", "train.prompts_per_iteration=1", "train.device=cpu",
+             "reward.weights={jpeg_compressibility: 1.0}", "reward.judge=''",
+             "data.eval_samples=1", "log.progress=false", "log.tensorboard=false",
+             "log.eval_every=0")
+"""One iteration of one prompt on the CPU, the JPEG-compressibility reward, no judge, one
+held-out sample, evaluation only before and after."""
+
+
+def run_train(run: Path, prompts: Path, *args: str) -> dict:
+    """``python -m branchgrpo train`` offline on one thread with `SMALL_RUN`, ``prompts`` for
+    training and evaluation, the run in ``run``, then ``args``. Asserts exit 0, one training
+    row with finite losses and a gradient; returns that row."""
+    cmd = [sys.executable, "-m", "branchgrpo", "train", *SMALL_RUN, f"data.prompts={prompts}",
+           f"data.eval_prompts={prompts}", f"log.run_dir={run}", *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, f"exit {out.returncode}\n{out.stderr[-3000:]}"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    (row,) = [r for r in rows if "eval/tag" not in r]
+    losses = {k: v for k, v in row.items() if k.startswith("loss/")}
+    assert "loss/total" in losses and all(math.isfinite(v) for v in losses.values())
+    assert row["grad_norm"] > 0
+    return row

@@ -11,7 +11,6 @@ released config alone."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from models_testlib import (
     ode_rollout,
     ode_tree,
     run_default_pipeline,
+    run_train,
 )
 from safetensors.torch import load_file
 
@@ -300,22 +300,10 @@ def test_released_transformer_config_builds_the_20b_model():
 
 # ---- one BranchGRPO iteration through the CLI --------------------------------------------
 def _train(path: Path, run: Path, prompts: Path, *extra: str) -> None:
-    args = ["model.kind=qwenimage", f"model.path={path}", *SIZE, "rollout.method=branch",
-            "rollout.num_steps=2", "rollout.split_steps=[0]", "rollout.branch_factor=2",
-            "train.iterations=1", "train.prompts_per_iteration=1", "train.device=cpu",
-            "reward.weights={jpeg_compressibility: 1.0}", "reward.judge=''",
-            f"data.prompts={prompts}", f"data.eval_prompts={prompts}", "data.eval_samples=1",
-            f"log.run_dir={run}", "log.progress=false", "log.tensorboard=false",
-            "log.eval_every=0", *extra]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "branchgrpo", "train", *args],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, f"exit {out.returncode}\n{out.stderr[-3000:]}"
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    (trained,) = [r for r in rows if "eval/tag" not in r]
-    losses = {k: v for k, v in trained.items() if k.startswith("loss/")}
-    assert "loss/total" in losses and all(math.isfinite(v) for v in losses.values())
-    assert trained["ratio/first"] == 1.0 and trained["grad_norm"] > 0
+    row = run_train(run, prompts, "model.kind=qwenimage", f"model.path={path}", *SIZE,
+                    "rollout.method=branch", "rollout.num_steps=2", "rollout.split_steps=[0]",
+                    "rollout.branch_factor=2", *extra)
+    assert row["ratio/first"] == 1.0
 
 
 @pytest.fixture

@@ -7,11 +7,6 @@ predicts; a full fine-tuning run writes no ``lora/``."""
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +19,7 @@ from models_testlib import (
     ode_rollout,
     pipeline_default,
     run_default_pipeline,
+    run_train,
 )
 from safetensors.torch import load_file
 
@@ -41,27 +37,15 @@ SMALL = {"flux": ["rollout.num_steps=2", "rollout.split_steps=[0]", "rollout.bra
 
 def train_cli(family: str, path: Path, run: Path, prompts: Path, *extra: str,
               ) -> list[dict]:
-    """``python -m branchgrpo train`` on the replica at ``path``: one iteration, one prompt, the
-    JPEG-compressibility reward, no judge. Asserts exit 0; returns the metrics rows."""
-    args = [f"model.kind={family}", f"model.path={path}",
-            f"model.guidance={pipeline_default(family, 'guidance_scale')}",
-            *(f"{k}={v}" for k, v in REPLICA_SIZE[family].items()), *RECIPES[family],
-            *SMALL[family], "train.iterations=1", "train.prompts_per_iteration=1",
-            "train.device=cpu", "reward.weights={jpeg_compressibility: 1.0}", "reward.judge=''",
-            f"data.prompts={prompts}", f"data.eval_prompts={prompts}", "data.eval_samples=1",
-            f"log.run_dir={run}", "log.progress=false", "log.tensorboard=false",
-            "log.eval_every=0", *extra]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "branchgrpo", "train", *args],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, f"exit {out.returncode}\n{out.stderr[-3000:]}"
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    trained = [r for r in rows if "eval/tag" not in r]
-    assert len(trained) == 1
-    losses = {k: v for k, v in trained[0].items() if k.startswith("loss/")}
-    assert "loss/total" in losses and all(math.isfinite(v) for v in losses.values())
-    assert trained[0]["ratio/first"] == 1.0 and trained[0]["grad_norm"] > 0
-    return trained
+    """``python -m branchgrpo train`` on the replica at ``path`` (`run_train`: one iteration,
+    one prompt, the JPEG-compressibility reward, no judge), exactly on-policy before its
+    update; returns the training rows."""
+    row = run_train(run, prompts, f"model.kind={family}", f"model.path={path}",
+                    f"model.guidance={pipeline_default(family, 'guidance_scale')}",
+                    *(f"{k}={v}" for k, v in REPLICA_SIZE[family].items()), *RECIPES[family],
+                    *SMALL[family], *extra)
+    assert row["ratio/first"] == 1.0
+    return [row]
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import time
 
 import pytest
 import torch
-from models_testlib import PROMPTS, RECIPES, REPLICA_SIZE
+from models_testlib import PROMPTS, RECIPES, REPLICA_SIZE, SMALL_RUN
 from safetensors.torch import load_file
 from test_models_replica_train import train_cli
 from test_models_wan22 import check_steps, run_pipeline
@@ -142,16 +142,14 @@ def _cli(*args: str) -> None:
 
 
 def _cli_args(path, run, prompts) -> list[str]:
-    """`train_cli`'s arguments for the wan22 replica at ``path`` (iterations left out)."""
+    """`train_cli`'s arguments for the wan22 replica at ``path`` (`SMALL_RUN`'s one iteration
+    unless the caller sets ``train.iterations``)."""
     from test_models_replica_train import SMALL
 
-    return ["model.kind=wan22", f"model.path={path}", "model.guidance=5.0",
+    return [*SMALL_RUN, f"data.prompts={prompts}", f"data.eval_prompts={prompts}",
+            f"log.run_dir={run}", "model.kind=wan22", f"model.path={path}", "model.guidance=5.0",
             *(f"{k}={v}" for k, v in REPLICA_SIZE["wan22"].items()), *RECIPES["wan22"],
-            *SMALL["wan22"], "train.prompts_per_iteration=1", "train.device=cpu",
-            "reward.weights={jpeg_compressibility: 1.0}", "reward.judge=''",
-            f"data.prompts={prompts}", f"data.eval_prompts={prompts}", "data.eval_samples=1",
-            f"log.run_dir={run}", "log.progress=false", "log.tensorboard=false",
-            "log.eval_every=0"]
+            *SMALL["wan22"]]
 
 
 @pytest.mark.parametrize("repo", ["Wan-AI/Wan2.2-TI2V-5B-Diffusers",
