@@ -277,12 +277,26 @@ def build(o: ModelOptions, device: torch.device) -> DiffusersPolicy:
                          guidance_scale_2=o.guidance_2, **kw)
 
 
+def tiny_wan_transformer(tr: dict[str, Any], seed: int, **extra: Any) -> nn.Module:
+    """A tiny random WanTransformer3DModel (2 blocks, 2 heads of 12, text width 32) with the
+    released config ``tr``'s behaviour values (patch, channels, freq_dim, norms); ``extra``:
+    more constructor arguments (Wan2.1-I2V's image inputs)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=tuple(tr["patch_size"]), num_attention_heads=2, attention_head_dim=12,
+        in_channels=tr["in_channels"], out_channels=tr["out_channels"], text_dim=32,
+        freq_dim=tr["freq_dim"], ffn_dim=32, num_layers=2,
+        cross_attn_norm=tr["cross_attn_norm"], qk_norm=tr["qk_norm"], **extra)
+
+
 def tiny_wan22_parts(seed: int = 0, experts: bool = False) -> dict[str, Any]:
     """WanPipeline components of a tiny random Wan2.2: TI2V-5B's (48-channel residual VAE with
     patch 2, spatial factor 16, ``expand_timesteps``), or with ``experts`` T2V-A14B's (the Wan2.1
     VAE, two transformers, ``boundary_ratio`` 0.875). Released behaviour values; 2 blocks,
     width 24."""
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan
 
     rel = RELEASED[T2V_A14B if experts else TI2V_5B]
     tr, index = rel["transformer"], rel["model_index"]
@@ -302,12 +316,7 @@ def tiny_wan22_parts(seed: int = 0, experts: bool = False) -> dict[str, Any]:
             latents_std=v["latents_std"]).eval()
 
     def transformer(s: int) -> nn.Module:
-        torch.manual_seed(s)
-        return WanTransformer3DModel(
-            patch_size=tuple(tr["patch_size"]), num_attention_heads=2, attention_head_dim=12,
-            in_channels=tr["in_channels"], out_channels=tr["out_channels"], text_dim=32,
-            freq_dim=tr["freq_dim"], ffn_dim=32, num_layers=2,
-            cross_attn_norm=tr["cross_attn_norm"], qk_norm=tr["qk_norm"])
+        return tiny_wan_transformer(tr, s)
 
     parts = dict(transformer=transformer(seed), vae=vae,
                  text_encoder=tiny_t5_encoder(32, True, seed), tokenizer=tiny_t5_tokenizer(512),

@@ -37,7 +37,7 @@ from .diffusers_policy import DiffusersPolicy
 from .family import Parts
 from .loading import DTYPES, load_pipeline
 from .wan import SUBFOLDERS
-from .wan22 import A14B_TRANSFORMER, UNIPC, Wan22Family, compose_wan22
+from .wan22 import A14B_TRANSFORMER, UNIPC, Wan22Family, compose_wan22, tiny_wan_transformer
 
 if TYPE_CHECKING:
     from .factory import ModelOptions
@@ -200,7 +200,7 @@ def tiny_wan_i2v_parts(seed: int = 0, clip: bool = False) -> dict[str, Any]:
     transformers with 36 input channels, ``boundary_ratio`` 0.9) or with ``clip`` Wan2.1-I2V-14B
     (one transformer with ``image_dim`` and ``added_kv_proj_dim``, a 2-layer CLIP vision
     encoder and its image processor at 32 px); the Wan2.1 VAE."""
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from diffusers import AutoencoderKLWan
 
     from .testing import tiny_t5_encoder, tiny_t5_tokenizer
 
@@ -211,13 +211,8 @@ def tiny_wan_i2v_parts(seed: int = 0, clip: bool = False) -> dict[str, Any]:
                            temperal_downsample=[False, True, True]).eval()
 
     def transformer(s: int) -> nn.Module:
-        torch.manual_seed(s)
-        return WanTransformer3DModel(
-            patch_size=tuple(tr["patch_size"]), num_attention_heads=2, attention_head_dim=12,
-            in_channels=tr["in_channels"], out_channels=tr["out_channels"], text_dim=32,
-            freq_dim=tr["freq_dim"], ffn_dim=32, num_layers=2,
-            cross_attn_norm=tr["cross_attn_norm"], qk_norm=tr["qk_norm"],
-            image_dim=32 if clip else None, added_kv_proj_dim=24 if clip else None)
+        return tiny_wan_transformer(tr, s, image_dim=32 if clip else None,
+                                    added_kv_proj_dim=24 if clip else None)
 
     parts = dict(transformer=transformer(seed), vae=vae,
                  text_encoder=tiny_t5_encoder(32, True, seed), tokenizer=tiny_t5_tokenizer(512),
