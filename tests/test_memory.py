@@ -25,10 +25,11 @@ def run_cli(capsys, *args: str) -> str:
     return capsys.readouterr().out
 
 
-def _model(params: int = 1000, lora_per_rank: int = 10) -> Model:
-    arch = Arch(params=params, fp32_params=0, block_params=100, lora_per_rank=lora_per_rank,
-                hidden=8, layers=8, mlp_ratio=4.0)
-    return Model(arch, {"text_encoder": 50, "vae": 20}, ("vae",), 4, 4, 16, 1, 8, 64, 1, ())
+def _model(params: int = 1000, lora_per_rank: int = 10, **arch: int) -> Model:
+    """A hand-sized model (``arch``: more `Arch` fields, e.g. the quantized Linear counts)."""
+    arch_ = Arch(params=params, fp32_params=0, block_params=100, lora_per_rank=lora_per_rank,
+                 hidden=8, layers=8, mlp_ratio=4.0, **arch)
+    return Model(arch_, {"text_encoder": 50, "vae": 20}, ("vae",), 4, 4, 16, 1, 8, 64, 1, ())
 
 
 def _run(**kw) -> Run:

@@ -11,22 +11,14 @@ import pytest
 import torch
 
 from branchgrpo.cli import main
-from branchgrpo.memory import Run, activations, frozen_base_bytes, weights
-from branchgrpo.model_sizes import Arch, Model
+from branchgrpo.memory import activations, frozen_base_bytes, weights
+from branchgrpo.model_sizes import Model
+from test_memory import _model as hand_model
+from test_memory import _run
 
 
 def _model() -> Model:
-    arch = Arch(params=1000, fp32_params=0, block_params=100, lora_per_rank=10, hidden=8,
-                layers=8, mlp_ratio=4.0, linear_params=800, linear_rows=40)
-    return Model(arch, {"text_encoder": 50, "vae": 20}, ("vae",), 4, 4, 16, 1, 8, 64, 1, ())
-
-
-def _run(**kw) -> Run:
-    base = dict(compute="bf16", act_bytes=2, weight_bytes=2, storage_bytes=2, finetune="lora",
-                lora_rank=4, checkpointing=False, kl=False, ema=False, fsdp=False,
-                cpu_offload=False, world=1, train_rows=1, rollout_rows=1, nodes=1, leaves=1,
-                edges=1)
-    return Run(**{**base, **kw})
+    return hand_model(linear_params=800, linear_rows=40)
 
 
 def test_quantized_weight_bytes_by_hand():
