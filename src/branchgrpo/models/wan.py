@@ -56,6 +56,16 @@ RELEASED_CONFIG: dict[str, Any] = {
     "params": {"text_encoder": 5_680_910_336, "vae": 126_892_531}}
 """Wan2.1-T2V-1.3B-Diffusers' config values that decide the schedule and size the model
 (`WanFamily.released_config`)."""
+WAN_14B = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
+RELEASED_CONFIGS: dict[str, dict[str, Any]] = {WAN_14B: {
+    **RELEASED_CONFIG,
+    # Wan2.1-T2V-14B transformer/config.json: the 1.3B's keys at the 14B's width (Wan's own
+    # wan/configs/wan_t2v_14B.py: dim 5120 = 40 heads x 128, ffn_dim 13824, 40 layers); the
+    # same UMT5-XXL encoder, VAE and UniPC flow_shift 3.0 (diffusers'
+    # scripts/convert_wan_to_diffusers.py, as the Wan2.1-I2V-14B entry of wan_i2v.RELEASED)
+    "transformer": {**RELEASED_CONFIG["transformer"], "ffn_dim": 13824,
+                    "num_attention_heads": 40, "num_layers": 40}}}
+"""Other Wan2.1 T2V checkpoints' config values, by Hub id (`WanFamily.released_configs`)."""
 
 
 @dataclass
@@ -70,6 +80,7 @@ class WanFamily:
     fp32_modules: ClassVar[tuple[str, ...]] = ("vae",)
     transformer_class: ClassVar[str] = "WanTransformer3DModel"
     released_config: ClassVar[dict[str, Any]] = RELEASED_CONFIG
+    released_configs: ClassVar[dict[str, dict[str, Any]]] = RELEASED_CONFIGS
     timestep_scale: ClassVar[float] = 1000.0
     timestep_sigma_max: ClassVar[float] = UNIPC_SIGMA_MAX
     guidance_kind: ClassVar[str] = "cfg"
