@@ -59,6 +59,16 @@ CLAIMS = {
     "qwenimage_80gb": ("branch", "qwenimage", "shifted", "dance", 0.3, *_TREE.values(), 218, 1),
     "wan22_48gb": ("branch", "wan22", "diffusers", "dance", 0.3, *_TREE.values(), 218, 1),
     "wan22_80gb": ("branch", "wan22", "diffusers", "dance", 0.3, *_TREE.values(), 218, 1),
+    # small-GPU SD3.5-Medium (Flow-GRPO's recipe on one GPU: 512 px at 24 and 48 GB, 1024 at
+    # 80), Wan2.1-T2V-14B (int8 at 48 GB, bf16 at 80) and Z-Image (bf16; 2 prompts at 80 GB)
+    "sd35_24gb": ("flow_grpo", "sd3", "diffusers", "flow", 0.7, 10, 24, 240, 240, 24 * 9, 1),
+    "sd35_48gb": ("flow_grpo", "sd3", "diffusers", "flow", 0.7, 10, 24, 240, 240, 24 * 9, 1),
+    "sd35_80gb": ("flow_grpo", "sd3", "diffusers", "flow", 0.7, 10, 24, 240, 240, 24 * 9, 1),
+    "wan_48gb": ("branch", "wan", "diffusers", "dance", 0.3, *_TREE.values(), 218, 1),
+    "wan_80gb": ("branch", "wan", "diffusers", "dance", 0.3, *_TREE.values(), 218, 1),
+    "zimage_24gb": ("branch", "zimage", "diffusers", "dance", 0.3, *_TREE.values(), 218, 1),
+    "zimage_48gb": ("branch", "zimage", "diffusers", "dance", 0.3, *_TREE.values(), 218, 1),
+    "zimage_80gb": ("branch", "zimage", "diffusers", "dance", 0.3, *_TREE.values(), 218, 2),
     # the same tree on Wan2.2-TI2V-5B (ours: no published Wan2.2 recipe)
     "wan22_branchgrpo": ("branch", "wan22", "diffusers", "dance", 0.3, *_TREE.values(), 218,
                          1),
