@@ -222,6 +222,14 @@ def test_two_expert_checkpoint_counts_both(capsys):
     assert m["uncounted"] == [] and m["params"]["text_encoder"] == 5_680_910_336
 
 
+def test_wan21_14b_plans_its_own_transformer(capsys):
+    """``Wan-AI/Wan2.1-T2V-14B-Diffusers`` offline: `WanFamily.released_configs`' 14B shape
+    (5120 wide, 40 blocks), not the 1.3B default, and the released flow_shift 3."""
+    r = json.loads(run_cli(capsys, "plan", "configs/wan_48gb.yaml", "--json"))
+    assert r["memory"]["params"]["transformer"] == 14_288_491_584 and r["shift"] == 3.0
+    assert r["memory"]["architecture"]["hidden"] == 5120
+
+
 CONFIGS = sorted(p.stem for p in (Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 
