@@ -173,6 +173,24 @@ def test_int4_is_refused():  # torchao's Int4Tensor takes no LoRA in peft (docs/
         load_config(None, ["model.quantize=int4"])
 
 
+def test_torchao_cpu_int4_has_no_input_gradient():
+    """Why ``model.quantize`` has no int4 (docs/small_gpu.md, "4-bit"): torchao's CPU int4
+    weight (``Int4OpaqueTensor``, the only int4 format that quantizes on the CPU) runs forward
+    under LoRA, but the backward through it raises, so no LoRA below it could learn. When this
+    test fails, torch or torchao has grown the gradient and int4 can be reconsidered."""
+    _torchao()
+    from torchao.quantization import quantize_
+
+    proto = pytest.importorskip("torchao.prototype.quantization.int4")
+    net = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.Linear(128, 128))
+    quantize_(net, proto.PrototypeInt4WeightOnlyConfig(group_size=128))
+    assert type(net[0].weight).__name__ == "Int4OpaqueTensor"
+    x = torch.randn(2, 128, requires_grad=True)
+    y = net(x)
+    with pytest.raises(RuntimeError, match="derivative for .*_weight_int4pack_mm_for_cpu"):
+        y.sum().backward()
+
+
 def test_plan_accepts_quantized_lora():
     cfg = load_config(None, ["model.kind=flux", "model.path=black-forest-labs/FLUX.1-dev",
                              "model.finetune=lora", "model.quantize=int8",
