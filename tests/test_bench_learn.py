@@ -33,7 +33,8 @@ def test_bench_learn_quick_writes_table_plots_and_report(tmp_path, cache_dir, ca
     assert set(rows) == {"dance", "branch"}
     for r in rows.values():
         assert r["iterations"] >= 1
-        for k in ("judge_before", "judge_final", "strict_final", "s_per_iteration"):
+        for k in ("judge_before", "judge_final", "strict_final", "s_per_iteration",
+                  "grid_before", "grid_final"):
             assert math.isfinite(r[k]), (r["method"], k)
     assert result["budget_s"] == 1e-3 and result["machine"]["torch"]
     for png in ("learn_time.png", "learn_iterations.png"):  # curves, not only the legend (the
@@ -41,6 +42,7 @@ def test_bench_learn_quick_writes_table_plots_and_report(tmp_path, cache_dir, ca
         assert sum(curve_pixels(out / png, 2)) > 6 * LEGEND_SWATCH, png
     md = (out / "learn.md").read_text()
     assert "| dance |" in md and "| branch |" in md and "branchgrpo bench learn" in md
+    assert f"{rows['branch']['grid_before']:.3f} → {rows['branch']['grid_final']:.3f}" in md
     assert (out / "runs" / "branch-s0" / "metrics.jsonl").exists()
 
 

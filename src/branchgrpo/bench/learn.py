@@ -57,7 +57,7 @@ class Run:
     method: str
     seed: int
     run_dir: str
-    evals: list[dict[str, float]] = field(default_factory=list)  # iteration, time, judge, strict
+    evals: list[dict[str, float]] = field(default_factory=list)  # iteration time judge strict grid
     iterations: int = 0
     train_s: float = 0.0
     wall_s: float = 0.0
@@ -84,7 +84,8 @@ def read_run(run: Run) -> None:
 
     train, evals = split_evals(read_metrics(Path(run.run_dir)))
     run.evals = [{"iteration": r["iteration"], "time": r.get("time/elapsed", 0.0),
-                  "judge": r["eval/judge"], "strict": r.get("eval/judge_strict", math.nan)}
+                  "judge": r["eval/judge"], "strict": r.get("eval/judge_strict", math.nan),
+                  "grid": r.get("eval/grid", math.nan)}
                  for r in evals if "eval/judge" in r]
     if train:
         run.iterations, run.train_s = train[-1]["iteration"], train[-1]["time/elapsed"]
@@ -163,7 +164,9 @@ def default_target(runs: list[Run]) -> float:
 
 
 def method_row(method: str, runs: list[Run], target: float) -> dict[str, Any]:
-    """One table row: iterations, s/iteration, judge before/final, strict, time to target."""
+    """One table row: iterations, s/iteration, judge before/final, strict, the token-grid
+    monitor before/final (`evaluate.grid_energy`: a judge can rise while the grid grows),
+    time to target."""
     ok = [r for r in runs if r.ok]
     row: dict[str, Any] = {"method": method, "seeds_ok": len(ok), "seeds": len(runs)}
     if not ok:
@@ -179,6 +182,8 @@ def method_row(method: str, runs: list[Run], target: float) -> dict[str, Any]:
             "judge_before": float(np.mean(before)), "judge_final": float(np.mean(final)),
             "judge_final_std": _std(final), "strict_final": float(np.mean(strict)),
             "strict_final_std": _std(strict),
+            "grid_before": float(np.mean([r.evals[0]["grid"] for r in ok])),
+            "grid_final": float(np.mean([r.evals[-1]["grid"] for r in ok])),
             "relative_change": float(np.mean(final) / np.mean(before) - 1),
             "time_to_target_s": float(np.mean(hits)) if hits else None,
             "iterations_to_target": float(np.mean(hits_it)) if hits_it else None,
@@ -220,18 +225,19 @@ def _pm(row: dict, key: str) -> str:
 def table(rows: list[dict[str, Any]], target: float) -> list[str]:
     """The Markdown table of final scores and time to target."""
     out = ["| method | iterations | s/iteration | judge before | judge final (± std) | "
-           f"strict final (± std) | change | time to {target:.3f} (s) | iterations to it | "
-           "seeds reaching it |", "|---" * 10 + "|"]
+           f"strict final (± std) | change | grid before → final | time to {target:.3f} (s) | "
+           "iterations to it | seeds reaching it |", "|---" * 11 + "|"]
     for r in rows:
         if "judge_final" not in r:
             out.append(f"| {r['method']} | failed ({r['seeds'] - r['seeds_ok']} of "
-                       f"{r['seeds']} seeds) |" + " |" * 8)
+                       f"{r['seeds']} seeds) |" + " |" * 9)
             continue
         tt = "—" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.1f}"
         ti = "—" if r["iterations_to_target"] is None else f"{r['iterations_to_target']:.1f}"
         out.append(f"| {r['method']} | {r['iterations']:.1f} | {r['s_per_iteration']:.2f} | "
                    f"{r['judge_before']:.4f} | {_pm(r, 'judge_final')} | "
-                   f"{_pm(r, 'strict_final')} | {r['relative_change'] * 100:+.1f}% | {tt} | "
+                   f"{_pm(r, 'strict_final')} | {r['relative_change'] * 100:+.1f}% | "
+                   f"{r['grid_before']:.3f} → {r['grid_final']:.3f} | {tt} | "
                    f"{ti} | {r['reached_target']}/{r['seeds_ok']} |")
     return out
 
