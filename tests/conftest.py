@@ -31,3 +31,19 @@ def cache_dir(tmp_path_factory) -> Path:
 
     save_model(train_judge(steps=10, batch=16), str(d / "shapes_judge.safetensors"))
     return d
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, cache_dir):
+    """One finished `testlib.small_args` run of 2 iterations with a checkpoint after each
+    (``log.checkpoint_every=1``), trained once per session (per xdist worker) by ``python -m
+    branchgrpo train`` in a subprocess: the end-to-end run that the tests of its outputs, and
+    of sample / eval / resume on it, read. Returns (run directory, the finished process, whose
+    stdout and stderr the tests read). A test that writes into the run works on a copy
+    (`testlib.copy_run`)."""
+    from testlib import run_cli, small_args
+
+    run = tmp_path_factory.mktemp("trained") / "run"
+    out = run_cli("train", *small_args(cache_dir, run, "train.iterations=2",
+                                       "log.checkpoint_every=1", "log.keep_last=3"))
+    return run, out

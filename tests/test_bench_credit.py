@@ -1,7 +1,5 @@
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,6 +10,7 @@ from branchgrpo.engine.tree import rollout
 from branchgrpo.models.analytic import GaussianPolicy
 from branchgrpo.rewards import RewardSet
 from plot_testlib import LEGEND_SWATCH, curve_pixels
+from testlib import cli
 
 PROMPTS = ["a", "b"]
 
@@ -78,13 +77,11 @@ def test_trajectory_wide_advantages_give_each_step_diluted_credit(policy, reward
     assert r["by_step"][5] != r["by_step"][5]  # nan: A* is 0 at the last step
 
 
-def test_bench_credit_cli_writes_its_report(tmp_path):
+def test_bench_credit_cli_writes_its_report(tmp_path, capsys):
     out = tmp_path / "credit"
-    subprocess.run([sys.executable, "-m", "branchgrpo", "bench", "credit", "--methods",
-                    "dance_full,branch_depth", "--prompts", "1", "--continuations", "2",
-                    "--out", str(out), "model.pretrain_steps=5",
-                    f"model.cache_dir={tmp_path / 'cache'}"],
-                   check=True, capture_output=True, text=True)
+    cli(capsys, "bench", "credit", "--methods", "dance_full,branch_depth", "--prompts", "1",
+        "--continuations", "2", "--out", str(out), "model.pretrain_steps=5",
+        f"model.cache_dir={tmp_path / 'cache'}")
     result = json.loads((out / "credit.json").read_text())
     assert [r["method"] for r in result["rows"]] == ["dance_full", "branch_depth"]
     assert [r["edges"] for r in result["rows"]] == [304, 138]  # the methods' trained edges

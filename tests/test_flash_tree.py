@@ -1,10 +1,6 @@
 """The flash tree and the sibling-relative advantage (docs/algorithms.md §15): counts, the
 high-order check, leaf marginals, the rule by hand, and its credit on a one-split tree."""
 
-
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -140,14 +136,12 @@ def test_one_split_with_deterministic_tails_gets_exact_sibling_credit(policy):
     assert r["corr"] == pytest.approx(1.0, abs=1e-6)
 
 
-def test_cli_trains_the_sibling_tree(tmp_path, cache_dir):
-    from testlib import TRAIN_HELPERS, cli_env, run_cli, small_args, train_rows
+def test_cli_trains_the_sibling_tree(tmp_path, cache_dir, capsys):
+    from testlib import cli, small_args, train_rows
 
-    run = tmp_path / "run"
-    src = Path(__file__).parents[1] / "src"  # this checkout's package, not an installed one
-    env = {**cli_env(), "PYTHONPATH": os.pathsep.join([str(TRAIN_HELPERS), str(src)])}
-    run_cli("train", *small_args(cache_dir, run, "rollout.method=branch_sibling",
-                                 "train.iterations=1"), env=env)
+    run = tmp_path / "run"  # (one held-out sample: the evaluation is not what is tested)
+    cli(capsys, "train", *small_args(cache_dir, run, "rollout.method=branch_sibling",
+                                     "train.iterations=1", "data.eval_samples=1"))
     (r,) = train_rows(run)
     assert r["ratio/first"] == 1.0
     # 2 trees, K 4 at steps 0 and 1 of T 4, one tail step: 1 + 4 + 16 forwards, 4 + 16 SDE

@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,6 +10,7 @@ from branchgrpo.engine.schedule import shifted
 from branchgrpo.engine.sde import log_prob
 from branchgrpo.engine.tree import Fork, Lane, RolloutPlan, chain_plan, edge_log_prob, rollout
 from branchgrpo.models.analytic import GaussianPolicy
+from testlib import cli
 
 SMALL = {
     "dance": {"num_steps": 6, "group_size": 3},
@@ -55,9 +54,8 @@ def policy():
     return GaussianPolicy(dim=6, mean=0.3, std=0.8, prompt_scale=0.5)
 
 
-def test_bench_nfe_json_gives_the_published_counts():
-    out = subprocess.run([sys.executable, "-m", "branchgrpo", "bench", "nfe", "--json"],
-                         capture_output=True, text=True, check=True).stdout
+def test_bench_nfe_json_gives_the_published_counts(capsys):
+    out = cli(capsys, "bench", "nfe", "--json")[1]
     rows = {r["method"]: r for r in json.loads(out)}
     assert (rows["branch"]["forwards"], rows["branch"]["edges"]) == (203, 218)
     assert rows["branch_depth"]["trained_edges"] == 138

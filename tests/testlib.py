@@ -53,6 +53,31 @@ def run_cli(*args: str, check: bool = True, **kw: Any) -> subprocess.CompletedPr
     return out
 
 
+def cli(capsys: Any, *args: str, code: int | None = 0) -> tuple[int, str, str]:
+    """``branchgrpo ARGS`` in this process (`branchgrpo.cli.main`, what ``python -m
+    branchgrpo`` runs, without a fresh interpreter's ~4 s of imports): (exit code, stdout,
+    stderr), read from ``capsys``; asserts the exit code is ``code`` unless that is None. An
+    argparse exit (``--help``, a bad option) counts as its exit code."""
+    from branchgrpo.cli import main
+
+    capsys.readouterr()  # only this command's output
+    try:
+        rc = main(list(args))
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    out = capsys.readouterr()
+    if code is not None:
+        assert rc == code, f"exit {rc}\n{out.out[-3000:]}\n{out.err[-3000:]}"
+    return rc, out.out, out.err
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    """A copy of the run folder ``run`` as ``tmp_path/run``, for a test that writes into it."""
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
 def metrics(run_dir: Path) -> list[dict[str, Any]]:
     """Every line of a run's metrics.jsonl, in order."""
     return [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -85,6 +85,6 @@ def run_pipeline(replica: str, pipe, cfg, latents: Tensor, steps: int, **kw: Any
 
 
 def train_cli(replica: str, path: Path, run: Path, prompts: Path, *extra: str) -> dict:
-    """``python -m branchgrpo train`` (`models_testlib.run_train`): one iteration, one prompt,
+    """``branchgrpo train`` (`models_testlib.run_train`): one iteration, one prompt,
     2 steps, 2 leaves, the JPEG reward; returns the metrics row."""
     return run_train(run, prompts, *config_args(replica, path, "rollout.num_steps=2"), *extra)

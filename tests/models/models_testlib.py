@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -139,14 +136,14 @@ held-out sample, evaluation only before and after."""
 
 
 def run_train(run: Path, prompts: Path, *args: str) -> dict:
-    """``python -m branchgrpo train`` offline on one thread with `SMALL_RUN`, ``prompts`` for
-    training and evaluation, the run in ``run``, then ``args``. Asserts exit 0, one training
-    row with finite losses and a gradient; returns that row."""
-    cmd = [sys.executable, "-m", "branchgrpo", "train", *SMALL_RUN, f"data.prompts={prompts}",
-           f"data.eval_prompts={prompts}", f"log.run_dir={run}", *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert out.returncode == 0, f"exit {out.returncode}\n{out.stderr[-3000:]}"
+    """``branchgrpo train`` (`branchgrpo.cli.main`, in this process: offline, one thread) with
+    `SMALL_RUN`, ``prompts`` for training and evaluation, the run in ``run``, then ``args``.
+    Asserts exit 0, one training row with finite losses and a gradient; returns that row."""
+    from branchgrpo.cli import main
+
+    code = main(["train", *SMALL_RUN, f"data.prompts={prompts}", f"data.eval_prompts={prompts}",
+                 f"log.run_dir={run}", *args])
+    assert code == 0, f"exit {code} (its stderr is in the captured output)"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     (row,) = [r for r in rows if "eval/tag" not in r]
     losses = {k: v for k, v in row.items() if k.startswith("loss/")}

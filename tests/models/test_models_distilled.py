@@ -7,10 +7,6 @@ touched (docs/algorithms.md §1.10)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -19,6 +15,7 @@ from branchgrpo.engine.schedule import flux_pipeline
 from branchgrpo.models.testing import write_replica
 from branchgrpo.preflight import check_plan
 from branchgrpo.spec import distilled
+from testlib import cli
 
 
 def _cfg(replica: str, path, *extra: str):
@@ -72,15 +69,13 @@ def test_non_distilled_checkpoints_are_not_refused(replicas):
         assert len(check_plan(_cfg(replica, replicas[replica], *extra)).sigmas) > 9
 
 
-def test_train_refuses_before_any_model_loads(replicas):
+def test_train_refuses_before_any_model_loads(replicas, capsys):
     """The Turbo replica has config files only: a model load would fail differently."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [sys.executable, "-m", "branchgrpo", "train", "model.kind=zimage",
-         f"model.path={replicas['zimage_turbo']}", "model.guidance=5.0", "train.device=cpu"],
-        capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode != 0
-    assert "Z-Image-Turbo" in out.stderr and "set model.guidance=0" in out.stderr
+    code, _, err = cli(capsys, "train", "model.kind=zimage",
+                       f"model.path={replicas['zimage_turbo']}", "model.guidance=5.0",
+                       "train.device=cpu", code=None)
+    assert code != 0
+    assert "Z-Image-Turbo" in err and "set model.guidance=0" in err
 
 
 def test_plan_reports_the_guidance_the_run_gets(replicas, capsys):

@@ -11,9 +11,6 @@ released config alone."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -43,6 +40,7 @@ from branchgrpo.models.qwenimage import (
     tiny_qwen_tokenizer,
 )
 from branchgrpo.spec import model_options, resolve
+from testlib import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 T = 4
@@ -208,7 +206,7 @@ def test_offline_hub_id_fails_fast(tmp_path, monkeypatch):
     assert QWEN_IMAGE in msg and "download" in msg and "HF_HUB_OFFLINE" in msg
 
 
-def test_plan_of_the_recipe_from_the_released_config(tmp_path, monkeypatch):
+def test_plan_of_the_recipe_from_the_released_config(tmp_path, monkeypatch, capsys):
     """``branchgrpo plan`` offline with the real id: the recipe's FastVideo grid (shift 3,
     int(1000 sigma) / 1000), and with rollout.schedule=diffusers the grid diffusers' own
     scheduler computes from the released config for QwenImagePipeline at 1328 px."""
@@ -218,11 +216,9 @@ def test_plan_of_the_recipe_from_the_released_config(tmp_path, monkeypatch):
     from branchgrpo.plan_report import plan_report
 
     recipe = ROOT / "configs" / "qwenimage_branchgrpo.yaml"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-m", "branchgrpo", "plan", str(recipe), "--json"],
-                         capture_output=True, text=True, env=env, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    r = json.loads(out.stdout)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    r = json.loads(cli(capsys, "plan", str(recipe), "--json")[1])
     assert r["family"] == "qwenimage" and "defaults" in r["model_config"]
     assert (r["schedule"], r["shift"], r["quantize_timestep"]) == ("shifted", 3.0, True)
     assert r["guidance"].startswith("off") and r["dtypes"]["lora adapters"] == "fp32"
@@ -230,8 +226,6 @@ def test_plan_of_the_recipe_from_the_released_config(tmp_path, monkeypatch):
     fp32 = np.float32(r["sigmas"][:-1]) * np.float32(1000)  # floor(1000 sigma) in fp32
     np.testing.assert_allclose(r["timesteps"], np.floor(fp32) / 1000, atol=1e-6, rtol=0)
 
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
     r = plan_report(load_config(recipe, ["rollout.schedule=diffusers", "rollout.shift=null",
                                          "rollout.quantize_timestep=false",
                                          "model.guidance=4.0"]))

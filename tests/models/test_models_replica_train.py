@@ -37,7 +37,7 @@ SMALL = {"flux": ["rollout.num_steps=2", "rollout.split_steps=[0]", "rollout.bra
 
 def train_cli(family: str, path: Path, run: Path, prompts: Path, *extra: str,
               ) -> list[dict]:
-    """``python -m branchgrpo train`` on the replica at ``path`` (`run_train`: one iteration,
+    """``branchgrpo train`` on the replica at ``path`` (`run_train`: one iteration,
     one prompt, the JPEG-compressibility reward, no judge), exactly on-policy before its
     update; returns the training rows."""
     row = run_train(run, prompts, f"model.kind={family}", f"model.path={path}",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 import threading
 import time
 import urllib.request
@@ -222,16 +221,11 @@ def test_unknown_paths_and_methods_are_json_4xx(server):
         assert status == code and "POST /score" in obj["error"]
 
 
-def test_serve_reward_help_exits_0():
-    import subprocess
+def test_serve_reward_help_exits_0(capsys):
+    from testlib import cli
 
-    out = subprocess.run(
-        [sys.executable, "-c", "import sys; from branchgrpo.cli import main; "
-         "sys.exit(main(['serve-reward', '--help']))"],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert out.returncode == 0, out.stderr
-    assert "--max-pixels" in out.stdout and "--read-timeout" in out.stdout
+    out = cli(capsys, "serve-reward", "--help")[1]  # asserts exit 0
+    assert "--max-pixels" in out and "--read-timeout" in out
 
 
 def test_connections_over_the_cap_get_503_and_are_served_again_after():

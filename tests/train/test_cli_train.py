@@ -13,7 +13,17 @@ from branchgrpo import checkpoint as ckpt
 from branchgrpo.config import all_keys
 from branchgrpo.models.tiny import TinySpec, load_or_pretrain
 from branchgrpo.tasks.shapes import split_prompts
-from testlib import checkpoint_tensors, cli_env, comparable_rows, metrics, run_cli, small_args
+from testlib import (
+    TRAIN_HELPERS,
+    checkpoint_tensors,
+    cli,
+    cli_env,
+    comparable_rows,
+    copy_run,
+    metrics,
+    run_cli,
+    small_args,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -24,9 +34,8 @@ def _report_table(report: str) -> dict[str, tuple[str, str]]:
     return {c[0].strip(): (c[1].strip(), c[2].strip()) for c in rows[1:]}
 
 
-def test_cli_trains_two_iterations_end_to_end(tmp_path, cache_dir):
-    run = tmp_path / "run"
-    run_cli("train", *small_args(cache_dir, run, "train.iterations=2"))
+def test_cli_trains_two_iterations_end_to_end(trained_run, cache_dir):
+    run, _ = trained_run  # python -m branchgrpo train, 2 iterations (tests/conftest.py)
     rows = [r for r in metrics(run) if "eval/tag" not in r]
     assert [r["iteration"] for r in rows] == [1, 2]
     for r in rows:
@@ -108,19 +117,11 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tmp_path, cache_dir):
     assert comparable_rows(full) == comparable_rows(killed)
 
 
-@pytest.fixture(scope="module")
-def two_checkpoints(tmp_path_factory, cache_dir):
-    """A finished 2-iteration run with checkpoints after iterations 1 and 2."""
-    run = tmp_path_factory.mktemp("two") / "run"
-    run_cli("train", *small_args(cache_dir, run, "train.iterations=2", "log.checkpoint_every=1",
-                                 "log.keep_last=3"))
-    return run
-
-
-def _copy(run, tmp_path):
-    import shutil
-
-    return Path(shutil.copytree(run, tmp_path / "run"))
+@pytest.fixture
+def two_checkpoints(trained_run, tmp_path) -> Path:
+    """A copy of the finished 2-iteration run with checkpoints after iterations 1 and 2
+    (`trained_run`), for this test to damage."""
+    return copy_run(trained_run[0], tmp_path)
 
 
 def _rewrite(folder, name, tensors):
@@ -138,77 +139,80 @@ def _rewrite(folder, name, tensors):
 
 
 def test_truncated_newest_checkpoint_falls_back_for_resume_eval_and_sample(two_checkpoints,
-                                                                          tmp_path):
-    run = _copy(two_checkpoints, tmp_path)
+                                                                          tmp_path, capsys):
+    run = two_checkpoints
     newest = run / "checkpoints" / "iter_000002" / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:1000])
     warning = (f"warning: damaged checkpoint {run / 'checkpoints' / 'iter_000002'}: "
                "model.safetensors has 1000 bytes")
-    ev = run_cli("eval", str(run), "--json", "--samples", "2")
-    assert json.loads(ev.stdout)["iteration"] == 1
-    assert warning in ev.stderr and "using iter_000001 instead" in ev.stderr, ev.stderr
-    sa = run_cli("sample", str(run), "--prompt", "one red circle", "--n", "1", "--out",
-                 str(tmp_path / "imgs"))
-    assert "(iteration 1)" in sa.stdout and warning in sa.stderr
-    env = {**cli_env(), "OMP_NUM_THREADS": "2"}
-    out = subprocess.run([sys.executable, "-m", "branchgrpo", "train", "--resume", str(run)],
-                         capture_output=True, text=True, env=env)
-    assert out.returncode == 0, out.stderr
-    assert warning in out.stderr and "resuming from iter_000001 instead" in out.stderr
-    assert "written with 1 torch threads, this run has 2" in out.stderr
-    assert "at iteration 1" in out.stdout
+    _, ev, err = cli(capsys, "eval", str(run), "--json", "--samples", "2")
+    assert json.loads(ev)["iteration"] == 1
+    assert warning in err and "using iter_000001 instead" in err, err
+    _, sa, err = cli(capsys, "sample", str(run), "--prompt", "one red circle", "--n", "1",
+                     "--out", str(tmp_path / "imgs"))
+    assert "(iteration 1)" in sa and warning in err
+    torch.set_num_threads(2)  # as OMP_NUM_THREADS=2 would (the autouse fixture restores it)
+    _, out, err = cli(capsys, "train", "--resume", str(run))
+    torch.set_num_threads(1)
+    assert warning in err and "resuming from iter_000001 instead" in err
+    assert "written with 1 torch threads, this run has 2" in err
+    assert "at iteration 1" in out
     assert [r["iteration"] for r in metrics(run) if "eval/tag" not in r] == [1, 2]
     assert ckpt.load_checkpoint(run / "checkpoints" / "iter_000002")["iteration"] == 2
 
 
-def test_resume_before_the_first_checkpoint_is_a_clear_error(two_checkpoints, tmp_path):
+def test_resume_before_the_first_checkpoint_is_a_clear_error(two_checkpoints, capsys):
     import shutil
 
-    run = _copy(two_checkpoints, tmp_path)
+    run = two_checkpoints
     shutil.rmtree(run / "checkpoints")
     config = (run / "config.yaml").read_text()
-    out = run_cli("train", "--resume", str(run), "train.iterations=5", check=False)
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip() == (
+    _, _, err = cli(capsys, "train", "--resume", str(run), "train.iterations=5", code=2)
+    assert "Traceback" not in err  # (an uncaught exception would fail the test)
+    assert err.strip() == (
         f"resume error: no checkpoint in {run / 'checkpoints'} yet: the run stopped before its "
         "first checkpoint (log.checkpoint_every=1); start it again without --resume")
     assert (run / "config.yaml").read_text() == config
 
 
-def test_a_failed_resume_rewrites_nothing(two_checkpoints, tmp_path):
-    run = _copy(two_checkpoints, tmp_path)
+def test_a_failed_resume_rewrites_nothing(two_checkpoints, capsys):
+    run = two_checkpoints
     for it in (1, 2):  # intact files, but weights of another model
         _rewrite(run / "checkpoints" / f"iter_{it:06d}", "model.safetensors",
                  {"other.weight": torch.zeros(2)})
     before = {f: (run / f).read_text() for f in ("config.yaml", "metrics.jsonl")}
-    out = run_cli("train", "--resume", str(run), "train.iterations=5", check=False)
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "does not fit the model" in out.stderr and "unknown ['other.weight']" in out.stderr
+    _, _, err = cli(capsys, "train", "--resume", str(run), "train.iterations=5", code=2)
+    assert "Traceback" not in err  # (an uncaught exception would fail the test)
+    assert "does not fit the model" in err and "unknown ['other.weight']" in err
     assert {f: (run / f).read_text() for f in before} == before
 
 
-def test_eval_refuses_empty_and_crafted_checkpoints(two_checkpoints, tmp_path):
-    run = _copy(two_checkpoints, tmp_path)
+def test_eval_refuses_empty_and_crafted_checkpoints(two_checkpoints, tmp_path, capsys):
+    import os
+
+    run = two_checkpoints
     empty = run / "checkpoints" / "iter_000002"
     _rewrite(empty, "model.safetensors", {})
-    out = run_cli("eval", str(empty), check=False)
-    assert out.returncode == 2 and "holds no trained weights" in out.stderr, out.stderr
+    _, _, err = cli(capsys, "eval", str(empty), code=2)
+    assert "holds no trained weights" in err, err
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
-    subprocess.run([sys.executable, "-c", "import os, torch\n"
-                    "class E:\n def __reduce__(self): return os.system, ('touch ' + "
-                    f"{str(marker)!r},)\ntorch.save({{'policy': E()}}, {str(evil)!r})"],
-                   check=True)
-    out = run_cli("eval", str(evil), check=False)
-    assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "cannot be read as data" in out.stderr and not marker.exists()
+
+    class E:  # unpickling it runs `touch marker`
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    torch.save({"policy": E()}, evil)
+    _, _, err = cli(capsys, "eval", str(evil), code=2)
+    assert "Traceback" not in err  # (an uncaught exception would fail the test)
+    assert "cannot be read as data" in err and not marker.exists()
 
 
-def test_a_start_that_fails_leaves_no_run_directory(tmp_path):
+def test_a_start_that_fails_leaves_no_run_directory(tmp_path, capsys):
     run = tmp_path / "r"
-    out = run_cli("train", f"log.run_dir={run}", "model.kind=flux",
-                  f"model.path={tmp_path / 'missing'}", check=False)
-    assert out.returncode != 0 and "cannot load" in out.stderr
+    rc, _, err = cli(capsys, "train", f"log.run_dir={run}", "model.kind=flux",
+                     f"model.path={tmp_path / 'missing'}", code=None)
+    assert rc != 0 and "cannot load" in err
     assert not run.exists()
 
 
@@ -222,50 +226,52 @@ def test_a_start_that_fails_leaves_no_run_directory(tmp_path):
     (["data.prompts=/nonexistent/prompts.txt", "model.pretrain_steps=1"],
      "prompt file '/nonexistent/prompts.txt' not found"),
 ])
-def test_bad_configs_give_clear_errors(tmp_path, args, message):
+def test_bad_configs_give_clear_errors(tmp_path, args, message, capsys):
     import re
 
-    out = run_cli("train", f"log.run_dir={tmp_path / 'r'}", f"model.cache_dir={tmp_path}",
-                  *args, check=False)
-    assert out.returncode == 2, out.stderr
-    assert re.search(message, out.stderr), out.stderr
+    _, _, err = cli(capsys, "train", f"log.run_dir={tmp_path / 'r'}",
+                    f"model.cache_dir={tmp_path}", *args, code=2)
+    assert re.search(message, err), err
 
 
-def test_nan_reward_stops_with_its_name_and_checkpoint_stays_loadable(tmp_path, cache_dir):
+def test_nan_reward_stops_with_its_name_and_checkpoint_stays_loadable(tmp_path, cache_dir,
+                                                                       capsys, monkeypatch):
+    # the reward source nan_reward.py, which counts its calls in a process: each command
+    # imports it afresh, as its own process would
+    monkeypatch.syspath_prepend(str(TRAIN_HELPERS))
+    monkeypatch.delitem(sys.modules, "nan_reward", raising=False)
     run = tmp_path / "nan"
     cfg = tmp_path / "nan.yaml"
     cfg.write_text("reward:\n  weights: {nanny: 1.0}\n  options: {nanny: {source: "
                    "'nan_reward:score'}}\nlog:\n  checkpoint_every: 1\n")
-    out = run_cli("train", str(cfg), *small_args(cache_dir, run, "train.iterations=4"),
-                  check=False)
-    assert out.returncode == 1
-    assert "nanny" in out.stderr and "iteration 2" in out.stderr, out.stderr
+    _, _, err = cli(capsys, "train", str(cfg), *small_args(cache_dir, run, "train.iterations=4"),
+                    code=1)
+    assert "nanny" in err and "iteration 2" in err, err
     last = ckpt.latest_checkpoint(run)
     assert last is not None and last.name == "iter_000001"
     assert not list((run / "checkpoints").glob("*.tmp"))
     state = ckpt.load_checkpoint(last)
     assert state["iteration"] == 1 and state["policy"]
-    ev = run_cli("eval", str(run), "--json", "--samples", "2", check=False)
-    assert ev.returncode == 0, ev.stderr
-    assert json.loads(ev.stdout)["iteration"] == 1
+    monkeypatch.delitem(sys.modules, "nan_reward")
+    _, ev, _ = cli(capsys, "eval", str(run), "--json", "--samples", "2")
+    assert json.loads(ev)["iteration"] == 1
 
 
-def test_sample_and_eval_commands(tmp_path, cache_dir):
-    run = tmp_path / "run"
-    run_cli("train", *small_args(cache_dir, run, "train.iterations=1"))
+def test_sample_and_eval_commands(trained_run, tmp_path, capsys):
+    run, _ = trained_run  # sample writes into --out, eval writes nothing
     out = tmp_path / "imgs"
-    run_cli("sample", str(run), "--prompt", "two red circles on the left", "--n", "2",
-            "--out", str(out))
+    cli(capsys, "sample", str(run), "--prompt", "two red circles on the left", "--n", "2",
+        "--out", str(out))
     assert len(list(out.glob("0*.png"))) == 2 and (out / "grid.png").exists()
-    ev = json.loads(run_cli("eval", str(run), "--json", "--samples", "4").stdout)
+    ev = json.loads(cli(capsys, "eval", str(run), "--json", "--samples", "4")[1])
     assert {"eval/judge", "eval/judge_strict", "eval/shapes"} <= set(ev)
 
 
-def test_help_explains_commands():
-    out = run_cli("--help").stdout
+def test_help_explains_commands(capsys):
+    out = cli(capsys, "--help")[1]
     for cmd in ("train", "sample", "eval", "serve-reward", "bench"):
         assert cmd in out
-    keys = run_cli("train", "--help-config").stdout.splitlines()
+    keys = cli(capsys, "train", "--help-config")[1].splitlines()
     # every schema key, with its default and below it its doc
     docs = {line.strip().split(" = ")[0]: keys[i + 1].strip()
             for i, line in enumerate(keys) if line[:2] == "  " and line[2] != " "}

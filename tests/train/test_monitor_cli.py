@@ -1,19 +1,17 @@
 """End to end: ``monitor/grid`` in the log and report, ``branchgrpo sample`` into the run."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from testlib import cli_env, run_cli, small_args
+from testlib import cli, copy_run
 
 pytestmark = pytest.mark.slow
 
 
-def test_grid_monitor_logged_and_sample_writes_into_the_run(tmp_path, cache_dir):
-    run = tmp_path / "run"
-    run_cli("train", *small_args(cache_dir, run, "train.iterations=1"))
+def test_grid_monitor_logged_and_sample_writes_into_the_run(trained_run, tmp_path, capsys,
+                                                            monkeypatch):
+    run = copy_run(trained_run[0], tmp_path)  # python -m branchgrpo train (tests/conftest.py)
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if "eval/tag" not in r]
     evals = [r for r in rows if "eval/tag" in r]
@@ -23,10 +21,9 @@ def test_grid_monitor_logged_and_sample_writes_into_the_run(tmp_path, cache_dir)
     assert "| grid |" in (run / "report.md").read_text()
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
     for _ in range(2):
-        subprocess.run([sys.executable, "-m", "branchgrpo", "sample", str(run), "--prompt",
-                        "one red circle on the left", "--n", "1"], cwd=elsewhere, check=True,
-                       capture_output=True, env=cli_env())
+        cli(capsys, "sample", str(run), "--prompt", "one red circle on the left", "--n", "1")
     assert list(elsewhere.iterdir()) == []  # nothing in the current folder
     for name in ("sample_000", "sample_001"):
         out = run / "samples" / name

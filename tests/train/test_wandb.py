@@ -13,7 +13,7 @@ import pytest
 
 from branchgrpo.config import ConfigError, load_config
 from branchgrpo.preflight import _check_wandb
-from testlib import cli_env, metrics, run_cli, small_args
+from testlib import cli, cli_env, metrics, run_cli, small_args
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +82,8 @@ def test_offline_wandb_run_has_the_metrics_the_grids_and_the_plots(tmp_path, cac
     assert sorted(wandb_history(second)) == [2]
 
 
-def test_wandb_refused_before_models_load_without_package_or_login(tmp_path, monkeypatch):
+def test_wandb_refused_before_models_load_without_package_or_login(tmp_path, monkeypatch,
+                                                                   capsys):
     import importlib.util
 
     cfg = load_config(None, ["log.wandb=true"])
@@ -101,8 +102,11 @@ def test_wandb_refused_before_models_load_without_package_or_login(tmp_path, mon
         _check_wandb(cfg)
     with pytest.raises(ConfigError, match="log.wandb_project is empty"):
         load_config(None, ["log.wandb=true", "log.wandb_project=''"])
-    out = run_cli("train", f"log.run_dir={tmp_path / 'r'}", "log.wandb=true", check=False,
-                  env={**cli_env(), "WANDB_MODE": "online", "NETRC": str(tmp_path / "none"),
-                       "WANDB_API_KEY": ""})
-    assert out.returncode != 0 and "wandb login" in out.stderr
+    monkeypatch.undo()  # the real find_spec and environment, then no login:
+    for k, v in {"WANDB_MODE": "online", "NETRC": str(tmp_path / "none"),
+                 "WANDB_API_KEY": ""}.items():
+        monkeypatch.setenv(k, v)
+    rc, _, err = cli(capsys, "train", f"log.run_dir={tmp_path / 'r'}", "log.wandb=true",
+                     code=None)
+    assert rc != 0 and "wandb login" in err
     assert not (tmp_path / "r").exists()
