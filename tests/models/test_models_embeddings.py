@@ -140,6 +140,21 @@ NO_SHAPES = ("reward.weights={jpeg_compressibility: 1.0}", "reward.judge=''",
 """The replica prompts are not shapes-task prompts: another reward, no judge."""
 
 
+@pytest.mark.parametrize("mode", [{"finetune": "full"},
+                                  {"finetune": "lora", "lora_rank": 4, "quantize": "int8"}])
+def test_full_and_quantized_policies_read_the_file(mode, replica, prompts, tmp_path):
+    if mode.get("quantize"):
+        pytest.importorskip("torchao")
+    cfg = _config("flux", replica("flux"), prompts)
+    out = encode_command(cfg, tmp_path / "emb.safetensors", progress=False)
+    pol = build_policy(dataclasses.replace(model_options(cfg), prompt_embeddings=str(out),
+                                           **mode), torch.device("cpu"))
+    assert pol.text_encoders() == [] and pol.trainable_parameters()
+    rows = PromptEmbeddings(out).rows(PROMPTS)
+    cond = pol.encode(PROMPTS)
+    assert all(torch.equal(cond[k][i], rows[p][k]) for i, p in enumerate(PROMPTS) for k in cond)
+
+
 def _refused(cfg, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         check_run(cfg)

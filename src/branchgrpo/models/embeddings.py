@@ -117,7 +117,7 @@ class PromptEmbeddings:
     are read)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
+        self.path = Path(path).expanduser()
         self.meta = read_description(self.path)
         self.prompts: list[str] = list(self.meta["prompts"])
         self.names: list[str] = list(self.meta["names"])
