@@ -227,3 +227,17 @@ def test_description_is_json_metadata(replica, prompts, tmp_path):
     assert desc["text"] == {"max_sequence_length": 512, "negative_prompt": "", "do_cfg": True}
     assert keys == {"0/prompt_embeds", "1/prompt_embeds", "shared/negative_prompt_embeds"}
     assert not list(tmp_path.glob(".*tmp*"))  # the temporary file was renamed
+
+
+def test_only_the_needed_folders_are_fetched():
+    """A run with the file never fetches the text encoders; ``encode`` fetches only the
+    configs of the transformer and VAE (their weights are never read)."""
+    from branchgrpo.models.flux import FluxFamily
+    from branchgrpo.models.loading import _subfolders
+
+    text = {"text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"}
+    subs, _, configs = _subfolders(FluxFamily, "no_encoders")
+    assert not text & set(subs) and {"transformer", "vae", "scheduler"} <= set(subs)
+    assert configs == []
+    subs, _, configs = _subfolders(FluxFamily, "encoders")
+    assert set(subs) == text | {"scheduler"} and set(configs) == {"transformer", "vae"}

@@ -93,8 +93,8 @@ def load_pipeline(family_cls: Any, model_id_or_path: str | os.PathLike, dtype: t
 
     if components not in COMPONENTS:
         raise ValueError(f"components={components!r} is not one of {COMPONENTS}")
-    path = resolve_checkpoint(model_id_or_path, family_cls.subfolders, cache_dir,
-                              getattr(family_cls, "optional_subfolders", ()))
+    subfolders, optional, configs = _subfolders(family_cls, components)
+    path = resolve_checkpoint(model_id_or_path, subfolders, cache_dir, optional, configs)
     try:
         index = json.loads((Path(path) / "model_index.json").read_text())
         present = [n for n, v in index.items()
@@ -116,6 +116,20 @@ def load_pipeline(family_cls: Any, model_id_or_path: str | os.PathLike, dtype: t
     except OSError as e:
         raise ModelNotAvailableError(advice(str(model_id_or_path),
                                             f"files are missing in {path} ({e})")) from e
+
+
+def _subfolders(family_cls: Any, components: str) -> tuple[Any, ...]:
+    """`resolve_checkpoint`'s (subfolders, optional, configs_only) for ``components``: no text
+    encoder or tokenizer folder without them; only the configs of the other models (and
+    optional experts) with "encoders"."""
+    subs = list(family_cls.subfolders)
+    optional = list(getattr(family_cls, "optional_subfolders", ()))
+    if components == "no_encoders":
+        return [s for s in subs if not is_text_component(s)], optional, []
+    if components == "encoders":
+        models = [s for s in subs if not is_text_component(s) and s != "scheduler"]
+        return [s for s in subs if s not in models], [], models + optional
+    return subs, optional, []
 
 
 def _component(path: str, name: str, dtype: torch.dtype, **kw: Any) -> nn.Module:
