@@ -125,6 +125,9 @@ def test_small_gpu_configs_are_found():
     """The glob finds the shipped set (a rename would otherwise skip the test above)."""
     assert {p.stem for p in SMALL_GPU} >= {f"{f}_{c}gb" for f in ("flux", "sd35", "zimage")
                                            for c in (24, 48, 80)}
+    # the prompt-embedding recipes (model.prompt_embeddings: no text encoder loaded)
+    assert {p.stem for p in SMALL_GPU} >= {"wan_24gb", "qwenimage_24gb", "flux2_48gb",
+                                           "flux2_80gb"}
 
 
 def test_flux_24gb_counts_int8_weights_and_offloaded_encoders(capsys):
