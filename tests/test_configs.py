@@ -69,6 +69,12 @@ CLAIMS = {
     "zimage_24gb": ("branch", "zimage", "diffusers", "dance", 0.3, *_TREE.values(), 218, 1),
     "zimage_48gb": ("branch", "zimage", "diffusers", "dance", 0.3, *_TREE.values(), 218, 1),
     "zimage_80gb": ("branch", "zimage", "diffusers", "dance", 0.3, *_TREE.values(), 218, 2),
+    # 24 GB Wan2.1-14B and Qwen-Image, 48 / 80 GB FLUX.2-dev: the text encoders never loaded
+    # (model.prompt_embeddings), the same tree
+    "wan_24gb": ("branch", "wan", "diffusers", "dance", 0.3, *_TREE.values(), 218, 1),
+    "qwenimage_24gb": ("branch", "qwenimage", "shifted", "dance", 0.3, *_TREE.values(), 218, 1),
+    "flux2_48gb": ("branch", "flux2", "diffusers", "dance", 0.3, *_TREE.values(), 218, 1),
+    "flux2_80gb": ("branch", "flux2", "diffusers", "dance", 0.3, *_TREE.values(), 218, 1),
     # the same tree on Wan2.2-TI2V-5B (ours: no published Wan2.2 recipe)
     "wan22_branchgrpo": ("branch", "wan22", "diffusers", "dance", 0.3, *_TREE.values(), 218,
                          1),

@@ -42,6 +42,30 @@ def test_offloaded_encoders_count_only_while_encoding():
     assert activations(_model(), _run(), False)["encode"] == 0
 
 
+def test_prompt_embeddings_count_no_encoders():
+    """``model.prompt_embeddings``: the text encoders are never loaded: no weights, no encode
+    phase, nothing in a KL reference."""
+    none = weights(_model(), _run(encoders_loaded=False, kl=True))
+    assert "text_encoders" not in none and none["reference"] == 2000 + 160 + 80
+    assert activations(_model(), _run(encoders_loaded=False, encoders_on_device=False),
+                       False)["encode"] == 0
+
+
+def test_plan_with_prompt_embeddings_has_no_encode_phase(capsys):
+    """flux_24gb's peak is its encode phase (offloaded T5 + CLIP beside the int8 transformer);
+    with a prompt-embedding file instead the encoders count nowhere and the peak drops."""
+    assert main(["plan", "configs/flux_24gb.yaml", "--json"]) == 0
+    off = json.loads(capsys.readouterr().out)["memory"]
+    assert main(["plan", "configs/flux_24gb.yaml", "model.offload_encoders=false",
+                 "model.prompt_embeddings=data/flux_embeddings.safetensors", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    emb = out["memory"]
+    assert off["phase"] == "encode" and emb["phases_gib"]["encode"] == 0
+    assert "text_encoders" not in emb["parts_gib"] and emb["phase"] != "encode"
+    assert emb["peak_gib"] < off["peak_gib"] - 5
+    assert out["dtypes"]["text encoders"].startswith("not loaded")
+
+
 @pytest.mark.parametrize("quantize", ["int8", "fp8"])
 def test_estimate_is_the_bytes_a_quantized_replica_holds(quantize, tmp_path):
     """The estimate from the meta-device architecture against the loaded quantized FLUX
@@ -101,6 +125,9 @@ def test_small_gpu_configs_are_found():
     """The glob finds the shipped set (a rename would otherwise skip the test above)."""
     assert {p.stem for p in SMALL_GPU} >= {f"{f}_{c}gb" for f in ("flux", "sd35", "zimage")
                                            for c in (24, 48, 80)}
+    # the prompt-embedding recipes (model.prompt_embeddings: no text encoder loaded)
+    assert {p.stem for p in SMALL_GPU} >= {"wan_24gb", "qwenimage_24gb", "flux2_48gb",
+                                           "flux2_80gb"}
 
 
 def test_flux_24gb_counts_int8_weights_and_offloaded_encoders(capsys):

@@ -1,4 +1,5 @@
-"""The ``branchgrpo`` command line: train | sample | eval | serve-reward | bench."""
+"""The ``branchgrpo`` command line: train | plan | encode | sample | eval | serve-reward |
+bench."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ commands:
   train [CONFIG] [key=value ...]   train (no arguments: the embedded shapes default)
   train --resume RUN_DIR           continue a stopped run from its newest checkpoint
   plan [CONFIG] [key=value ...]    the resolved run (schedule, level, tree sizes), no weights
+  encode [CONFIG] [key=value ...] --out FILE   every prompt's embeddings, text encoders only
   recipes [--check]                configs/*.yaml beside the published values (docs/recipes.md)
   build-base [--check]             rebuild the embedded default's shipped base model and judge
   sample CHECKPOINT --prompt P     write images from a checkpoint
@@ -71,6 +73,19 @@ def _plan(args: argparse.Namespace) -> int:
     tflops = DEFAULT_TFLOPS if args.tflops is None else args.tflops
     report = plan_report(load_config(args.config, args.overrides), tflops=tflops)
     print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from .config import ConfigError, load_config
+    from .encode import encode_command
+
+    cfg = load_config(args.config, args.overrides)
+    if not (args.out or cfg.model.prompt_embeddings):
+        raise ConfigError("give --out FILE (or set model.prompt_embeddings: the file it writes)")
+    out = encode_command(cfg, args.out or cfg.model.prompt_embeddings, device=args.device,
+                         extra=args.prompt or (), progress=cfg.log.progress)
+    print(f"wrote {out}: set model.prompt_embeddings={out} to train without the text encoders")
     return 0
 
 
@@ -286,6 +301,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sustained TFLOP/s per device for the seconds per iteration (default "
                          "400: an H100/H200 in bf16 at ~40%% MFU)")
     pl.set_defaults(fn=_plan)
+    en = sub.add_parser("encode", help="encode every prompt once into a prompt-embedding file",
+                        description="Load only the family's text encoders and tokenizers, "
+                        "encode every distinct prompt of data.prompts and data.eval_prompts "
+                        "(each alone, with the family's own encode) and write one safetensors "
+                        "file; a run with model.prompt_embeddings=FILE then never loads the "
+                        "text encoders (docs/small_gpu.md).")
+    en.add_argument("rest", nargs="*", metavar="[CONFIG] [key=value ...]",
+                    help="the run's YAML file, then its overrides")
+    en.add_argument("--out", metavar="FILE", help="the .safetensors file (default: the "
+                    "config's model.prompt_embeddings)")
+    en.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where the encoders run (default cpu)")
+    en.add_argument("--prompt", action="append", help="one more prompt to encode (repeatable: "
+                    "prompts sample will be asked for)")
+    en.set_defaults(fn=_encode)
     rc = sub.add_parser("recipes", help="paper configs beside the published values",
                         description="Resolve every configs/*.yaml (no weights) and write a "
                         "table per config beside the published values of docs/published.json.")
@@ -333,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     from .rewards.base import RewardError
 
     try:
-        if args.command in ("train", "plan"):
+        if args.command in ("train", "plan", "encode"):
             _split_config_args(args)
         return int(args.fn(args) or 0)
     except ConfigError as e:

@@ -52,6 +52,10 @@ class ModelConfig:
                                       "(diffusers families)")
     free_encoders: bool = f(False, "encode every training and held-out prompt at start-up, "
                                    "then drop the text encoders (diffusers families)")
+    prompt_embeddings: str = f("", "a prompt-embedding file (branchgrpo encode CONFIG --out "
+                                   "FILE): every prompt's conditioning read from it, the text "
+                                   "encoders never loaded; '' off (diffusers families; "
+                                   "refused with offload_encoders / free_encoders)")
     compile: bool = f(False, "torch.compile the transformer's repeated blocks (regional "
                              "compilation, one compile per block type); exact up to rounding")
     attention_backend: str = f("native", "diffusers attention kernel of the transformer: native "

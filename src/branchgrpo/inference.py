@@ -41,7 +41,9 @@ def load_trained(target: str | Path, prompts: list[str] | None = None,
                  ) -> tuple[Any, Config, dict, torch.device]:
     """(policy with trained weights (EMA if kept), config, checkpoint state, device). Raises
     `checkpoint.CheckpointError` for a missing, damaged or mismatched checkpoint, and
-    `ConfigError` before the model loads when the rewards or ``prompts`` do not fit it."""
+    `ConfigError` before the model loads when the rewards or ``prompts`` do not fit it (or,
+    with ``model.prompt_embeddings``, are not in that file: ``prompts``, else the held-out
+    prompts)."""
     path = resolve_checkpoint(target)
     state = ckpt.load_checkpoint(path, check=False)
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
@@ -55,6 +57,13 @@ def load_trained(target: str | Path, prompts: list[str] | None = None,
     check_rewards(cfg)
     if prompts is not None:
         check_prompts(cfg, prompts, "--prompt {line}", scored=False)
+    if cfg.model.prompt_embeddings:  # the prompts to encode must be in the file
+        from .encode import check_prompt_embeddings
+
+        todo = prompts if prompts is not None else load_prompts(cfg.data.prompts,
+                                                                cfg.data.eval_prompts)[1]
+        check_prompt_embeddings(cfg, todo, "--prompt" if prompts is not None
+                                else "data.eval_prompts")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     policy = build_policy(model_options(cfg, progress=False), device)
     module = module_of(policy)

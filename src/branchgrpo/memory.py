@@ -19,7 +19,8 @@ The model (docs/memory.md; all per rank, GiB = 2^30 bytes):
   reference (``train.kl_coef > 0``) is a deep copy of the whole policy. ``model.quantize``:
   the frozen transformer's Linear weights at 1 byte (int8, fp8) plus one scale per output row
   (`frozen_base_bytes`); ``model.offload_encoders`` / ``free_encoders``: the text encoders
-  are on the device only in an ``encode`` phase (before a rollout; their forward uncounted).
+  are on the device only in an ``encode`` phase (before a rollout; their forward uncounted);
+  ``model.prompt_embeddings``: no text encoders at all (no ``encode`` phase).
 - optimizer: per trainable parameter fp32 gradients (4 B) and AdamW's two fp32 states (8 B),
   an fp32 EMA copy (``train.ema_decay > 0``); FSDP shards the transformer's weights, gradients,
   states and EMA over the ranks (and ``dist.cpu_offload`` moves them to the CPU), plus two
@@ -112,6 +113,7 @@ class Run:
     sequence_parallel: int = 1
     quantize: str = "none"
     encoders_on_device: bool = True
+    encoders_loaded: bool = True
 
 
 def run_of(cfg: Config, counts: dict[str, int], world: int, per_rank: int) -> Run:
@@ -138,7 +140,8 @@ def run_of(cfg: Config, counts: dict[str, int], world: int, per_rank: int) -> Ru
         trained_experts=2 if getattr(m, "experts", "all") == "all" else 1,
         sequence_parallel=max(1, int(getattr(cfg.dist, "sequence_parallel", 1) or 1)),
         quantize="none" if tiny else m.quantize,
-        encoders_on_device=not (m.offload_encoders or m.free_encoders))
+        encoders_on_device=not (m.offload_encoders or m.free_encoders),
+        encoders_loaded=not m.prompt_embeddings)
 
 
 def trainable_params(model: Model, run: Run) -> int:
@@ -165,6 +168,8 @@ def weights(model: Model, run: Run) -> dict[str, float]:
     for name, n in model.frozen.items():
         b = 4 if name in model.fp32_frozen else run.weight_bytes
         key = "vae" if name == "vae" else "text_encoders"
+        if key == "text_encoders" and not run.encoders_loaded:  # model.prompt_embeddings
+            continue
         if key == "vae" or run.encoders_on_device:  # else: the encode phase (`activations`)
             out[key] = out.get(key, 0.0) + n * b
     if run.fsdp:  # two gathered blocks and the unsharded root parameters, in bf16
@@ -226,7 +231,8 @@ def activations(model: Model, run: Run, checkpointing: bool) -> dict[str, float]
     rollout = run.rollout_rows * model.cfg_rows * s * (6 + 2 * a.mlp_ratio) * a.hidden * b
     decode = model.decode_batch * model.pixels * model.vae_width * b * 3
     # offloaded or freed encoders visit the device only to encode (their forward uncounted)
-    encode = 0.0 if run.encoders_on_device else encoder_bytes(model, run)
+    encode = (0.0 if run.encoders_on_device or not run.encoders_loaded
+              else encoder_bytes(model, run))
     return {"tree": float(tree), "rollout": float(rollout), "decode": float(decode),
             "train": float(saved + nonblock + step + edge_batch), "encode": encode}
 

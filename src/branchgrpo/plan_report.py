@@ -117,6 +117,8 @@ def _dtypes(cfg: Config) -> dict[str, str]:
     if m.offload_encoders or m.free_encoders:
         out["text encoders"] += (" (freed once every prompt is encoded)" if m.free_encoders
                                  else " (on the CPU between encodes)")
+    if m.prompt_embeddings:
+        out["text encoders"] = f"not loaded (model.prompt_embeddings, {m.dtype} rows)"
     if m.dtype != "fp32" and (keep := _fp32_modules(fam.transformer_class)):
         out["transformer fp32 modules"] = ", ".join(keep)
     return {**out, **math}

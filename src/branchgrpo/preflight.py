@@ -56,7 +56,12 @@ def _check_small_gpu(cfg: Config) -> None:
     """A quantized base or encoder offload that cannot work (docs/small_gpu.md): a quantized
     base without LoRA (its weights cannot train), compiled (torch.compile refuses its tensor
     subclass) or under FSDP (torchao's tensors do not shard), any of them on an embedded kind
-    (no pipeline)."""
+    (no pipeline); ``model.prompt_embeddings`` where it cannot serve the run
+    (`branchgrpo.encode.refusal`: the file itself is checked by `check_run`)."""
+    from .encode import refusal
+
+    if why := refusal(cfg):
+        raise ConfigError(why)
     m = cfg.model
     asked = [k for k, on in (("quantize", m.quantize != "none"),
                              ("offload_encoders", m.offload_encoders),
@@ -320,7 +325,8 @@ def _check_wandb(cfg: Config) -> None:
 
 
 def _check_prompts(cfg: Config) -> None:
-    """The prompt files exist, and every line fits the task."""
+    """The prompt files exist, every line fits the task, and a ``model.prompt_embeddings``
+    file holds every prompt (`branchgrpo.encode.check_prompt_embeddings`)."""
     from .models.factory import load_prompts
 
     train, held = load_prompts(cfg.data.prompts, cfg.data.eval_prompts)
@@ -328,6 +334,9 @@ def _check_prompts(cfg: Config) -> None:
     check_prompts(cfg, held, f"data.eval_prompts: {_where(cfg.data.eval_prompts)}")
     _check_conditions(cfg, train, f"data.prompts: {_where(cfg.data.prompts)}")
     _check_conditions(cfg, held, f"data.eval_prompts: {_where(cfg.data.eval_prompts)}")
+    from .encode import check_prompt_embeddings
+
+    check_prompt_embeddings(cfg, train + held, "data.prompts and data.eval_prompts")
 
 
 def _check_conditions(cfg: Config, prompts: list[str], where: str) -> None:

@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..config import ConfigError
 from .base import Cond
+from .embeddings import PromptEmbeddings, text_options
 from .family import Family, family_timestep, plan_kwargs
 from .loading import keeps_fp32
 from .lora import LoraSpec, setup_finetune
@@ -29,12 +31,14 @@ class DiffusersPolicy:
     ``dtype`` is the compute dtype: bf16 runs the transformer under ``torch.autocast``; the
     step math stays fp32 because ``velocity`` returns fp32. ``pipe`` may be ``None`` with a
     ``transformer`` (embedding-only benchmark policy). ``offload_encoders`` keeps the text
-    encoders on the CPU between encodes."""
+    encoders on the CPU between encodes. ``prompt_embeddings`` (a `PromptEmbeddings` file, the
+    pipeline loaded without text encoders): `encode` reads each prompt's rows from it.
+    Modules on the meta device (``branchgrpo encode``'s encoders-only pipeline) stay there."""
 
     def __init__(
         self, family: Family, pipe: Any | None, *, transformer: nn.Module | None = None,
         device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-        offload_encoders: bool = False,
+        offload_encoders: bool = False, prompt_embeddings: PromptEmbeddings | None = None,
     ) -> None:
         self.family = family
         self.transformer = transformer if transformer is not None else pipe.transformer
@@ -44,13 +48,15 @@ class DiffusersPolicy:
         self.offload_encoders = offload_encoders
         self._cache: dict[str, dict[str, Tensor]] = {}
         self.encoders_freed = False
+        self.prompt_embeddings = prompt_embeddings
         freeze(*self.frozen_modules())
         for m in self.frozen_modules():
-            if m not in self.text_encoders():
+            if m not in self.text_encoders() and not on_meta(m):
                 m.to(self.device)
         for m in self.text_encoders():
             m.to("cpu" if offload_encoders else self.device)
-        self.transformer.to(self.device)
+        if not on_meta(self.transformer):
+            self.transformer.to(self.device)
         self.model_dtype = base_dtype(self.transformer)
 
     # ---- family facts -------------------------------------------------------------------
@@ -84,8 +90,12 @@ class DiffusersPolicy:
     # ---- Policy protocol ----------------------------------------------------------------
     def encode(self, prompts: Sequence[str]) -> Cond:
         """Conditioning {name: [B, ...]} on ``device``; each distinct prompt is encoded once
-        and cached (on the device it was computed on)."""
+        and cached (on the device it was computed on; read from ``prompt_embeddings`` into a
+        CPU cache when the policy has that file, KeyError for a prompt it lacks)."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing and self.prompt_embeddings is not None:
+            self._cache |= self.prompt_embeddings.rows(missing)
+            missing = []
         if missing and self.encoders_freed:
             raise KeyError(f"prompt {missing[0]!r} was not encoded before the text encoders were "
                            f"freed (model.free_encoders): {len(missing)} new prompt(s); list "
@@ -98,6 +108,10 @@ class DiffusersPolicy:
                 self._cache[p] = {k: v[i].detach() for k, v in enc.items()}
         rows = [self._cache[p] for p in prompts]
         return {k: torch.stack([r[k] for r in rows]).to(self.device) for k in rows[0]}
+
+    def clear_cache(self) -> None:
+        """Forget every cached prompt embedding (``branchgrpo encode`` keeps none)."""
+        self._cache.clear()
 
     def free_encoders(self, prompts: Sequence[str], chunk: int = 8) -> None:
         """Encode every distinct prompt of ``prompts`` (``chunk`` at a time) into the cache,
@@ -167,17 +181,41 @@ def compose(
     family_cls: Any, pipe: Any | None, *, transformer: nn.Module | None = None,
     device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
     lora: LoraSpec | None = None, full_finetune: bool = False,
-    gradient_checkpointing: bool = False, offload_encoders: bool = False, **options: Any,
+    gradient_checkpointing: bool = False, offload_encoders: bool = False,
+    prompt_embeddings: str = "", **options: Any,
 ) -> DiffusersPolicy:
     """The policy of family class ``family_cls`` over ``pipe`` (or a bare ``transformer``):
     ``family_cls.of(pipe, transformer, **options)``, then fine-tuning set up (LoRA when
-    ``lora`` is given, else full or frozen; `branchgrpo.models.lora.setup_finetune`)."""
+    ``lora`` is given, else full or frozen; `branchgrpo.models.lora.setup_finetune`).
+    ``prompt_embeddings``: the path of a prompt-embedding file `encode` reads (`open_for`
+    checks it was written for this family's options)."""
     family = family_cls.of(pipe, transformer, **options)
+    embeddings = open_for(family, prompt_embeddings) if prompt_embeddings else None
     policy = DiffusersPolicy(family, pipe, transformer=transformer, device=device, dtype=dtype,
-                             offload_encoders=offload_encoders)
+                             offload_encoders=offload_encoders, prompt_embeddings=embeddings)
     setup_finetune(policy, lora=lora, full_finetune=full_finetune,
                    gradient_checkpointing=gradient_checkpointing)
     return policy
+
+
+def open_for(family: Family, path: str) -> PromptEmbeddings:
+    """The prompt-embedding file ``path`` opened, after checking that its ``text`` options
+    (`text_options`: token length, negative prompt, CFG rows) are the configured family's;
+    `ConfigError` naming the command that rewrites it otherwise. (Preflight checks the config
+    values before any model loads; this checks what only the built family knows.)"""
+    emb = PromptEmbeddings(path)
+    ours = text_options(family)
+    if emb.meta.get("text") != ours:
+        raise ConfigError(f"the prompt-embedding file {path} was encoded with "
+                          f"{emb.meta.get('text')}, this run's {type(family).__name__} encodes "
+                          f"with {ours}: write it again with: branchgrpo encode CONFIG --out "
+                          f"{path}")
+    return emb
+
+
+def on_meta(m: nn.Module) -> bool:
+    """Whether ``m``'s first parameter is on the meta device (built from a config only)."""
+    return _device_of(m).type == "meta"
 
 
 def freeze(*modules: nn.Module) -> None:

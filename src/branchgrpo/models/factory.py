@@ -30,7 +30,10 @@ class ModelOptions:
     tiny pretraining bar. ``compile``, ``attention_backend``: see `speed_up`. ``quantize``:
     the frozen base's storage (`branchgrpo.models.loading.quantization_config`);
     ``offload_encoders``: text encoders on the CPU between encodes (`DiffusersPolicy`);
-    ``free_encoders``: read by the trainer (`DiffusersPolicy.free_encoders`)."""
+    ``free_encoders``: read by the trainer (`DiffusersPolicy.free_encoders`);
+    ``prompt_embeddings``: a prompt-embedding file (`branchgrpo.models.embeddings`) read
+    instead of loading the text encoders; ``encoders_only``: load only the text encoders and
+    tokenizers (``branchgrpo encode``; every other component on the meta device)."""
 
     kind: str = "tiny"
     path: str = ""
@@ -42,6 +45,8 @@ class ModelOptions:
     quantize: str = "none"
     offload_encoders: bool = False
     free_encoders: bool = False
+    prompt_embeddings: str = ""
+    encoders_only: bool = False
     compile: bool = False
     attention_backend: str = "native"
     height: int = 512
@@ -70,7 +75,16 @@ class ModelOptions:
                 "full_finetune": self.finetune == "full", "height": self.height,
                 "width": self.width, "gradient_checkpointing": self.gradient_checkpointing,
                 "quantize_timestep": self.quantize_timestep, "quantize": self.quantize,
-                "offload_encoders": self.offload_encoders, **guidance}
+                "offload_encoders": self.offload_encoders,
+                "prompt_embeddings": self.prompt_embeddings, "components": self.components(),
+                **guidance}
+
+    def components(self) -> str:
+        """`branchgrpo.models.loading.load_pipeline`'s ``components``: "encoders" (only the
+        text encoders), "no_encoders" (a prompt-embedding file instead) or "all"."""
+        if self.encoders_only:
+            return "encoders"
+        return "no_encoders" if self.prompt_embeddings else "all"
 
 
 def build_policy(options: ModelOptions, device: torch.device,

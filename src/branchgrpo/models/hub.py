@@ -51,11 +51,15 @@ def advice(model_id: str, why: str) -> str:
 def resolve_checkpoint(
     model_id_or_path: str | os.PathLike, subfolders: Sequence[str] = (),
     cache_dir: str | os.PathLike | None = None, optional: Sequence[str] = (),
+    configs_only: Sequence[str] = (),
 ) -> str:
     """A local folder for ``model_id_or_path``: the folder itself, the cached snapshot, or a
     fresh download of the needed ``subfolders`` when the Hub is reachable. ``optional``
     subfolders are downloaded when the repository has them and not required in a local folder
     (Wan2.2's ``transformer_2``: the A14B checkpoints have it, TI2V-5B does not).
+    ``configs_only``: subfolders of which only the JSON files are fetched, not required in a
+    local folder (``branchgrpo encode`` builds the transformer and VAE from their configs; it
+    reads no weight of theirs).
 
     Raises `ModelNotAvailableError` within seconds when none of these works (the caller sees
     what to do, not a stack trace after a long network timeout)."""
@@ -79,7 +83,8 @@ def resolve_checkpoint(
     )
 
     patterns = (["model_index.json"] + [f"{s}/*" for s in (*subfolders, *optional)]
-                if subfolders else None)
+                + [f"{s}/*.json" for s in configs_only]
+                if subfolders or configs_only else None)
     kw: dict[str, Any] = {"cache_dir": cache_dir, "allow_patterns": patterns}
     try:
         return str(snapshot_download(repo, local_files_only=True, **kw))

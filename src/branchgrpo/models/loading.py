@@ -66,21 +66,48 @@ def quantization_config(quantize: str) -> Any:
     return TorchAoConfig(configs[quantize]())
 
 
+COMPONENTS = ("all", "encoders", "no_encoders")
+"""What `load_pipeline` loads: everything; the text encoders and tokenizers only (``branchgrpo
+encode``: the other components built on the meta device from their configs); all but them
+(``model.prompt_embeddings``)."""
+
+
+def is_text_component(name: str) -> bool:
+    """Whether pipeline component ``name`` is a text encoder or tokenizer."""
+    return name.startswith(("text_encoder", "tokenizer"))
+
+
 def load_pipeline(family_cls: Any, model_id_or_path: str | os.PathLike, dtype: torch.dtype,
-                  cache_dir: str | os.PathLike | None = None, quantize: str = "none") -> Any:
+                  cache_dir: str | os.PathLike | None = None, quantize: str = "none",
+                  components: str = "all") -> Any:
     """The family's pipeline (``family_cls.pipeline_name``) from the resolved local folder
     (never the network) in ``dtype``, the components in ``family_cls.fp32_modules`` in fp32
     (their class from ``model_index.json``); ``family_cls.optional_subfolders`` (if any) are
     fetched when the checkpoint has them. ``quantize`` (not "none"): the transformer(s)
-    (`QUANTIZED_COMPONENTS`) load with `quantization_config`."""
+    (`QUANTIZED_COMPONENTS`) load with `quantization_config`. ``components`` (`COMPONENTS`):
+    "no_encoders" passes ``None`` for every text encoder and tokenizer (never read from disk);
+    "encoders" builds every other model component on the meta device from its config (no
+    weights read, no memory; the pipeline and the family still see their configs), and
+    ignores ``quantize``."""
     import diffusers
 
-    path = resolve_checkpoint(model_id_or_path, family_cls.subfolders, cache_dir,
-                              getattr(family_cls, "optional_subfolders", ()))
+    if components not in COMPONENTS:
+        raise ValueError(f"components={components!r} is not one of {COMPONENTS}")
+    subfolders, optional, configs = _subfolders(family_cls, components)
+    path = resolve_checkpoint(model_id_or_path, subfolders, cache_dir, optional, configs)
     try:
+        index = json.loads((Path(path) / "model_index.json").read_text())
+        present = [n for n, v in index.items()
+                   if not n.startswith("_") and isinstance(v, list) and v[0] is not None]
+        if components == "encoders":
+            parts = {n: m for n in present if not is_text_component(n)
+                     if (m := _meta_component(path, n)) is not None}
+            return getattr(diffusers, family_cls.pipeline_name).from_pretrained(
+                path, local_files_only=True, **{dtype_kwarg(): dtype}, **parts)
         parts = {name: _component(path, name, torch.float32) for name in family_cls.fp32_modules}
+        if components == "no_encoders":
+            parts |= {n: None for n in present if is_text_component(n)}
         if (qc := quantization_config(quantize)) is not None:
-            index = json.loads((Path(path) / "model_index.json").read_text())
             parts |= {name: _component(path, name, dtype, quantization_config=qc)
                       for name in QUANTIZED_COMPONENTS
                       if (index.get(name) or [None])[0] is not None}
@@ -91,6 +118,20 @@ def load_pipeline(family_cls: Any, model_id_or_path: str | os.PathLike, dtype: t
                                             f"files are missing in {path} ({e})")) from e
 
 
+def _subfolders(family_cls: Any, components: str) -> tuple[Any, ...]:
+    """`resolve_checkpoint`'s (subfolders, optional, configs_only) for ``components``: no text
+    encoder or tokenizer folder without them; only the configs of the other models (and
+    optional experts) with "encoders"."""
+    subs = list(family_cls.subfolders)
+    optional = list(getattr(family_cls, "optional_subfolders", ()))
+    if components == "no_encoders":
+        return [s for s in subs if not is_text_component(s)], optional, []
+    if components == "encoders":
+        models = [s for s in subs if not is_text_component(s) and s != "scheduler"]
+        return [s for s in subs if s not in models], [], models + optional
+    return subs, optional, []
+
+
 def _component(path: str, name: str, dtype: torch.dtype, **kw: Any) -> nn.Module:
     """Pipeline component ``name`` of the folder ``path`` in ``dtype`` (``kw``: more
     ``from_pretrained`` arguments, e.g. ``quantization_config``)."""
@@ -99,6 +140,24 @@ def _component(path: str, name: str, dtype: torch.dtype, **kw: Any) -> nn.Module
     library, cls = json.loads((Path(path) / "model_index.json").read_text())[name]
     return getattr(importlib.import_module(library), cls).from_pretrained(
         path, subfolder=name, local_files_only=True, **{dtype_kwarg(): dtype}, **kw)
+
+
+def _meta_component(path: str, name: str) -> nn.Module | None:
+    """Model component ``name`` of ``path`` built on the meta device from its config (a
+    diffusers or transformers model class; no weights read); None when it is not a model
+    (scheduler, processor: loaded as usual)."""
+    import importlib
+
+    library, cls_name = json.loads((Path(path) / "model_index.json").read_text())[name]
+    cls = getattr(importlib.import_module(library), cls_name)
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        return None
+    with torch.device("meta"):
+        if library == "transformers":
+            from transformers import AutoConfig
+
+            return cls._from_config(AutoConfig.from_pretrained(path, subfolder=name))
+        return cls.from_config(cls.load_config(path, subfolder=name))
 
 
 def is_quantized(t: torch.Tensor) -> bool:
@@ -118,13 +177,15 @@ def load(
     fails fast with `ModelNotAvailableError` offline. Frozen parts load in ``dtype``; fully
     fine-tuned transformer weights in ``master_dtype``; ``quantize`` (int8, fp8; LoRA only):
     the frozen transformer base stored quantized (`quantization_config`). ``kw``: the
-    family's options and `branchgrpo.models.diffusers_policy.compose`'s (gradient_checkpointing,
-    offload_encoders, ...)."""
+    family's options, `load_pipeline`'s ``components`` and
+    `branchgrpo.models.diffusers_policy.compose`'s (gradient_checkpointing, offload_encoders,
+    prompt_embeddings, ...)."""
     from .diffusers_policy import compose
 
-    if quantize != "none" and lora is None:
+    components = kw.pop("components", "all")
+    if quantize != "none" and lora is None and components != "encoders":
         raise ValueError(f"quantize={quantize} freezes the base: train it with lora=LoraSpec()")
-    pipe = load_pipeline(family_cls, model_id_or_path, dtype, cache_dir, quantize)
+    pipe = load_pipeline(family_cls, model_id_or_path, dtype, cache_dir, quantize, components)
     cast_weights(pipe.transformer, weight_dtype(dtype, lora, full_finetune, master_dtype))
     return compose(family_cls, pipe, device=device or default_device(), dtype=dtype, lora=lora,
                    full_finetune=full_finetune, **kw)

@@ -272,7 +272,8 @@ def compose_wan22(pipe: Any, *, experts: str = "all", dtype: torch.dtype = torch
 def build(o: ModelOptions, device: torch.device) -> DiffusersPolicy:
     """The registry's builder: the checkpoint ``o.path`` as a Wan2.2 policy on ``device``."""
     kw = o.diffusers_kwargs()
-    pipe = load_pipeline(Wan22Family, o.path, DTYPES[o.dtype], quantize=kw.pop("quantize"))
+    pipe = load_pipeline(Wan22Family, o.path, DTYPES[o.dtype], quantize=kw.pop("quantize"),
+                         components=kw.pop("components"))
     return compose_wan22(pipe, experts=o.experts, device=device, num_frames=o.num_frames,
                          guidance_scale_2=o.guidance_2, **kw)
 

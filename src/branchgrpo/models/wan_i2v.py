@@ -187,7 +187,8 @@ def build(o: ModelOptions, device: torch.device) -> DiffusersPolicy:
     """The registry's builder: the checkpoint ``o.path`` as a Wan I2V policy on ``device``,
     the images of ``o.images``."""
     kw = o.diffusers_kwargs()
-    pipe = load_pipeline(WanI2VFamily, o.path, DTYPES[o.dtype], quantize=kw.pop("quantize"))
+    pipe = load_pipeline(WanI2VFamily, o.path, DTYPES[o.dtype], quantize=kw.pop("quantize"),
+                         components=kw.pop("components"))
     if getattr(pipe, "image_encoder", None) is not None:
         pipe.image_encoder.requires_grad_(False).eval().to(device)
     return compose_wan22(pipe, family_cls=WanI2VFamily, experts=o.experts, device=device,
