@@ -73,10 +73,10 @@ class ModelConfig:
                             "(transformer_2); the others stay frozen")
     images: str = f("", "wan_i2v: a file of 'prompt<TAB>image path' lines, each prompt's "
                         "first frame (paths relative to the file)")
-    pretrain_steps: int = f(4000, "tiny: flow-matching pretraining steps of the base model "
-                            "(4000: the shipped base, no pretraining; any other value "
+    pretrain_steps: int = f(8000, "tiny: flow-matching pretraining steps of the base model "
+                            "(8000: the shipped base, no pretraining; any other value "
                             "pretrains once into model.cache_dir)")
-    clutter: float = f(0.5, "tiny: share of pretraining images holding an object their "
+    clutter: float = f(0.8, "tiny: share of pretraining images holding an object their "
                             "prompt does not mention (the base model's flaw RL removes)")
     cache_dir: str = f("~/.cache/branchgrpo", "where pretrained tiny models and judges are cached")
 

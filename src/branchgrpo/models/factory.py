@@ -57,8 +57,8 @@ class ModelOptions:
     experts: str = "all"
     images: str = ""
     quantize_timestep: bool = False
-    pretrain_steps: int = 4000
-    clutter: float = 0.5
+    pretrain_steps: int = 8000
+    clutter: float = 0.8
     cache_dir: str = "~/.cache/branchgrpo"
     progress: bool = True
 

@@ -38,10 +38,10 @@ class TinySpec:
     heads: int = 4
     head_dim: int = 16
     text_dim: int = 64
-    pretrain_steps: int = 4000
+    pretrain_steps: int = 8000
     pretrain_batch: int = 64
     pretrain_lr: float = 1e-3
-    clutter: float = 0.5
+    clutter: float = 0.8
     seed: int = 0
 
     def key(self) -> str:
