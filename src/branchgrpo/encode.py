@@ -78,10 +78,10 @@ def description(cfg: Config) -> dict[str, Any]:
 
 def check_prompt_embeddings(cfg: Config, prompts: Sequence[str], where: str) -> None:
     """With ``model.prompt_embeddings``: the file opens as a prompt-embedding file
-    (`branchgrpo.models.embeddings.read_description`: intact, this format), was written for
+    (`branchgrpo.models.embeddings.PromptEmbeddings`: intact, this format), was written for
     this model (`description`) and holds every prompt of ``prompts`` (``where``: their source,
     for the message). `ConfigError` naming the fix otherwise; reads no tensor."""
-    from .models.embeddings import EmbeddingFileError, read_description
+    from .models.embeddings import EmbeddingFileError, PromptEmbeddings
 
     path = cfg.model.prompt_embeddings
     if not path:
@@ -89,16 +89,15 @@ def check_prompt_embeddings(cfg: Config, prompts: Sequence[str], where: str) -> 
     if why := refusal(cfg):
         raise ConfigError(why)
     try:
-        desc = read_description(Path(path).expanduser())
+        emb = PromptEmbeddings(path)
     except EmbeddingFileError as e:
         raise ConfigError(f"model.prompt_embeddings: {e}; {fix(cfg)}") from None
     want = description(cfg)
-    if diff := {k: (desc.get(k), v) for k, v in want.items() if desc.get(k) != v}:
+    if diff := {k: (emb.meta.get(k), v) for k, v in want.items() if emb.meta.get(k) != v}:
         what = ", ".join(f"{k} {a!r} (this run: {b!r})" for k, (a, b) in diff.items())
         raise ConfigError(f"model.prompt_embeddings={path} was encoded for another model or "
                           f"options: {what}; {fix(cfg)}")
-    held = set(desc["prompts"])
-    if absent := [p for p in dict.fromkeys(prompts) if p not in held]:
+    if absent := emb.missing(prompts):
         raise ConfigError(f"model.prompt_embeddings={path} lacks {len(absent)} prompt(s) of "
                           f"{where}, e.g. {absent[0]!r}; {fix(cfg)} (it encodes data.prompts "
                           "and data.eval_prompts; --prompt adds others)")
