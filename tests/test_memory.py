@@ -12,17 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from branchgrpo.cli import main
 from branchgrpo.memory import ERROR_BAND, GIB, Run, weights
 from branchgrpo.model_sizes import Arch, Model
+from testlib import cli
 
 PROBE = Path(__file__).with_name("memory_probe.py")
 
 
 def run_cli(capsys, *args: str) -> str:
-    """``branchgrpo ARGS`` in this process; its stdout."""
-    assert main(list(args)) == 0
-    return capsys.readouterr().out
+    """``branchgrpo ARGS`` in this process (`testlib.cli`, exit 0); its stdout."""
+    return cli(capsys, *args)[1]
 
 
 def _model(params: int = 1000, lora_per_rank: int = 10, **arch: int) -> Model:

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +23,7 @@ from branchgrpo.models.embeddings import META_KEY, PromptEmbeddings, read_descri
 from branchgrpo.models.factory import build_policy
 from branchgrpo.preflight import check_plan, check_run
 from branchgrpo.spec import model_options
+from testlib import run_cli
 
 FAMILIES = ["flux", "wan", "qwenimage"]
 SIZE = {"qwenimage": ["model.height=64", "model.width=64", "model.guidance=4.0",
@@ -81,11 +79,8 @@ def test_encode_writes_the_policys_own_rows(family, replica, prompts, tmp_path):
 
 
 def _encode_cli(cfg_args: list[str], out: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-m", "branchgrpo", "encode", *cfg_args,
-                          "--out", str(out)], capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
+    """``python -m branchgrpo encode`` (`testlib.run_cli`: exit 0), its progress bar shown."""
+    res = run_cli("encode", *cfg_args, "--out", str(out), timeout=300)
     assert "encode" in res.stderr  # the progress bar
 
 
