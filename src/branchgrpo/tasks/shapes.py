@@ -89,14 +89,17 @@ def _region(position: str) -> tuple[int, int, int, int]:
             "top": (2, h - 2, 2, SIZE - 3), "bottom": (h + 1, SIZE - 3, 2, SIZE - 3)}[position]
 
 
-def _stamp(img: np.ndarray, r: int, c: int, shape: str, rgb: tuple[float, ...]) -> None:
+def shape_mask(r: int, c: int, shape: str) -> np.ndarray:
+    """The pixels [16, 16] bool of a rendered ``shape`` centred at (r, c): a circle is the
+    21-pixel disk of radius 2.3 (5 wide), a square the 3x3 block."""
     yy, xx = np.mgrid[0:SIZE, 0:SIZE]
     if shape == "circle":
-        m = (yy - r) ** 2 + (xx - c) ** 2 <= 2.3**2
-    else:
-        m = (abs(yy - r) <= 1.5) & (abs(xx - c) <= 1.5) & (yy - r < 2) & (xx - c < 2)
-        m &= (yy - r >= -2) & (xx - c >= -2)
-    img[m] = rgb
+        return (yy - r) ** 2 + (xx - c) ** 2 <= 2.3**2
+    return (abs(yy - r) <= 1) & (abs(xx - c) <= 1)
+
+
+def _stamp(img: np.ndarray, r: int, c: int, shape: str, rgb: tuple[float, ...]) -> None:
+    img[shape_mask(r, c, shape)] = rgb
 
 
 def render(spec: Spec, rng: np.random.Generator) -> np.ndarray:

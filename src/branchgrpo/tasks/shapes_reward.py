@@ -3,7 +3,8 @@
 - `ShapesReward` (training reward, GenEval-style rules on pixels): the image's foreground
   pixels are assigned to the nearest palette colour; the prompt's colour mask is split into
   connected components; the reward is the mean of four soft scores: colour purity, count,
-  position and shape (fill ratio of each component's bounding box).
+  position (in the asked half, and more that way than across) and shape (IoU of each
+  component with the task's rendered shape).
 - `ShapesJudge` (held-out judge, a different model): a small CNN trained on rendered images
   to classify the four attributes; the score is the mean probability of the prompt's values,
   and ``strict`` is the fraction of images whose four attributes are all recognised.
@@ -20,7 +21,7 @@ from scipy import ndimage
 from torch import Tensor, nn
 
 from ..rewards.base import REWARDS
-from .shapes import COLOURS, COUNTS, POSITIONS, SHAPES, SIZE, parse, sample_batch
+from .shapes import COLOURS, COUNTS, POSITIONS, SHAPES, SIZE, parse, sample_batch, shape_mask
 
 PALETTE = torch.tensor(list(COLOURS.values()))  # [4, 3]
 FG_THRESHOLD = 0.35
@@ -33,26 +34,48 @@ def _objects(mask: np.ndarray) -> tuple[np.ndarray, list[int]]:
     return lab, [i + 1 for i, s in enumerate(sizes) if s >= 3]
 
 
+def _template_iou(component: np.ndarray, shape: str) -> float:
+    """Shape score of one object [H, W] bool: the best IoU with the task's rendered ``shape``
+    (`shape_mask`) centred on one of the four integer pixels around the object's centroid.
+    A clean render scores 1; the other shape's template scores 9/21 (a 3x3 square against
+    the 21-pixel disk); a blob of the right size but the wrong outline scores in between."""
+    r, c = np.nonzero(component)
+    best = 0.0
+    for rr in {int(np.floor(r.mean())), int(np.ceil(r.mean()))}:
+        for cc in {int(np.floor(c.mean())), int(np.ceil(c.mean()))}:
+            t = shape_mask(rr, cc, shape)
+            best = max(best, float((t & component).sum() / (t | component).sum()))
+    return best
+
+
+def _position_score(rows: np.ndarray, cols: np.ndarray, position: str) -> float:
+    """Position score in [0, 1] of the objects' pixels (row and column indices).
+
+    The task's four positions are one choice, so "on the left" must be more left than top or
+    bottom: the share of pixels in the asked half, times sigmoid(2 (a - |b|)) of the pixels'
+    centroid offset from the image centre, a along the asked direction and b across it. An
+    object in the top-left corner (a = |b|) scores half for "left" and half for "top"."""
+    h = SIZE / 2
+    inside = {"left": cols < h, "right": cols >= h, "top": rows < h, "bottom": rows >= h}
+    dy, dx = rows.mean() - (SIZE - 1) / 2, cols.mean() - (SIZE - 1) / 2
+    along, across = {"left": (-dx, dy), "right": (dx, dy), "top": (-dy, dx),
+                     "bottom": (dy, dx)}[position]
+    return float(inside[position].mean() / (1.0 + np.exp(-2.0 * (along - abs(across)))))
+
+
 def _component_scores(mask: np.ndarray, spec, strays: int = 0) -> tuple[float, float, float]:
     """(count, position, shape) scores in [0, 1] of the prompt colour's mask [H, W] bool.
 
     count = exp(-(|objects - asked| + strays)): ``strays`` objects of other colours are
-    objects the prompt does not ask for, so each costs as much as a miscount."""
+    objects the prompt does not ask for, so each costs as much as a miscount. position is
+    `_position_score`, shape the mean `_template_iou` of the objects."""
     lab, keep = _objects(mask)
     count = float(np.exp(-abs(len(keep) - spec.count) - strays))
     if not keep:
         return count, 0.0, 0.0
     rows, cols = np.nonzero(np.isin(lab, keep))
-    h = SIZE / 2
-    inside = {"left": cols < h, "right": cols >= h, "top": rows < h, "bottom": rows >= h}
-    position = float(inside[spec.position].mean())
-    shape = []
-    for i in keep:
-        r, c = np.nonzero(lab == i)
-        fill = len(r) / ((np.ptp(r) + 1) * (np.ptp(c) + 1))
-        square = 1.0 / (1.0 + np.exp(-(fill - 0.9) * 30))  # circles fill ~0.84, squares 1.0
-        shape.append(square if spec.shape == "square" else 1.0 - square)
-    return count, position, float(np.mean(shape))
+    shape = np.mean([_template_iou(lab == i, spec.shape) for i in keep])
+    return count, _position_score(rows, cols, spec.position), float(shape)
 
 
 class ShapesReward:
