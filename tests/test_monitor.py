@@ -88,3 +88,14 @@ def test_saturation_reads_visible_pixels_only():
     img[0, :, 1, :] = torch.tensor([0.05, 0.0, 0.0])[:, None]  # near black, saturation 1: unseen
     assert image_stats(img)["monitor/saturation"] == pytest.approx(0.375)
     assert image_stats(torch.zeros(1, 3, 4, 4))["monitor/saturation"] == 0.0
+
+
+def test_grid_warning_needs_both_the_ratio_and_the_margin():
+    from branchgrpo.evaluate import grid_alert_level, grid_warning
+
+    assert grid_alert_level(0.03) == pytest.approx(0.05)  # 0.03 + 0.02 beats 1.5 x 0.03
+    assert grid_alert_level(0.1) == pytest.approx(0.15)  # 1.5 x 0.1 beats 0.1 + 0.02
+    assert grid_warning(0.049, 0.03, "iter_0010") is None  # 1.6x, but within 64-sample noise
+    message = grid_warning(0.06, 0.03, "iter_0010")
+    assert message and "iter_0010" in message and "2.0x" in message and "train.kl_coef" in message
+    assert grid_warning(0.14, 0.1, "after") is None and grid_warning(0.16, 0.1, "after")

@@ -37,6 +37,29 @@ def token_period(policy: object) -> int:
     return max(1, int(getattr(policy, "token_period", 1)))
 
 
+GRID_ALERT = 1.5
+"""Training warns when held-out ``eval/grid`` exceeds this multiple of the base model's."""
+
+
+def grid_alert_level(base: float) -> float:
+    """The ``eval/grid`` above which training warns, given the base model's value: `GRID_ALERT`
+    times it and 0.02 above it (64 samples' grid moves by about 0.01-0.03 between evaluations,
+    so the absolute margin keeps a low base from warning on noise)."""
+    return max(GRID_ALERT * base, base + 0.02)
+
+
+def grid_warning(grid: float, base: float, tag: str) -> str | None:
+    """The warning for held-out samples that grow a token-period grid (``eval/grid`` over
+    `grid_alert_level` of the base model's ``base``), None below it: the drift that optimizer
+    noise gives every direction the reward cannot see, identical in every flat region because
+    their tokens have one input (docs/algorithms.md §14)."""
+    if grid <= grid_alert_level(base):
+        return None
+    return (f"warning: {tag}: monitor eval/grid {grid:.3f} is {grid / max(base, 1e-9):.1f}x "
+            f"the base model's {base:.3f}: the samples grow a grid of one dot per token; "
+            "a KL anchor (train.kl_coef, e.g. 0.1) holds it, see docs/algorithms.md §14")
+
+
 def grid_energy(media: Tensor, period: int) -> float:
     """Share of the spectral energy of the grey image at the frequencies of a spatial period.
 

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .evaluate import grid_alert_level
 from .log import read_metrics, split_evals
 
 
@@ -71,9 +72,14 @@ def _plot_smoothed(path: Path, series: list[tuple[str, list, list]], xlabel: str
                     label=f"{label} (mean of {w})")
 
 
-def _plot_panels(path: Path, panels: list[tuple[str, list[tuple[str, list, list]]]],
-                 xlabel: str) -> None:
-    """One row of line panels sharing the x axis, e.g. held-out scores beside the monitors."""
+Panel = tuple[str, list[tuple[str, list, list]]]
+"""(title, [(label, x, y), ...]): one axis of `_plot_panels`."""
+
+
+def _plot_panels(path: Path, panels: list[Panel], xlabel: str,
+                 hlines: dict[int, tuple[float, str]] | None = None) -> None:
+    """One row of line panels sharing the x axis, e.g. held-out scores beside the monitors;
+    ``hlines`` {panel index: (y, label)} draws a dashed reference line on a panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -81,8 +87,10 @@ def _plot_panels(path: Path, panels: list[tuple[str, list[tuple[str, list, list]
 
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
     try:
-        for ax, (title, series) in zip(axes[0], panels, strict=True):
+        for i, (ax, (title, series)) in enumerate(zip(axes[0], panels, strict=True)):
             _lines(ax, series)
+            if hlines and i in hlines:
+                ax.axhline(hlines[i][0], color="grey", ls="--", lw=1, label=hlines[i][1])
             _decorate(ax, xlabel, title)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
@@ -110,15 +118,20 @@ def write_report(run_dir: Path) -> Path:
           "training seconds (evaluation excluded)", "training reward vs time")
     ekeys = sorted({k for r in evals for k in r if k.startswith("eval/") and k != "eval/tag"
                     and isinstance(r[k], float)})
-    monitors = {"eval/grid", "eval/brightness", "eval/saturation"}
+    small = ("eval/grid", "eval/brightness")  # near 0: on their own axis, not saturation's
+    grid0 = next((r["eval/grid"] for r in evals if "eval/grid" in r), None)
     _plot_panels(plots / "heldout.png", [
         ("held-out scores (ODE samples, fixed noise)",
-         [(k, *_col(evals, k)) for k in ekeys if k not in monitors]),
-        ("held-out monitors (same samples)",
-         [(k, *_col(evals, k)) for k in ekeys if k in monitors])], "iteration")
-    mkeys = ["monitor/diversity", "monitor/saturation", "monitor/brightness", "monitor/grid"]
-    _plot(plots / "monitors.png", [(k, *_col(train, k)) for k in mkeys], "iteration",
-          "reward-hacking monitors")
+         [(k, *_col(evals, k)) for k in ekeys if k not in (*small, "eval/saturation")]),
+        ("held-out grid and brightness (same samples)", [(k, *_col(evals, k)) for k in small]),
+        ("held-out saturation", [("eval/saturation", *_col(evals, "eval/saturation"))])],
+        "iteration", {1: (grid_alert_level(grid0), "grid: train warns above")}
+        if grid0 is not None else None)
+    _plot_panels(plots / "monitors.png", [
+        ("training monitors: grid, brightness, diversity",
+         [(k, *_col(train, f"monitor/{k}")) for k in ("grid", "brightness", "diversity")]),
+        ("training monitor: saturation", [("saturation", *_col(train, "monitor/saturation"))])],
+        "iteration")
     tkeys = sorted({k for r in train for k in r if k.startswith("time/")
                     and k not in ("time/elapsed",)})
     _plot(plots / "phase_times.png", [(k, *_col(train, k)) for k in tkeys], "iteration",

@@ -42,7 +42,7 @@ from .engine.losses import guard_log_ratio, kl_penalty, policy_loss
 from .engine.policy import select_cond
 from .engine.pruning import select_edges
 from .engine.tree import EdgeBatch, RolloutPlan, Tree, decode_leaves, edge_log_prob, rollout
-from .evaluate import evaluate, group_diversity, image_stats, save_grid, token_period
+from .evaluate import evaluate, grid_warning, group_diversity, image_stats, save_grid, token_period
 from .log import RunLogger, Timer
 from .models.factory import build_policy, load_prompts
 from .models.families import module_of
@@ -458,23 +458,13 @@ def run_eval(s: State, tag: str) -> dict[str, float]:
     return metrics
 
 
-GRID_ALERT = 1.5
-"""`_warn_grid` warns when held-out ``eval/grid`` exceeds this multiple of the base model's."""
-
-
 def _warn_grid(s: State, grid: float | None, tag: str) -> None:
-    """Say when the held-out samples grow a token-period grid (``eval/grid`` over `GRID_ALERT`
-    times the base model's, and 0.02 above it): the drift that optimizer noise gives every
-    direction the reward cannot see, identical in every flat region because their tokens have
-    one input (docs/algorithms.md §14). The first evaluation sets the base value."""
+    """Print `grid_warning` for this evaluation; the first evaluation sets the base value."""
     if grid is None:
         return
-    base = s.extra.setdefault("grid_before", grid)
-    if s.dist.main and grid > GRID_ALERT * base and grid > base + 0.02:
-        print(f"warning: {tag}: monitor eval/grid {grid:.3f} is {grid / max(base, 1e-9):.1f}x "
-              f"the base model's {base:.3f}: the samples grow a grid of one dot per token; "
-              "a KL anchor (train.kl_coef, e.g. 0.1) holds it, see docs/algorithms.md §14",
-              file=sys.stderr)
+    message = grid_warning(grid, s.extra.setdefault("grid_before", grid), tag)
+    if s.dist.main and message:
+        print(message, file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- helpers
