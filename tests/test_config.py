@@ -208,7 +208,7 @@ def test_describe_lists_every_key_with_its_default():
     text = C.describe()
     heads = [x.split(" = ")[0].strip() for x in text.splitlines() if x[:2] == "  " and x[2] != " "]
     assert heads == list(all_keys())  # one "  key = default" line per key, in schema order
-    assert "  train.lr = 0.0001\n      AdamW learning rate" in text
+    assert "  train.lr = 0.0002\n      AdamW learning rate" in text
     assert "  rollout.num_steps = None\n" in text
 
 
@@ -237,4 +237,4 @@ def test_list_defaults_are_not_shared_between_configs():
     a, b = Config(), Config()
     a.reward.weights["x"] = 1.0
     assert b.reward.weights == {"shapes": 1.0}
-    assert math.isclose(Config().train.lr, 1e-4)
+    assert math.isclose(Config().train.lr, 2e-4)

@@ -153,7 +153,7 @@ class TrainConfig:
     prompts_per_iteration: int = f(8, "prompts (trees) per rollout batch on each rank")
     updates_per_rollout: int = f(1, "optimizer steps per rollout batch (edges split evenly)")
     edge_chunk: int = f(512, "max edges per forward/backward (gradient accumulation)")
-    lr: float = f(1e-4, "AdamW learning rate")
+    lr: float = f(2e-4, "AdamW learning rate")
     lr_schedule: str = f("constant", "constant, linear or cosine decay over iterations")
     warmup_iterations: int = f(0, "linear warmup iterations")
     weight_decay: float = f(1e-4, "AdamW weight decay")

@@ -36,7 +36,8 @@ def _args(path: Path, run: Path, prompts: Path, *extra: str) -> list[str]:
             "train.device=cpu", "reward.weights={jpeg_compressibility: 1.0}", "reward.judge=''",
             f"data.prompts={prompts}", f"data.eval_prompts={prompts}", "data.eval_samples=1",
             f"log.run_dir={run}", "log.progress=false", "log.tensorboard=false",
-            "log.eval_every=0", "log.checkpoint_every=1", "train.kl_coef=0.1", *extra]
+            "log.eval_every=0", "log.checkpoint_every=1", "train.kl_coef=0.1", "train.lr=1e-4",
+            *extra]
 
 
 def _start(nproc: int, *args: str) -> subprocess.Popen:

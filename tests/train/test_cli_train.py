@@ -276,4 +276,4 @@ def test_help_explains_commands(capsys):
     docs = {line.strip().split(" = ")[0]: keys[i + 1].strip()
             for i, line in enumerate(keys) if line[:2] == "  " and line[2] != " "}
     assert docs == {k: " ".join(d.split()) for k, d in all_keys().items()}
-    assert "  rollout.split_steps = None" in keys and "  train.lr = 0.0001" in keys
+    assert "  rollout.split_steps = None" in keys and "  train.lr = 0.0002" in keys
