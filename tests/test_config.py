@@ -65,7 +65,7 @@ def test_defaults_load_and_validate():
     assert cfg == Config()
     validate(Config())
     assert (cfg.model.kind, cfg.rollout.method, cfg.train.lr, cfg.reward.weights) == (
-        "tiny", "branch", 1e-4, {"shapes": 1.0})
+        "tiny", "branch", 2e-4, {"shapes": 1.0})
 
 
 def test_every_ranged_and_choice_key_is_a_schema_key():
