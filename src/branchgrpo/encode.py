@@ -37,13 +37,11 @@ def refusal(cfg: Config) -> str | None:
     m = cfg.model
     if not m.prompt_embeddings:
         return None
-    from .spec import family_class
+    from .spec import family_class, pipeline_refusal
 
-    fam = family_class(m.kind)
-    if fam is None:
-        return (f"model.prompt_embeddings is for the diffusers families; model.kind={m.kind} "
-                "has no pipeline: unset it or pick a diffusers kind")
-    if hasattr(fam, "prompt_check"):
+    if why := pipeline_refusal(cfg, "prompt_embeddings"):
+        return why
+    if hasattr(family_class(m.kind), "prompt_check"):
         return (f"model.prompt_embeddings stores text conditioning only; model.kind={m.kind} "
                 "conditions each prompt on an image too (VAE latents of its first frame): "
                 "unset it (model.offload_encoders or model.free_encoders keep the encoders "

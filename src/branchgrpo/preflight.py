@@ -20,8 +20,16 @@ from typing import Any
 import torch
 
 from .config import Config, ConfigError, near, prompts_per_rank
-from .models.families import FAMILIES, family_class
-from .spec import RunSpec, advantage_kw, plan_params, resolve, resolved_rules, strategy_of
+from .models.families import FAMILIES
+from .spec import (
+    RunSpec,
+    advantage_kw,
+    pipeline_refusal,
+    plan_params,
+    resolve,
+    resolved_rules,
+    strategy_of,
+)
 
 MAX_LEAVES = 4096
 """Leaves (decoded images, reward calls) per tree: 14x the largest published tree (G2RPO's
@@ -66,9 +74,8 @@ def _check_small_gpu(cfg: Config) -> None:
     asked = [k for k, on in (("quantize", m.quantize != "none"),
                              ("offload_encoders", m.offload_encoders),
                              ("free_encoders", m.free_encoders)) if on]
-    if asked and m.kind in FAMILIES and family_class(m.kind) is None:
-        raise ConfigError(f"model.{asked[0]} is for the diffusers families; model.kind="
-                          f"{m.kind} has no pipeline: unset it or pick a diffusers kind")
+    if asked and m.kind in FAMILIES and (why := pipeline_refusal(cfg, asked[0])):
+        raise ConfigError(why)
     if m.quantize == "none":
         return
     if m.finetune != "lora":

@@ -91,6 +91,15 @@ def family_class(kind: str) -> type[Family] | None:
     return cls
 
 
+def pipeline_refusal(cfg: Config, key: str) -> str | None:
+    """Why ``model.<key>``, a setting of the diffusers families, cannot act on ``cfg``'s kind
+    (the embedded tiny policy has no pipeline); None where the kind has one."""
+    if family_class(cfg.model.kind) is not None:
+        return None
+    return (f"model.{key} is for the diffusers families; model.kind={cfg.model.kind} has no "
+            "pipeline: unset it or pick a diffusers kind")
+
+
 def model_kinds() -> list[str]:
     """The kinds a config may select: the embedded default (tiny) and every registered diffusers
     family (`branchgrpo.models.families.FAMILIES`, in its order)."""
