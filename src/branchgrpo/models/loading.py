@@ -101,14 +101,15 @@ def load_pipeline(family_cls: Any, model_id_or_path: str | os.PathLike, dtype: t
                    if not n.startswith("_") and isinstance(v, list) and v[0] is not None]
         if components == "encoders":
             parts = {n: m for n in present if not is_text_component(n)
-                     if (m := _meta_component(path, n)) is not None}
+                     if (m := _meta_component(path, n, index[n])) is not None}
             return getattr(diffusers, family_cls.pipeline_name).from_pretrained(
                 path, local_files_only=True, **{dtype_kwarg(): dtype}, **parts)
-        parts = {name: _component(path, name, torch.float32) for name in family_cls.fp32_modules}
+        parts = {name: _component(path, name, index[name], torch.float32)
+                 for name in family_cls.fp32_modules}
         if components == "no_encoders":
             parts |= {n: None for n in present if is_text_component(n)}
         if (qc := quantization_config(quantize)) is not None:
-            parts |= {name: _component(path, name, dtype, quantization_config=qc)
+            parts |= {name: _component(path, name, index[name], dtype, quantization_config=qc)
                       for name in QUANTIZED_COMPONENTS
                       if (index.get(name) or [None])[0] is not None}
         return getattr(diffusers, family_cls.pipeline_name).from_pretrained(
@@ -132,23 +133,26 @@ def _subfolders(family_cls: Any, components: str) -> tuple[Any, ...]:
     return subs, optional, []
 
 
-def _component(path: str, name: str, dtype: torch.dtype, **kw: Any) -> nn.Module:
-    """Pipeline component ``name`` of the folder ``path`` in ``dtype`` (``kw``: more
-    ``from_pretrained`` arguments, e.g. ``quantization_config``)."""
+def _component(path: str, name: str, entry: list[str], dtype: torch.dtype,
+               **kw: Any) -> nn.Module:
+    """Pipeline component ``name`` of the folder ``path`` in ``dtype``; ``entry`` is its
+    ``model_index.json`` entry [library, class] (``kw``: more ``from_pretrained`` arguments,
+    e.g. ``quantization_config``)."""
     import importlib
 
-    library, cls = json.loads((Path(path) / "model_index.json").read_text())[name]
+    library, cls = entry
     return getattr(importlib.import_module(library), cls).from_pretrained(
         path, subfolder=name, local_files_only=True, **{dtype_kwarg(): dtype}, **kw)
 
 
-def _meta_component(path: str, name: str) -> nn.Module | None:
+def _meta_component(path: str, name: str, entry: list[str]) -> nn.Module | None:
     """Model component ``name`` of ``path`` built on the meta device from its config (a
-    diffusers or transformers model class; no weights read); None when it is not a model
-    (scheduler, processor: loaded as usual)."""
+    diffusers or transformers model class; ``entry`` its ``model_index.json`` [library,
+    class]; no weights read); None when it is not a model (scheduler, processor: loaded as
+    usual)."""
     import importlib
 
-    library, cls_name = json.loads((Path(path) / "model_index.json").read_text())[name]
+    library, cls_name = entry
     cls = getattr(importlib.import_module(library), cls_name)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         return None
